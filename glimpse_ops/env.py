@@ -1,0 +1,48 @@
+"""``python -m glimpse_ops.env``: versions, and which backend runs each op on which device."""
+
+from __future__ import annotations
+
+import platform
+import sys
+
+import torch
+
+from . import OPS, __version__
+from ._backend import HAS_NATIVE, REGISTRY, native_cuda_built, native_error, triton_interpreting, triton_status
+
+
+def env_report() -> str:
+    lines = [
+        f"glimpse-ops {__version__}",
+        f"python {sys.version.split()[0]} on {platform.machine()}",
+        f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}, cuda available: {torch.cuda.is_available()})",
+    ]
+    if torch.cuda.is_available():
+        lines.append(f"gpu: {torch.cuda.get_device_name(0)}")
+    ok, why = triton_status()
+    if ok:
+        import triton
+
+        lines.append(f"triton {triton.__version__} (TRITON_INTERPRET: {'on' if triton_interpreting() else 'off'})")
+    else:
+        lines.append(f"triton: unavailable: {why}")
+    if HAS_NATIVE:
+        lines.append(f"native extension: loaded, CUDA kernels {'built' if native_cuda_built() else 'not built'}")
+    else:
+        lines.append(f"native extension: unavailable: {native_error()}")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        lines.append(f"\n{device}:")
+        for op in OPS:
+            spec = REGISTRY[op]
+            auto = spec.resolve("auto", torch.device(device))
+            parts = []
+            for backend in ("reference", "native", "triton"):
+                why = spec.unavailable_reason(backend, device)
+                parts.append(f"{backend}: {'yes' if why is None else 'no (' + why + ')'}")
+            lines.append(f"  {op:<24} auto -> {auto:<9} | " + "; ".join(parts))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(env_report())

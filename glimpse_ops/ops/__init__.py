@@ -1,0 +1,26 @@
+"""One module per op: schema, fake kernel, CPU/CUDA router, autograd and typed wrapper.
+
+Importing this package defines every ``torch.ops.glimpse.<op>``.
+"""
+
+from .glimpse_scores import glimpse_scores
+from .attention_column_scores import attention_column_scores
+from .select_tokens import select_tokens
+from .keep_index import keep_index
+from .gather_tokens import gather_tokens
+from .compact_kv import compact_kv
+from .prune_kv import prune_kv
+from .glimpse_prune import glimpse_prune
+from .soft_mask_attention import soft_mask_attention
+
+__all__ = [
+    "glimpse_scores",
+    "attention_column_scores",
+    "select_tokens",
+    "keep_index",
+    "gather_tokens",
+    "compact_kv",
+    "prune_kv",
+    "glimpse_prune",
+    "soft_mask_attention",
+]

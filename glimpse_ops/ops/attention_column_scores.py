@@ -1,0 +1,82 @@
+"""``glimpse.attention_column_scores``: per-key sums of attention probabilities over a
+subset of query rows (ATP's S_self / S_cross, FastV-style multi-row scores)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _validation as v
+from .._backend import OpBackends, register
+from ..reference import attention_column_scores_reference, default_scale
+from ._register import define_op
+
+OP = "attention_column_scores"
+SPEC = register(OpBackends(OP, triton="attention_column_scores"))
+SCHEMA = (
+    "(Tensor q, Tensor k, Tensor? query_mask=None, Tensor? key_mask=None, bool causal=True, "
+    "float? scale=None, str backend='auto') -> Tensor"
+)
+
+
+def validate(q, k, query_mask, key_mask, causal, scale, backend) -> None:
+    v.check_floating(OP, "q", q, "[B, H, S, D]")
+    v.check_floating(OP, "k", k, "[B, Hkv, S, D]")
+    v.check_nonempty(OP, "q", q, (0, 1, 2, 3), "[B, H, S, D]")
+    if k.dtype != q.dtype:
+        v.fail_type(OP, f"k must have the dtype of q ({v.dtype_name(q.dtype)}), got {v.describe(k)}")
+    v.check_gqa(OP, q, k)
+    if k.shape[2] != q.shape[2]:
+        v.fail_value(OP, f"k must have the sequence length of q ({q.shape[2]}), got {v.describe(k)}")
+    B, _, S, _ = q.shape
+    v.check_mask(OP, "query_mask", query_mask, B, S)
+    v.check_mask(OP, "key_mask", key_mask, B, S)
+    v.check_same_device(OP, {"q": q, "k": k, "query_mask": query_mask, "key_mask": key_mask})
+    v.check_scale(OP, scale)
+    v.check_backend(OP, backend)
+
+
+def _fake(q, k, query_mask=None, key_mask=None, causal=True, scale=None, backend="auto"):
+    validate(q, k, query_mask, key_mask, causal, scale, backend)
+    return q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def _router(q, k, query_mask=None, key_mask=None, causal=True, scale=None, backend="auto"):
+    validate(q, k, query_mask, key_mask, causal, scale, backend)
+    chosen = SPEC.resolve(backend, q.device)
+    if chosen == "reference":
+        return attention_column_scores_reference(q, k, query_mask, key_mask, causal, scale)
+    return SPEC.triton_module().attention_column_scores_triton(
+        q, k, query_mask, key_mask, causal, default_scale(q.shape[-1], scale)
+    )
+
+
+define_op(OP, SCHEMA, _router, _fake)
+
+
+def attention_column_scores(
+    q: Tensor,
+    k: Tensor,
+    query_mask: Tensor | None = None,
+    key_mask: Tensor | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """How much attention each key receives from a chosen set of query rows.
+
+    Args:
+        q: [B, H, S, D] queries, fp32/fp16/bf16.
+        k: [B, Hkv, S, D] keys, q's dtype, H % Hkv == 0.
+        query_mask: bool [B, S], the rows to sum over; None means every row.
+        key_mask: bool [B, S], False for padding keys; None means every key.
+        causal: row i sees keys j <= i only.
+        scale: logit scale, default ``1 / sqrt(D)``.
+        backend: ``auto | reference | native | triton``.
+
+    Returns:
+        fp32 [B, H, S]: ``out[b, h, j] = sum over selected rows i of P[b, h, i, j]``, with P
+        the row softmax over the keys row i sees (a row that sees none adds nothing).
+        Not differentiable.
+    """
+    return torch.ops.glimpse.attention_column_scores(q, k, query_mask, key_mask, causal, scale, backend)

@@ -1,0 +1,67 @@
+"""``glimpse.compact_kv``: gather every layer's K and V cache along S in one call."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _validation as v
+from .._backend import OpBackends, register
+from ..reference import compact_kv_reference
+from ._register import define_op
+
+OP = "compact_kv"
+SPEC = register(OpBackends(OP, native=("cpu",), triton="compact_kv"))
+SCHEMA = "(Tensor[] keys, Tensor[] values, Tensor index, str backend='auto') -> (Tensor[], Tensor[])"
+
+
+def validate(keys: list[Tensor], values: list[Tensor], index: Tensor, backend: str) -> None:
+    v.check_kv_lists(OP, keys, values)
+    if keys:
+        v.check_index(OP, index, keys[0].shape[0], keys[0].shape[2])
+        v.check_same_device(OP, {"keys[0]": keys[0], "index": index})
+    else:
+        v.check_tensor(OP, "index", index)
+        if index.dtype != torch.int64 or index.dim() != 2:
+            v.fail_type(OP, f"index must be int64 [B, Lmax], got {v.describe(index)}")
+    v.check_backend(OP, backend)
+
+
+def fake_compacted(tensors: list[Tensor], length) -> list[Tensor]:
+    return [t.new_empty((t.shape[0], t.shape[1], length, t.shape[3])) for t in tensors]
+
+
+def _fake(keys, values, index, backend="auto"):
+    validate(keys, values, index, backend)
+    return fake_compacted(keys, index.shape[1]), fake_compacted(values, index.shape[1])
+
+
+def _router(keys, values, index, backend="auto"):
+    validate(keys, values, index, backend)
+    chosen = SPEC.resolve(backend, index.device)
+    if chosen == "reference":
+        return compact_kv_reference(keys, values, index)
+    if chosen == "native":
+        return torch.ops.glimpse._compact_kv_native(keys, values, index)
+    return SPEC.triton_module().compact_kv_triton(keys, values, index)
+
+
+define_op(OP, SCHEMA, _router, _fake)
+
+
+def compact_kv(
+    keys: list[Tensor], values: list[Tensor], index: Tensor, backend: str = "auto"
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Compact the KV cache of every layer to the kept tokens, in one call.
+
+    Args:
+        keys, values: equally long lists (one entry per layer) of [B, Hkv, S, D] tensors,
+            fp32/fp16/bf16, one dtype and device. Only the head dim must be contiguous.
+        index: int64 [B, Lmax] with values in [-1, S), from ``keep_index``.
+        backend: ``auto | reference | native | triton``.
+
+    Returns:
+        (keys, values): new lists of [B, Hkv, Lmax, D] tensors; pad slots (index -1) are
+        zero. The inputs are not modified.
+    """
+    return torch.ops.glimpse.compact_kv(keys, values, index, backend)

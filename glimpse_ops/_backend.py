@@ -60,13 +60,15 @@ def native_cuda_built() -> bool:
 class OpBackends:
     """What one op implements. ``native`` lists device types with a C++/CUDA kernel;
     ``triton`` names the module in ``glimpse_ops.triton_kernels`` holding its launcher;
-    ``auto_cuda`` is the preference order on CUDA (from the committed GPU benchmarks)."""
+    ``auto_cuda`` is the preference order on CUDA (from the committed GPU benchmarks);
+    ``fp64`` lists the backends that take fp64 inputs (the compute kernels do not)."""
 
     op: str
     native: tuple[str, ...] = ()
     triton: str | None = None
     auto_cuda: tuple[str, ...] = ("triton", "native", "reference")
     auto_cpu: tuple[str, ...] = ("native", "reference")
+    fp64: tuple[str, ...] = ("reference", "native", "triton")
 
     def unavailable_reason(self, backend: str, device_type: str) -> str | None:
         """None when ``backend`` can run this op on ``device_type``, else why not."""
@@ -93,12 +95,20 @@ class OpBackends:
             return None
         return f"unknown backend {backend!r}"
 
-    def resolve(self, backend: str, device: torch.device) -> str:
+    def resolve(self, backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+        """The backend to run: ``backend`` itself if available (else RuntimeError), or for
+        ``auto`` the first available one of this device's preference order."""
         check_backend(self.op, backend)
         if backend == "auto":
             backend = os.environ.get("GLIMPSE_BACKEND", "auto") or "auto"
             check_backend(self.op, backend)
+        fp64 = dtype == torch.float64
         if backend != "auto":
+            if fp64 and backend not in self.fp64:
+                raise TypeError(
+                    f"glimpse.{self.op}: backend {backend!r} takes fp32/fp16/bf16 inputs, got fp64 "
+                    "(fp64 runs on backend='reference')"
+                )
             why = self.unavailable_reason(backend, device.type)
             if why is not None:
                 raise RuntimeError(
@@ -107,6 +117,8 @@ class OpBackends:
             return backend
         order = self.auto_cuda if device.type == "cuda" else self.auto_cpu
         for candidate in order:
+            if fp64 and candidate not in self.fp64:
+                continue
             if self.unavailable_reason(candidate, device.type) is None:
                 return candidate
         return "reference"

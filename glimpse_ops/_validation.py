@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # fp64 for gradcheck
 BACKENDS = ("auto", "reference", "native", "triton")
 PADDING_SIDES = ("left", "right")
 

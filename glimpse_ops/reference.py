@@ -2,7 +2,7 @@
 
 Each function computes in fp32 (scores, softmax, accumulations) and favours clarity over
 speed. Kernels are tested against these functions; never change one to match a kernel.
-Inputs are assumed to be validated already (the op routers do that); these functions do
+fp64 inputs are computed in fp64 (for gradient checks). Inputs are assumed to be validated already (the op routers do that); these functions do
 not check shapes or dtypes.
 
 Notation: B batch, S sequence positions, H query heads, Hkv KV heads (head h reads KV head
@@ -38,9 +38,15 @@ def default_scale(head_dim: int, scale: float | None) -> float:
     return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
 
+def _acc(t: Tensor) -> Tensor:
+    """The accumulation dtype: fp32, or fp64 for fp64 inputs (used by gradient checks)."""
+    return t.double() if t.dtype == torch.float64 else t.float()
+
+
 def _repeat_kv(k: Tensor, num_heads: int) -> Tensor:
-    """[B, Hkv, S, D] -> [B, H, S, D] in fp32 (head h reads KV head h // (H / Hkv))."""
-    return k.float().repeat_interleave(num_heads // k.shape[1], dim=1)
+    """[B, Hkv, S, D] -> [B, H, S, D] in the accumulation dtype (head h reads KV head
+    h // (H / Hkv))."""
+    return _acc(k).repeat_interleave(num_heads // k.shape[1], dim=1)
 
 
 def _all_true(batch: int, seq: int, device: torch.device) -> Tensor:
@@ -71,7 +77,7 @@ def glimpse_scores_reference(
     scale = default_scale(D, scale)
     valid = _all_true(B, S, q.device) if key_mask is None else key_mask
     valid = valid[:, None, None, :]
-    logits = scale * torch.einsum("bhgd,bhsd->bhgs", q.float(), _repeat_kv(k, H))
+    logits = scale * torch.einsum("bhgd,bhsd->bhgs", _acc(q), _repeat_kv(k, H))
     logits = logits.masked_fill(~valid, float("-inf"))
     if normalize == "logits":
         return logits
@@ -101,17 +107,17 @@ def glimpse_scores_backward_reference(
     scale = default_scale(D, scale)
     valid = _all_true(B, S, q.device) if key_mask is None else key_mask
     valid = valid[:, None, None, :]
-    g = torch.where(valid, grad_out.float(), 0.0)
+    g = torch.where(valid, _acc(grad_out), 0.0)
     if normalize == "logits":
         ds = g
     elif normalize == "probs":
-        p = out.float()
+        p = _acc(out)
         ds = p * (g - (g * p).sum(-1, keepdim=True))
     else:
-        p = torch.where(valid, torch.exp(out.float()), 0.0)
+        p = torch.where(valid, torch.exp(_acc(out)), 0.0)
         ds = g - p * g.sum(-1, keepdim=True)
     dq = scale * torch.einsum("bhgs,bhsd->bhgd", ds, _repeat_kv(k, H))
-    dk_per_head = scale * torch.einsum("bhgs,bhgd->bhsd", ds, q.float())
+    dk_per_head = scale * torch.einsum("bhgs,bhgd->bhsd", ds, _acc(q))
     dk = dk_per_head.view(B, Hkv, H // Hkv, S, D).sum(2)
     return dq.to(q.dtype), dk.to(k.dtype)
 
@@ -153,7 +159,7 @@ def attention_column_scores_reference(
     B, H, S, D = q.shape
     scale = default_scale(D, scale)
     allowed = _allowed_keys(key_mask, causal, B, S, S, q.device)
-    logits = scale * torch.einsum("bhid,bhjd->bhij", q.float(), _repeat_kv(k, H))
+    logits = scale * torch.einsum("bhid,bhjd->bhij", _acc(q), _repeat_kv(k, H))
     logits = logits.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)
     probs = torch.exp(logits - torch.where(torch.isfinite(lse), lse, 0.0))
@@ -351,11 +357,11 @@ def _soft_mask_terms(
     B, H, N, D = q.shape
     scale = default_scale(D, scale)
     allowed = _allowed_keys(key_mask, causal, B, N, N, q.device)
-    logits = scale * torch.einsum("bhid,bhjd->bhij", q.float(), _repeat_kv(k, H))
+    logits = scale * torch.einsum("bhid,bhjd->bhij", _acc(q), _repeat_kv(k, H))
     logits = logits.masked_fill(~allowed, float("-inf"))
     row_max = logits.amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, 0.0).detach()
-    w = key_weight.float()[:, None, None, :]
+    w = _acc(key_weight)[:, None, None, :]
     total = (w * torch.exp(logits - row_max)).sum(dim=-1, keepdim=True)
     live = total > 0
     lse = row_max + torch.log(torch.where(live, total, 1.0))
@@ -406,14 +412,14 @@ def soft_mask_attention_backward_reference(
     Hkv = k.shape[1]
     unweighted, w, scale = _soft_mask_terms(q, k, key_weight, key_mask, causal, scale)
     probs = w * unweighted
-    do = grad_out.float()
+    do = _acc(grad_out)
     d_probs = torch.einsum("bhid,bhjd->bhij", do, _repeat_kv(v, H))
     delta = (probs * d_probs).sum(-1, keepdim=True)
     g = unweighted * (d_probs - delta)
     ds = w * g
     dq = scale * torch.einsum("bhij,bhjd->bhid", ds, _repeat_kv(k, H))
     group = (B, Hkv, H // Hkv, N, D)
-    dk = (scale * torch.einsum("bhij,bhid->bhjd", ds, q.float())).view(group).sum(2)
+    dk = (scale * torch.einsum("bhij,bhid->bhjd", ds, _acc(q))).view(group).sum(2)
     dv = torch.einsum("bhij,bhid->bhjd", probs, do).view(group).sum(2)
     dw = g.sum(dim=(1, 2))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dw.to(key_weight.dtype)

@@ -9,10 +9,10 @@ from torch import Tensor
 from .. import _validation as v
 from .._backend import OpBackends, register
 from ..reference import attention_column_scores_reference, default_scale
-from ._register import define_op
+from ._register import define_op, require_tensors, score_dtype
 
 OP = "attention_column_scores"
-SPEC = register(OpBackends(OP, triton="attention_column_scores"))
+SPEC = register(OpBackends(OP, triton="attention_column_scores", fp64=("reference",)))
 SCHEMA = (
     "(Tensor q, Tensor k, Tensor? query_mask=None, Tensor? key_mask=None, bool causal=True, "
     "float? scale=None, str backend='auto') -> Tensor"
@@ -38,12 +38,12 @@ def validate(q, k, query_mask, key_mask, causal, scale, backend) -> None:
 
 def _fake(q, k, query_mask=None, key_mask=None, causal=True, scale=None, backend="auto"):
     validate(q, k, query_mask, key_mask, causal, scale, backend)
-    return q.new_empty(q.shape[:3], dtype=torch.float32)
+    return q.new_empty(q.shape[:3], dtype=score_dtype(q))
 
 
 def _router(q, k, query_mask=None, key_mask=None, causal=True, scale=None, backend="auto"):
     validate(q, k, query_mask, key_mask, causal, scale, backend)
-    chosen = SPEC.resolve(backend, q.device)
+    chosen = SPEC.resolve(backend, q.device, q.dtype)
     if chosen == "reference":
         return attention_column_scores_reference(q, k, query_mask, key_mask, causal, scale)
     return SPEC.triton_module().attention_column_scores_triton(
@@ -79,4 +79,5 @@ def attention_column_scores(
         the row softmax over the keys row i sees (a row that sees none adds nothing).
         Not differentiable.
     """
+    require_tensors(OP, q=q, k=k)
     return torch.ops.glimpse.attention_column_scores(q, k, query_mask, key_mask, causal, scale, backend)

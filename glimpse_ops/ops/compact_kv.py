@@ -8,7 +8,7 @@ from torch import Tensor
 from .. import _validation as v
 from .._backend import OpBackends, register
 from ..reference import compact_kv_reference
-from ._register import define_op
+from ._register import define_op, require_tensors
 
 OP = "compact_kv"
 SPEC = register(OpBackends(OP, native=("cpu",), triton="compact_kv"))
@@ -64,4 +64,5 @@ def compact_kv(
         (keys, values): new lists of [B, Hkv, Lmax, D] tensors; pad slots (index -1) are
         zero. The inputs are not modified.
     """
+    require_tensors(OP, keys=keys, values=values, index=index)
     return torch.ops.glimpse.compact_kv(keys, values, index, backend)

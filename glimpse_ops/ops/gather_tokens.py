@@ -8,7 +8,7 @@ from torch import Tensor
 from .. import _validation as v
 from .._backend import OpBackends, register
 from ..reference import gather_tokens_reference
-from ._register import define_op
+from ._register import define_op, require_tensors
 
 OP = "gather_tokens"
 SPEC = register(OpBackends(OP, native=("cpu",), triton="gather_tokens"))
@@ -62,4 +62,5 @@ def gather_tokens(
     Returns:
         [B, Lmax, ...] with x's dtype. x is not modified.
     """
+    require_tensors(OP, x=x, index=index)
     return torch.ops.glimpse.gather_tokens(x, index, pad_value, backend)

@@ -9,13 +9,13 @@ from torch import Tensor
 from .. import _validation as v
 from .._backend import OpBackends, register
 from ..reference import default_scale, glimpse_prune_reference
-from ._register import define_op, select_max_keep, split_max_keep
+from ._register import define_op, require_tensors, score_dtype, select_max_keep, split_max_keep
 from .compact_kv import fake_compacted
 from .glimpse_scores import validate as validate_scores
 from .keep_index import fake_index
 
 OP = "glimpse_prune"
-SPEC = register(OpBackends(OP, native=("cpu",), triton="glimpse_prune"))
+SPEC = register(OpBackends(OP, native=("cpu",), triton="glimpse_prune", fp64=("reference",)))
 SCHEMA = (
     "(Tensor q, Tensor[] keys, Tensor[] values, Tensor? key_mask, Tensor? candidate_mask, "
     "int score_layer, float? scale=None, float? threshold=None, int max_keep=0, "
@@ -44,14 +44,14 @@ def _fake(q, keys, values, key_mask, candidate_mask, score_layer, scale=None, th
     validate(q, keys, values, key_mask, candidate_mask, score_layer, scale, threshold, max_keep, min_keep, max_len, padding_side, max_keep_per_row, backend)
     B, S = keys[0].shape[0], keys[0].shape[2]
     index, lengths = fake_index(B, max_len, q.device)
-    scores = q.new_empty((B, S), dtype=torch.float32)
+    scores = q.new_empty((B, S), dtype=score_dtype(q))
     length = index.shape[1]
     return fake_compacted(keys, length), fake_compacted(values, length), index, lengths, scores
 
 
 def _router(q, keys, values, key_mask, candidate_mask, score_layer, scale=None, threshold=None, max_keep=0, min_keep=0, max_len=None, padding_side="left", max_keep_per_row=None, backend="auto"):
     validate(q, keys, values, key_mask, candidate_mask, score_layer, scale, threshold, max_keep, min_keep, max_len, padding_side, max_keep_per_row, backend)
-    chosen = SPEC.resolve(backend, q.device)
+    chosen = SPEC.resolve(backend, q.device, q.dtype)
     if chosen == "reference":
         cap = select_max_keep(max_keep, max_keep_per_row)
         return glimpse_prune_reference(
@@ -108,7 +108,8 @@ def glimpse_prune(
         pads, index int64 [B, Lmax] (-1 pads), lengths int64 [B], and scores fp32 [B, S] =
         glimpse probabilities averaged over the H heads and G rows (0 at padding).
     """
-    cap, cap_per_row = split_max_keep(max_keep)
+    require_tensors(OP, q=q, keys=keys, values=values)
+    cap, cap_per_row = split_max_keep(OP, max_keep)
     return torch.ops.glimpse.glimpse_prune(
         q, keys, values, key_mask, candidate_mask, score_layer, scale, threshold, cap, min_keep,
         max_len, padding_side, cap_per_row, backend,

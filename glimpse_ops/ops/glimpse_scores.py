@@ -13,11 +13,11 @@ from ..reference import (
     glimpse_scores_backward_reference,
     glimpse_scores_reference,
 )
-from ._register import define_op
+from ._register import define_op, require_tensors, score_dtype
 
 OP = "glimpse_scores"
-SPEC = register(OpBackends(OP, native=("cpu",), triton="glimpse_scores"))
-BACKWARD_SPEC = register(OpBackends("_glimpse_scores_backward", triton="glimpse_scores"))
+SPEC = register(OpBackends(OP, native=("cpu",), triton="glimpse_scores", fp64=("reference",)))
+BACKWARD_SPEC = register(OpBackends("_glimpse_scores_backward", triton="glimpse_scores", fp64=("reference",)))
 SCHEMA = (
     "(Tensor q, Tensor k, Tensor? key_mask=None, float? scale=None, str normalize='probs', "
     "str backend='auto') -> Tensor"
@@ -47,12 +47,12 @@ def validate(q: Tensor, k: Tensor, key_mask: Tensor | None, scale: float | None,
 def _fake(q, k, key_mask=None, scale=None, normalize="probs", backend="auto"):
     validate(q, k, key_mask, scale, normalize, backend)
     B, H, G, _ = q.shape
-    return q.new_empty((B, H, G, k.shape[2]), dtype=torch.float32)
+    return q.new_empty((B, H, G, k.shape[2]), dtype=score_dtype(q))
 
 
 def _router(q, k, key_mask=None, scale=None, normalize="probs", backend="auto"):
     validate(q, k, key_mask, scale, normalize, backend)
-    chosen = SPEC.resolve(backend, q.device)
+    chosen = SPEC.resolve(backend, q.device, q.dtype)
     if chosen == "reference":
         return glimpse_scores_reference(q, k, key_mask, scale, normalize)
     mode = NORMALIZE_MODES.index(normalize)
@@ -66,7 +66,7 @@ def _backward_fake(grad_out, q, k, key_mask, scale, normalize, out, backend="aut
 
 
 def _backward_router(grad_out, q, k, key_mask, scale, normalize, out, backend="auto"):
-    chosen = BACKWARD_SPEC.resolve(backend, q.device)
+    chosen = BACKWARD_SPEC.resolve(backend, q.device, q.dtype)
     if chosen == "triton":
         mode = NORMALIZE_MODES.index(normalize)
         return BACKWARD_SPEC.triton_module().glimpse_scores_backward_triton(
@@ -119,6 +119,7 @@ def glimpse_scores(
         backend: ``auto | reference | native | triton``.
 
     Returns:
-        fp32 [B, H, G, S]. Only the G rows are computed. Differentiable in q and k.
+        fp32 [B, H, G, S] (fp64 for fp64 inputs). Only the G rows are computed. Differentiable in q and k.
     """
+    require_tensors(OP, q=q, k=k)
     return torch.ops.glimpse.glimpse_scores(q, k, key_mask, scale, normalize, backend)

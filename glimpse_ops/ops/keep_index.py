@@ -8,7 +8,7 @@ from torch import Tensor
 from .. import _validation as v
 from .._backend import OpBackends, register
 from ..reference import keep_index_reference
-from ._register import define_op
+from ._register import define_op, require_tensors
 
 OP = "keep_index"
 SPEC = register(OpBackends(OP, native=("cpu",), triton="keep_index"))
@@ -71,4 +71,5 @@ def keep_index(
     Returns:
         (index int64 [B, Lmax], lengths int64 [B]); pad slots of index hold -1.
     """
+    require_tensors(OP, keep=keep)
     return torch.ops.glimpse.keep_index(keep, max_len, padding_side, backend)

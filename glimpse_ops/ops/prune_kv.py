@@ -8,7 +8,7 @@ from torch import Tensor
 from .. import _validation as v
 from .._backend import OpBackends, register
 from ..reference import prune_kv_reference
-from ._register import define_op, select_max_keep, split_max_keep
+from ._register import define_op, require_tensors, select_max_keep, split_max_keep
 from .compact_kv import fake_compacted
 from .keep_index import fake_index
 from .select_tokens import validate as validate_select
@@ -92,7 +92,8 @@ def prune_kv(
         (keys, values, index, lengths, keep): compacted lists of [B, Hkv, Lmax, D] (zero
         pads), index int64 [B, Lmax] (-1 pads), lengths int64 [B], keep bool [B, S].
     """
-    cap, cap_per_row = split_max_keep(max_keep)
+    require_tensors(OP, scores=scores, keys=keys, values=values)
+    cap, cap_per_row = split_max_keep(OP, max_keep)
     return torch.ops.glimpse.prune_kv(
         scores, candidate_mask, keys, values, threshold, cap, min_keep, max_len, padding_side, cap_per_row, backend
     )

@@ -8,7 +8,7 @@ from torch import Tensor
 from .. import _validation as v
 from .._backend import OpBackends, register
 from ..reference import select_tokens_reference
-from ._register import define_op, select_max_keep, split_max_keep
+from ._register import define_op, require_tensors, select_max_keep, split_max_keep
 
 OP = "select_tokens"
 SPEC = register(OpBackends(OP, native=("cpu",), triton="select_tokens"))
@@ -92,7 +92,8 @@ def select_tokens(
         keep, bool [B, S]. Ranking: higher score first, equal scores lower index first, NaN
         last. Deterministic; no host sync on any backend.
     """
-    cap, cap_per_row = split_max_keep(max_keep)
+    require_tensors(OP, scores=scores)
+    cap, cap_per_row = split_max_keep(OP, max_keep)
     return torch.ops.glimpse.select_tokens(
         scores, candidate_mask, threshold, cap, min_keep, cap_per_row, backend
     )

@@ -8,11 +8,11 @@ from torch import Tensor
 from .. import _validation as v
 from .._backend import OpBackends, register
 from ..reference import default_scale, soft_mask_attention_backward_reference, soft_mask_attention_reference
-from ._register import define_op
+from ._register import define_op, require_tensors
 
 OP = "soft_mask_attention"
-SPEC = register(OpBackends(OP, triton="soft_mask_attention"))
-BACKWARD_SPEC = register(OpBackends("_soft_mask_attention_backward", triton="soft_mask_attention"))
+SPEC = register(OpBackends(OP, triton="soft_mask_attention", fp64=("reference",)))
+BACKWARD_SPEC = register(OpBackends("_soft_mask_attention_backward", triton="soft_mask_attention", fp64=("reference",)))
 SCHEMA = (
     "(Tensor q, Tensor k, Tensor v, Tensor key_weight, Tensor? key_mask=None, bool causal=True, "
     "float? scale=None, str backend='auto') -> Tensor"
@@ -58,7 +58,7 @@ def _fake(q, k, v_, key_weight, key_mask=None, causal=True, scale=None, backend=
 
 def _router(q, k, v_, key_weight, key_mask=None, causal=True, scale=None, backend="auto"):
     validate(q, k, v_, key_weight, key_mask, causal, scale, backend)
-    chosen = SPEC.resolve(backend, q.device)
+    chosen = SPEC.resolve(backend, q.device, q.dtype)
     if chosen == "reference":
         return soft_mask_attention_reference(q, k, v_, key_weight, key_mask, causal, scale)
     return SPEC.triton_module().soft_mask_attention_triton(
@@ -71,7 +71,7 @@ def _backward_fake(grad_out, q, k, v_, key_weight, key_mask, causal, scale, back
 
 
 def _backward_router(grad_out, q, k, v_, key_weight, key_mask, causal, scale, backend="auto"):
-    chosen = BACKWARD_SPEC.resolve(backend, q.device)
+    chosen = BACKWARD_SPEC.resolve(backend, q.device, q.dtype)
     if chosen == "triton":
         return BACKWARD_SPEC.triton_module().soft_mask_attention_backward_triton(
             grad_out, q, k, v_, key_weight, key_mask, causal, default_scale(q.shape[-1], scale)
@@ -127,4 +127,5 @@ def soft_mask_attention(
         weight gradient is finite at w = 0; a row whose allowed weights sum to 0 gives 0
         and zero gradients. With w in {0, 1} this is attention over the kept keys only.
     """
+    require_tensors(OP, q=q, k=k, v=v, key_weight=key_weight)
     return torch.ops.glimpse.soft_mask_attention(q, k, v, key_weight, key_mask, causal, scale, backend)

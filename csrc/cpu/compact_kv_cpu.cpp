@@ -10,6 +10,8 @@
 
 namespace glimpse {
 
+constexpr int64_t kPrefetchRows = 8;
+
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> compact_kv_cpu(
     at::TensorList keys, at::TensorList values, const at::Tensor& index) {
   const char* op = "compact_kv";
@@ -59,6 +61,11 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> compact_kv_cpu(
                   ((b * heads + h) * out_len) * row_bytes;
       const int64_t* row_idx = idx_ptr + b * out_len;
       for (int64_t i = 0; i < out_len; ++i) {
+        // Kept rows are scattered: prefetch a few rows ahead to hide memory latency.
+        if (i + kPrefetchRows < out_len && row_idx[i + kPrefetchRows] >= 0) {
+          const char* ahead = base + row_idx[i + kPrefetchRows] * seq_stride;
+          for (size_t line = 0; line < row_bytes; line += 64) __builtin_prefetch(ahead + line);
+        }
         if (row_idx[i] < 0) {
           std::memset(dst + i * row_bytes, 0, row_bytes);
         } else {

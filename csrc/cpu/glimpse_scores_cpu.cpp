@@ -1,8 +1,6 @@
-// glimpse_scores on CPU: K is read once per KV head group. Keys are processed in tiles of
-// kTile, transposed to fp32 so that the inner loop over the tile vectorizes, and every
-// query row of the group (H/Hkv heads x G glimpse rows) is scored against the tile.
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
+// glimpse_scores on CPU: one fp32 GEMM per KV head group, [H/Hkv * G, D] x [D, S], so K is
+// read once and never repeated per query head; masking and the (log-)softmax over valid
+// keys use ATen's vectorized softmax.
 #include <torch/library.h>
 
 #include <cmath>
@@ -12,59 +10,6 @@
 #include "cpu_kernels.h"
 
 namespace glimpse {
-namespace {
-
-constexpr int64_t kTile = 16;
-
-template <typename scalar_t>
-void score_tile(const float* q_group, int64_t rows, int64_t dim, const scalar_t* k_base,
-                int64_t seq_stride, int64_t first_key, int64_t n_keys, const bool* valid,
-                float* out_group, int64_t seq, float* k_tile) {
-  for (int64_t jj = 0; jj < n_keys; ++jj) {
-    const scalar_t* k_row = k_base + (first_key + jj) * seq_stride;
-    for (int64_t d = 0; d < dim; ++d) k_tile[d * kTile + jj] = static_cast<float>(k_row[d]);
-  }
-  for (int64_t jj = n_keys; jj < kTile; ++jj) {
-    for (int64_t d = 0; d < dim; ++d) k_tile[d * kTile + jj] = 0.f;
-  }
-  constexpr float neg_inf = -std::numeric_limits<float>::infinity();
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* q_row = q_group + r * dim;
-    float acc[kTile] = {0.f};
-    for (int64_t d = 0; d < dim; ++d) {
-      const float qd = q_row[d];
-      const float* kt = k_tile + d * kTile;
-      for (int64_t jj = 0; jj < kTile; ++jj) acc[jj] += qd * kt[jj];
-    }
-    float* out_row = out_group + r * seq + first_key;
-    for (int64_t jj = 0; jj < n_keys; ++jj) {
-      out_row[jj] = (valid == nullptr || valid[first_key + jj]) ? acc[jj] : neg_inf;
-    }
-  }
-}
-
-void normalize_rows(float* logits, int64_t n_rows, int64_t seq, int64_t normalize) {
-  constexpr float neg_inf = -std::numeric_limits<float>::infinity();
-  at::parallel_for(0, n_rows, kRowGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      float* row = logits + r * seq;
-      float row_max = neg_inf;
-      for (int64_t j = 0; j < seq; ++j) row_max = std::max(row_max, row[j]);
-      if (row_max == neg_inf) {  // no valid key: probs 0, log_probs -inf
-        if (normalize == 1) std::fill(row, row + seq, 0.f);
-        continue;
-      }
-      double total = 0.0;
-      for (int64_t j = 0; j < seq; ++j) total += std::exp(row[j] - row_max);
-      const float lse = row_max + static_cast<float>(std::log(total));
-      for (int64_t j = 0; j < seq; ++j) {
-        row[j] = normalize == 1 ? std::exp(row[j] - lse) : row[j] - lse;
-      }
-    }
-  });
-}
-
-}  // namespace
 
 at::Tensor glimpse_scores_cpu(const at::Tensor& q, const at::Tensor& k,
                               const std::optional<at::Tensor>& key_mask, double scale,
@@ -90,31 +35,22 @@ at::Tensor glimpse_scores_cpu(const at::Tensor& q, const at::Tensor& k,
                             mask.size(0) == batch && mask.size(1) == seq,
                         op, "key_mask must be bool [B, S], got ", mask.sizes());
   }
-  const at::Tensor q_scaled = (q.to(at::kFloat) * scale).contiguous();
-  const at::Tensor keys = k.stride(3) == 1 ? k : k.contiguous();
-  at::Tensor out = at::empty({batch, heads, glimpses, seq}, q.options().dtype(at::kFloat));
-  const float* q_ptr = q_scaled.data_ptr<float>();
-  float* out_ptr = out.data_ptr<float>();
-  const bool* mask_ptr = mask.defined() ? mask.data_ptr<bool>() : nullptr;
-  const int64_t n_tiles = (seq + kTile - 1) / kTile;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "glimpse_scores_cpu", [&] {
-    const scalar_t* k_ptr = keys.const_data_ptr<scalar_t>();
-    at::parallel_for(0, batch * kv_heads * n_tiles, kCopyGrain, [&](int64_t begin, int64_t end) {
-      std::vector<float> k_tile(dim * kTile);
-      for (int64_t w = begin; w < end; ++w) {
-        const int64_t tile = w % n_tiles, bh = w / n_tiles;
-        const int64_t b = bh / kv_heads, kvh = bh % kv_heads;
-        const int64_t first_key = tile * kTile;
-        score_tile<scalar_t>(q_ptr + bh * rows * dim, rows, dim,
-                             k_ptr + b * keys.stride(0) + kvh * keys.stride(1), keys.stride(2),
-                             first_key, std::min(kTile, seq - first_key),
-                             mask_ptr ? mask_ptr + b * seq : nullptr,
-                             out_ptr + bh * rows * seq, seq, k_tile.data());
-      }
-    });
-  });
-  if (normalize != 0) normalize_rows(out_ptr, batch * heads * glimpses, seq, normalize);
-  return out;
+  // Heads of one KV group are adjacent, so [B, H, G, D] views as [B, Hkv, rows, D].
+  const at::Tensor q_group =
+      (q.to(at::kFloat) * scale).contiguous().view({batch, kv_heads, rows, dim});
+  at::Tensor out = at::matmul(q_group, k.to(at::kFloat).transpose(-1, -2))
+                       .view({batch, heads, glimpses, seq});
+  if (!mask.defined()) {
+    if (normalize == 1) return at::softmax(out, -1);
+    return normalize == 2 ? at::log_softmax(out, -1) : out;
+  }
+  const at::Tensor invalid = mask.logical_not().view({batch, 1, 1, seq});
+  out.masked_fill_(invalid, -std::numeric_limits<float>::infinity());
+  if (normalize == 0) return out;
+  // A row without any valid key would give NaN: probs 0 / log_probs -inf there.
+  const at::Tensor empty_row = invalid.all(-1, /*keepdim=*/true);
+  if (normalize == 1) return at::softmax(out, -1).masked_fill_(empty_row, 0.f);
+  return at::log_softmax(out, -1).masked_fill_(empty_row, -std::numeric_limits<float>::infinity());
 }
 
 }  // namespace glimpse

@@ -1,0 +1,304 @@
+"""The glimpse-ops benchmark: every op against the eager peer pipeline, side by side.
+
+    python bench/run.py            # the whole registry (cases too big for this machine are skipped)
+    python bench/run.py --smoke    # the 4k-visual-token cases only (under two minutes on a CPU)
+
+Providers: ``eager`` (the GlimpsePrune/FastV/kvpress-style PyTorch pipeline, see peers.py),
+``reference`` (glimpse_ops.reference), ``reference+compile`` (the same under torch.compile),
+``native`` (C++/CUDA), ``triton`` and, for compact_kv, ``copy`` (a device-to-device copy of
+the same bytes: the ceiling). Every provider's output is checked against the reference
+before it is timed; a provider that fails the check gets no time. Results are printed as a
+table (time, speed-up over eager, GB/s, % of measured copy bandwidth) and written as JSON
+under bench/results/<device>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import peers  # noqa: E402
+from registry import COMPACTED_LAYERS, SCORE_LAYER, Case, all_cases, make_inputs  # noqa: E402
+from timing import Progress, copy_bandwidth_gbs, machine_info, time_ms  # noqa: E402
+
+import glimpse_ops as g  # noqa: E402
+from glimpse_ops import reference as ref  # noqa: E402
+
+PROVIDERS = ("eager", "reference", "reference+compile", "native", "triton", "copy")
+REQUIRED_OP = {
+    "glimpse_scores": "glimpse_scores",
+    "select_index": "select_tokens",
+    "compact_kv": "compact_kv",
+    "prune_kv": "prune_kv",
+    "glimpse_prune": "glimpse_prune",
+}
+
+
+def _reference_fn(case: Case) -> Callable[[dict], dict]:
+    """The op's reference as a function of the inputs, returning comparable outputs."""
+    if case.op == "glimpse_scores":
+        return lambda x: {"probs": ref.glimpse_scores_reference(x["q"], x["keys"][0], x["key_mask"], x["scale"], "probs")}
+    if case.op == "select_index":
+
+        def select_index(x):
+            keep = ref.select_tokens_reference(x["scores"], x["candidates"], None, case.max_keep, 0)
+            return {"index": ref.keep_index_reference(keep, case.max_len, "left")[0]}
+
+        return select_index
+    if case.op == "compact_kv":
+
+        def compact(x):
+            k, v = ref.compact_kv_reference(x["keys"], x["values"], x["index"])
+            return {"kv": k + v}
+
+        return compact
+    if case.op == "prune_kv":
+
+        def prune(x):
+            k, v, index, _, _ = ref.prune_kv_reference(x["scores"], x["candidates"], x["keys"], x["values"], None, case.max_keep, 0, case.max_len, "left")
+            return {"kv": k + v, "index": index}
+
+        return prune
+
+    def glimpse(x):
+        k, v, index, _, scores = ref.glimpse_prune_reference(
+            x["q"], x["keys"], x["values"], x["key_mask"], x["candidates"], SCORE_LAYER, x["scale"], None, case.max_keep, 0, case.max_len, "left"
+        )
+        return {"kv": k + v, "index": index, "scores": scores}
+
+    return glimpse
+
+
+def _library_fn(case: Case, backend: str) -> Callable[[dict], dict]:
+    """The library op on one backend, with max_len given (no host sync)."""
+    if case.op == "glimpse_scores":
+        return lambda x: {"probs": g.glimpse_scores(x["q"], x["keys"][0], x["key_mask"], x["scale"], "probs", backend=backend)}
+    if case.op == "select_index":
+
+        def select_index(x):
+            keep = g.select_tokens(x["scores"], x["candidates"], None, case.max_keep, 0, backend=backend)
+            return {"index": g.keep_index(keep, case.max_len, "left", backend=backend)[0]}
+
+        return select_index
+    if case.op == "compact_kv":
+
+        def compact(x):
+            k, v = g.compact_kv(x["keys"], x["values"], x["index"], backend=backend)
+            return {"kv": k + v}
+
+        return compact
+    if case.op == "prune_kv":
+
+        def prune(x):
+            k, v, index, _, _ = g.prune_kv(x["scores"], x["candidates"], x["keys"], x["values"], None, case.max_keep, 0, case.max_len, "left", backend=backend)
+            return {"kv": k + v, "index": index}
+
+        return prune
+
+    def glimpse(x):
+        k, v, index, _, scores = g.glimpse_prune(
+            x["q"], x["keys"], x["values"], x["key_mask"], x["candidates"], SCORE_LAYER, x["scale"], None, case.max_keep, 0, case.max_len, "left", backend=backend
+        )
+        return {"kv": k + v, "index": index, "scores": scores}
+
+    return glimpse
+
+
+def _eager_fn(case: Case) -> Callable[[dict], dict]:
+    if case.op == "glimpse_scores":
+        return lambda x: {"probs": peers.eager_glimpse_scores(x["q"], x["keys"][0], x["key_mask"], x["scale"])}
+    if case.op == "select_index":
+        return lambda x: {"index": peers.eager_keep_index(peers.eager_select(x["scores"], x["candidates"], case.max_keep))}
+    if case.op == "compact_kv":
+
+        def compact(x):
+            k, v = peers.eager_compact_by_index(x["keys"], x["values"], x["index"])
+            return {"kv": k + v}
+
+        return compact
+    if case.op == "prune_kv":
+
+        def prune(x):
+            k, v, index, _ = peers.eager_prune_kv(x["scores"], x["candidates"], x["keys"], x["values"], case.max_keep)
+            return {"kv": k + v, "index": index}
+
+        return prune
+
+    def glimpse(x):
+        k, v, index, scores = peers.eager_glimpse_prune(x["q"], x["keys"], x["values"], x["key_mask"], x["candidates"], SCORE_LAYER, x["scale"], case.max_keep)
+        return {"kv": k + v, "index": index, "scores": scores}
+
+    return glimpse
+
+
+def _copy_fn(case: Case, device: str) -> Callable[[dict], dict] | None:
+    """The ceiling for compaction: one copy of the bytes the op must write."""
+    if case.op != "compact_kv":
+        return None
+    n_bytes = case.moved_bytes() // 2
+    src = torch.empty(n_bytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return lambda x: {"copied": dst.copy_(src)}
+
+
+def check(case: Case, provider: str, got: dict, want: dict) -> tuple[bool, str]:
+    """Exact for indices and compacted caches; scores within tolerance. The eager peer
+    scores in bf16, which reorders near-equal scores of random data: it must keep the same
+    number of tokens per row, and its index agreement is only reported."""
+    lenient = provider == "eager" and case.op in ("glimpse_scores", "glimpse_prune")
+    notes = []
+    for key, expected in want.items():
+        actual = got[key]
+        if key in ("probs", "scores"):
+            scale = expected.abs().max().item() or 1.0
+            err = (actual.float() - expected.float()).abs().max().item() / scale
+            notes.append(f"{key} rel err {err:.1e}")
+            if err > (5e-2 if lenient else 1e-4):
+                return False, "; ".join(notes)
+        elif key == "index":
+            if actual.shape != expected.shape:
+                return False, f"index shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+            agree = (actual == expected).float().mean().item()
+            notes.append(f"index agreement {agree:.4f}")
+            same_lengths = torch.equal((actual >= 0).sum(1), (expected >= 0).sum(1))
+            if not same_lengths or (agree < 1.0 and not lenient):
+                return False, "; ".join(notes)
+        elif key == "kv" and not lenient:
+            if any(not torch.equal(a, b) for a, b in zip(actual, expected)):
+                return False, "compacted caches differ"
+    return True, "; ".join(notes) or "exact"
+
+
+def providers_for(case: Case, device: str, wanted: set[str]) -> dict[str, Callable[[dict], dict]]:
+    op = REQUIRED_OP[case.op]
+    available = set(g.available_backends(op, device))
+    if case.op == "select_index":
+        available &= set(g.available_backends("keep_index", device))
+    if device == "cpu":
+        available.discard("triton")  # the interpreter is a correctness tool, not a provider
+    out: dict[str, Callable[[dict], dict]] = {"eager": _eager_fn(case)}
+    out["reference"] = _reference_fn(case)
+    out["reference+compile"] = torch.compile(_reference_fn(case), dynamic=False)
+    for backend in ("native", "triton"):
+        if backend in available:
+            out[backend] = _library_fn(case, backend)
+    copy = _copy_fn(case, device)
+    if copy is not None:
+        out["copy"] = copy
+    return {name: fn for name, fn in out.items() if name in wanted}
+
+
+def run_case(case: Case, device: str, wanted: set[str], budget_s: float, copy_gbs: float, progress: Progress) -> list[dict]:
+    torch.manual_seed(0)
+    inputs = make_inputs(case, device)
+    if case.op == "compact_kv":
+        keep = ref.select_tokens_reference(inputs["scores"], inputs["candidates"], None, case.max_keep, 0)
+        inputs["index"] = ref.keep_index_reference(keep, case.max_len, "left")[0]
+    want = _reference_fn(case)(inputs)
+    rows = []
+    for name, fn in providers_for(case, device, wanted).items():
+        row = {"case": case.as_dict(), "name": case.name(), "provider": name}
+        try:
+            if name != "copy":
+                ok, note = check(case, name, fn(inputs), want)
+                row["check"] = note
+                if not ok:
+                    row["error"] = f"failed the correctness gate: {note}"
+                    rows.append(row)
+                    progress.step(f"{case.name()} {name}: FAILED GATE")
+                    continue
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            row.update(time_ms(lambda: fn(inputs), device, budget_s))
+            if device == "cuda":
+                row["peak_extra_mib"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
+            row["gbps"] = case.moved_bytes() / (row["p50"] * 1e-3) / 1e9
+            row["pct_copy_bw"] = 100 * row["gbps"] / copy_gbs
+        except Exception as exc:  # a provider that crashes is reported, the run goes on
+            row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        rows.append(row)
+        progress.step(f"{case.name()} {name}")
+    eager = next((r["p50"] for r in rows if r["provider"] == "eager" and "p50" in r), None)
+    for row in rows:
+        if eager and "p50" in row:
+            row["speedup_vs_eager"] = eager / row["p50"]
+    return rows
+
+
+def print_table(rows: list[dict], device: str) -> None:
+    header = f"{'case':<40} {'provider':<18} {'p50 ms':>10} {'vs eager':>9} {'GB/s':>8} {'% copy':>7}"
+    print("\n" + header + "\n" + "-" * len(header))
+    last = None
+    for row in rows:
+        name = row["name"] if row["name"] != last else ""
+        last = row["name"]
+        if "p50" not in row:
+            print(f"{name:<40} {row['provider']:<18} {row.get('error', 'skipped')[:60]}")
+            continue
+        speed = f"{row['speedup_vs_eager']:.2f}x" if "speedup_vs_eager" in row else "-"
+        print(f"{name:<40} {row['provider']:<18} {row['p50']:>10.3f} {speed:>9} {row['gbps']:>8.1f} {row['pct_copy_bw']:>6.1f}%")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="only the 4k-visual-token, B=1, 10%%-kept cases")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--ops", nargs="*", help="only these ops (glimpse_scores select_index compact_kv prune_kv glimpse_prune)")
+    parser.add_argument("--providers", nargs="*", default=list(PROVIDERS), choices=PROVIDERS)
+    parser.add_argument("--max-input-gib", type=float, default=None, help="skip cases whose inputs exceed this (default: 1/6 of RAM on CPU, 1/3 of GPU memory)")
+    parser.add_argument("--budget", type=float, default=None, help="seconds of timing per provider (default 0.3 CPU, 1.0 GPU)")
+    parser.add_argument("--json", type=Path, default=None, help="where to write the results (default bench/results/<device>/...)")
+    args = parser.parse_args(argv)
+
+    device = args.device
+    torch._logging.set_logs(dynamo=logging.ERROR)  # graph-break chatter of the compiled reference
+    budget = args.budget if args.budget is not None else (1.0 if device == "cuda" else 0.3)
+    if args.max_input_gib is not None:
+        limit = args.max_input_gib * 2**30
+    elif device == "cuda":
+        limit = torch.cuda.get_device_properties(0).total_memory / 3
+    else:
+        limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 6
+    cases = [c for c in all_cases(args.smoke) if not args.ops or c.op in args.ops]
+    runnable = [c for c in cases if c.input_bytes() <= limit]
+    skipped = [c for c in cases if c.input_bytes() > limit]
+    machine = machine_info(device)
+    print(f"glimpse-ops bench on {machine['device']} (torch {machine['torch']}, triton {machine['triton']}, git {str(machine['git_sha'])[:10]})")
+    print(f"{len(runnable)} cases, {len(skipped)} skipped as larger than {limit / 2**30:.1f} GiB of inputs; "
+          f"Qwen2.5-VL-7B geometry, {COMPACTED_LAYERS} compacted layers, bf16")
+    copy_gbs = copy_bandwidth_gbs(device)
+    print(f"measured copy bandwidth: {copy_gbs:.1f} GB/s")
+    wanted = set(args.providers)
+    progress = Progress(sum(len(providers_for(c, device, wanted)) for c in runnable))
+    rows: list[dict] = []
+    for case in runnable:
+        rows += run_case(case, device, wanted, budget, copy_gbs, progress)
+        torch._dynamo.reset()
+    rows += [{"case": c.as_dict(), "name": c.name(), "provider": "-", "error": "skipped: inputs exceed the memory limit"} for c in skipped]
+    print_table(rows, device)
+    failed = [r for r in rows if "failed the correctness gate" in r.get("error", "")]
+    out = args.json or Path(__file__).resolve().parent / "results" / str(machine["device_slug"]) / (
+        f"{machine['timestamp'][:10]}-{str(machine['git_sha'])[:8]}{'-smoke' if args.smoke else ''}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": {**machine, "copy_gbs": copy_gbs}, "results": rows}, indent=1))
+    print(f"\nwrote {out}")
+    if failed:
+        print(f"{len(failed)} provider(s) failed the correctness gate", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,120 @@
+"""Timers, machine description and a dependency-free progress bar for bench/run.py."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def quantiles(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+
+    def at(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+    return {"p20": at(0.2), "p50": at(0.5), "p80": at(0.8), "reps": len(ordered)}
+
+
+def time_ms(fn: Callable[[], object], device: str, budget_s: float) -> dict[str, float]:
+    """Median-of-reps timing in ms: CUDA events on GPU, perf_counter on CPU. One untimed
+    warm-up call first (compilation, autotuning, allocator warm-up)."""
+    fn()
+    samples: list[float] = []
+    start_all = time.perf_counter()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        while len(samples) < 5 or (time.perf_counter() - start_all < budget_s and len(samples) < 200):
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(begin.elapsed_time(end))
+    else:
+        while len(samples) < 3 or (time.perf_counter() - start_all < budget_s and len(samples) < 50):
+            begin = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - begin) * 1e3)
+    return quantiles(samples)
+
+
+def copy_bandwidth_gbs(device: str) -> float:
+    """Measured device-to-device copy bandwidth (read + write bytes per second), the floor
+    every memory-bound kernel is compared with."""
+    n_bytes = (512 if device == "cuda" else 64) * 2**20
+    src = torch.empty(n_bytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    stats = time_ms(lambda: dst.copy_(src), device, 1.0)
+    return 2 * n_bytes / (stats["p50"] * 1e-3) / 1e9
+
+
+def device_slug(device: str) -> str:
+    if device == "cuda":
+        name = torch.cuda.get_device_name(0)
+    else:
+        name = f"cpu-{platform.machine()}-{os.cpu_count()}cores"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def git_state() -> dict[str, object]:
+    def run(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    return {"sha": run("rev-parse", "HEAD") or "unknown", "dirty": bool(run("status", "--porcelain", "--untracked-files=no"))}
+
+
+def machine_info(device: str) -> dict[str, object]:
+    info: dict[str, object] = {
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else f"{platform.processor() or platform.machine()} CPU",
+        "device_slug": device_slug(device),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **{f"git_{k}": v for k, v in git_state().items()},
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        info["compute_capability"] = f"{props.major}.{props.minor}"
+        info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+    return info
+
+
+class Progress:
+    """``[#####.....] 12/40 label`` on stderr, redrawn in place on a terminal."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.tty = total, 0, sys.stderr.isatty()
+        self.start = time.perf_counter()
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        width = 30
+        filled = int(width * self.done / max(self.total, 1))
+        elapsed = time.perf_counter() - self.start
+        line = f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {elapsed:5.0f}s {label}"
+        if self.tty:
+            sys.stderr.write("\r" + line[:120].ljust(120))
+            if self.done == self.total:
+                sys.stderr.write("\n")
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()

@@ -1,0 +1,36 @@
+"""The README stays true: its test command is what CI runs, its example runs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def code_blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+
+
+def test_ci_runs_the_readme_test_command():
+    commands = code_blocks("bash")
+    test_command = next(c.strip() for c in commands if "pytest" in c)
+    assert test_command in (ROOT / ".ci" / "run").read_text()
+    assert any("python bench/run.py" in c for c in commands)
+
+
+def test_readme_example_runs():
+    (example,) = code_blocks("python")
+    namespace: dict = {}
+    exec(compile(example, "README.md", "exec"), namespace)
+    assert namespace["hidden"].shape[1] == namespace["index"].shape[1]
+    assert bool((namespace["lengths"] == 256 + namespace["max_keep"]).all())
+
+
+def test_every_op_in_the_table_links_to_its_module():
+    import glimpse_ops
+
+    for op in glimpse_ops.OPS:
+        assert f"[`{op}`](glimpse_ops/ops/{op}.py)" in README, op
+        assert (ROOT / "glimpse_ops" / "ops" / f"{op}.py").exists()

@@ -27,6 +27,7 @@ __all__ = [
     "prune_kv_reference",
     "glimpse_prune_reference",
     "soft_mask_attention_reference",
+    "soft_mask_attention_forward_reference",
     "soft_mask_attention_backward_reference",
 ]
 
@@ -347,12 +348,12 @@ def _soft_mask_terms(
     key_mask: Tensor | None,
     causal: bool,
     scale: float | None,
-) -> tuple[Tensor, Tensor, float]:
-    """(E, w, scale): E_ij = exp(s_ij - L_i) with L_i = log sum_l w_l exp(s_il) over allowed l.
+) -> tuple[Tensor, Tensor, float, Tensor]:
+    """(E, w, scale, L): E_ij = exp(s_ij - L_i), L_i = log sum_l w_l exp(s_il) over allowed l.
 
     E is fp32 [B, H, N, N], 0 where j is not allowed and on rows whose weights sum to 0;
-    w is key_weight as fp32 [B, 1, 1, N]. Written so that autograd never meets inf - inf,
-    0 * inf or a division by w.
+    w is key_weight as fp32 [B, 1, 1, N]; L is fp32 [B, H, N], +inf on such rows. Written
+    so that autograd never meets inf - inf, 0 * inf or a division by w.
     """
     B, H, N, D = q.shape
     scale = default_scale(D, scale)
@@ -366,7 +367,7 @@ def _soft_mask_terms(
     live = total > 0
     lse = row_max + torch.log(torch.where(live, total, 1.0))
     unweighted = torch.where(live, torch.exp(logits - lse), 0.0)
-    return unweighted, w, scale
+    return unweighted, w, scale, torch.where(live, lse, float("inf")).squeeze(-1)
 
 
 def soft_mask_attention_reference(
@@ -386,9 +387,24 @@ def soft_mask_attention_reference(
     [B, H, N, D] in q's dtype. Differentiable in q, k, v and key_weight by autograd (the
     weight gradient is finite at w = 0: no division by w).
     """
-    unweighted, w, _ = _soft_mask_terms(q, k, key_weight, key_mask, causal, scale)
+    return soft_mask_attention_forward_reference(q, k, v, key_weight, key_mask, causal, scale)[0]
+
+
+def soft_mask_attention_forward_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_weight: Tensor,
+    key_mask: Tensor | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(out like q, L fp32 [B, H, N]): the output and the per-row log of the weighted
+    softmax denominator (+inf for a row whose allowed weights sum to 0), which the fused
+    kernels save for the backward."""
+    unweighted, w, _, lse = _soft_mask_terms(q, k, key_weight, key_mask, causal, scale)
     out = torch.einsum("bhij,bhjd->bhid", w * unweighted, _repeat_kv(v, q.shape[1]))
-    return out.to(q.dtype)
+    return out.to(q.dtype), lse
 
 
 def soft_mask_attention_backward_reference(
@@ -410,7 +426,7 @@ def soft_mask_attention_backward_reference(
     """
     B, H, N, D = q.shape
     Hkv = k.shape[1]
-    unweighted, w, scale = _soft_mask_terms(q, k, key_weight, key_mask, causal, scale)
+    unweighted, w, scale, _ = _soft_mask_terms(q, k, key_weight, key_mask, causal, scale)
     probs = w * unweighted
     do = _acc(grad_out)
     d_probs = torch.einsum("bhid,bhjd->bhij", do, _repeat_kv(v, H))

@@ -51,10 +51,14 @@ def test_column_scores_reference_against_loops(seed, causal):
 
 
 @pytest.mark.parametrize("bd", COLUMNS)
-@pytest.mark.parametrize("seq,heads,kv_heads", [(1, 4, 4), (577, 8, 2), (1031, 7, 1)])
+@pytest.mark.parametrize("size", ["one", "mid", "large"])
 @pytest.mark.parametrize("causal", [True, False])
-def test_column_scores_backends_match_reference(bd, seed, seq, heads, kv_heads, causal):
+def test_column_scores_backends_match_reference(bd, seed, size, causal):
     backend, device = bd
+    # O(S^2) work: the Triton interpreter gets smaller odd sizes than compiled backends.
+    interpreted = backend == "triton" and device == "cpu"
+    sizes = {"one": (1, 4, 4), "mid": (129 if interpreted else 577, 8, 2), "large": (257 if interpreted else 1031, 7, 1)}
+    seq, heads, kv_heads = sizes[size]
     for dtype in dtypes_for(backend, device):
         q, k, _ = qkv(2, heads, kv_heads, seq, 64, dtype, device)
         query_mask = torch.rand(2, seq, device=device) < 0.3

@@ -1,4 +1,9 @@
-"""``glimpse.soft_mask_attention``: attention with a differentiable per-key weight (ATP)."""
+"""``glimpse.soft_mask_attention``: attention with a differentiable per-key weight (ATP).
+
+The public op is a composite over ``glimpse::_soft_mask_attention_forward`` (out and the
+per-row log-sum-exp L, which carries the autograd) and ``_soft_mask_attention_backward``
+(which takes the saved out and L, as a FlashAttention backward does).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ from torch import Tensor
 
 from .. import _validation as v
 from .._backend import OpBackends, register
-from ..reference import default_scale, soft_mask_attention_backward_reference, soft_mask_attention_reference
+from ..reference import default_scale, soft_mask_attention_backward_reference, soft_mask_attention_forward_reference
 from ._register import define_op, require_tensors
 
 OP = "soft_mask_attention"
@@ -17,9 +22,14 @@ SCHEMA = (
     "(Tensor q, Tensor k, Tensor v, Tensor key_weight, Tensor? key_mask=None, bool causal=True, "
     "float? scale=None, str backend='auto') -> Tensor"
 )
+FORWARD_SCHEMA = (
+    "(Tensor q, Tensor k, Tensor v, Tensor key_weight, Tensor? key_mask, bool causal, "
+    "float? scale, str backend='auto') -> (Tensor, Tensor)"
+)
 BACKWARD_SCHEMA = (
     "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor key_weight, Tensor? key_mask, "
-    "bool causal, float? scale, str backend='auto') -> (Tensor, Tensor, Tensor, Tensor)"
+    "bool causal, float? scale, Tensor out, Tensor lse, str backend='auto') "
+    "-> (Tensor, Tensor, Tensor, Tensor)"
 )
 
 
@@ -46,58 +56,64 @@ def validate(q, k, v_, key_weight, key_mask, causal, scale, backend) -> None:
     v.check_backend(OP, backend)
     if v.reads_data_cheaply(key_weight):
         w = key_weight.detach()
-        if not bool(((w >= 0) & (w <= 1)).all()):
-            bad = w[~((w >= 0) & (w <= 1))][0].item()
-            v.fail_value(OP, f"key_weight values must be in [0, 1], got {bad}")
+        inside = (w >= 0) & (w <= 1)
+        if not bool(inside.all()):
+            v.fail_value(OP, f"key_weight values must be in [0, 1], got {w[~inside][0].item()}")
 
 
-def _fake(q, k, v_, key_weight, key_mask=None, causal=True, scale=None, backend="auto"):
+def _composite(q, k, v_, key_weight, key_mask=None, causal=True, scale=None, backend="auto"):
     validate(q, k, v_, key_weight, key_mask, causal, scale, backend)
-    return torch.empty_like(q)
+    return torch.ops.glimpse._soft_mask_attention_forward(q, k, v_, key_weight, key_mask, causal, scale, backend)[0]
 
 
-def _router(q, k, v_, key_weight, key_mask=None, causal=True, scale=None, backend="auto"):
-    validate(q, k, v_, key_weight, key_mask, causal, scale, backend)
+def _forward_fake(q, k, v_, key_weight, key_mask, causal, scale, backend="auto"):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+
+
+def _forward_router(q, k, v_, key_weight, key_mask, causal, scale, backend="auto"):
     chosen = SPEC.resolve(backend, q.device, q.dtype)
     if chosen == "reference":
-        return soft_mask_attention_reference(q, k, v_, key_weight, key_mask, causal, scale)
-    return SPEC.triton_module().soft_mask_attention_triton(
+        return soft_mask_attention_forward_reference(q, k, v_, key_weight, key_mask, causal, scale)
+    return SPEC.triton_module().soft_mask_attention_forward_triton(
         q, k, v_, key_weight, key_mask, causal, default_scale(q.shape[-1], scale)
     )
 
 
-def _backward_fake(grad_out, q, k, v_, key_weight, key_mask, causal, scale, backend="auto"):
+def _backward_fake(grad_out, q, k, v_, key_weight, key_mask, causal, scale, out, lse, backend="auto"):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v_), torch.empty_like(key_weight)
 
 
-def _backward_router(grad_out, q, k, v_, key_weight, key_mask, causal, scale, backend="auto"):
+def _backward_router(grad_out, q, k, v_, key_weight, key_mask, causal, scale, out, lse, backend="auto"):
     chosen = BACKWARD_SPEC.resolve(backend, q.device, q.dtype)
     if chosen == "triton":
         return BACKWARD_SPEC.triton_module().soft_mask_attention_backward_triton(
-            grad_out, q, k, v_, key_weight, key_mask, causal, default_scale(q.shape[-1], scale)
+            grad_out, q, k, v_, key_weight, key_mask, causal, default_scale(q.shape[-1], scale), out, lse
         )
     return soft_mask_attention_backward_reference(grad_out, q, k, v_, key_weight, key_mask, causal, scale)
 
 
-define_op(OP, SCHEMA, _router, _fake)
+torch.library.define(f"glimpse::{OP}", SCHEMA)
+torch.library.impl(f"glimpse::{OP}", "CompositeImplicitAutograd")(_composite)
+define_op("_soft_mask_attention_forward", FORWARD_SCHEMA, _forward_router, _forward_fake)
 define_op("_soft_mask_attention_backward", BACKWARD_SCHEMA, _backward_router, _backward_fake)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v_, key_weight, key_mask, causal, scale, backend = inputs
-    ctx.save_for_backward(q, k, v_, key_weight, key_mask)
+    out, lse = output
+    ctx.save_for_backward(q, k, v_, key_weight, key_mask, out, lse)
     ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
 
 
-def _backward(ctx, grad_out):
-    q, k, v_, key_weight, key_mask = ctx.saved_tensors
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v_, key_weight, key_mask, out, lse = ctx.saved_tensors
     dq, dk, dv, dw = torch.ops.glimpse._soft_mask_attention_backward(
-        grad_out, q, k, v_, key_weight, key_mask, ctx.causal, ctx.scale, ctx.backend
+        grad_out, q, k, v_, key_weight, key_mask, ctx.causal, ctx.scale, out, lse, ctx.backend
     )
     return dq, dk, dv, dw, None, None, None, None
 
 
-torch.library.register_autograd(f"glimpse::{OP}", _backward, setup_context=_setup_context)
+torch.library.register_autograd("glimpse::_soft_mask_attention_forward", _backward, setup_context=_setup_context)
 
 
 def soft_mask_attention(

@@ -160,7 +160,7 @@ def check_max_len(op: str, max_len: int | None) -> None:
 
 
 def check_kv_lists(op: str, keys: Sequence[Tensor], values: Sequence[Tensor]) -> None:
-    """keys/values: equally long lists of [B, Hkv, S, D] tensors of one dtype and device."""
+    """keys/values: equally long lists of [B, Hkv, S, D] tensors of one shape, dtype and device."""
     if len(keys) != len(values):
         fail_value(op, f"keys and values must have the same length, got {len(keys)} and {len(values)}")
     if len(keys) == 0:
@@ -172,11 +172,8 @@ def check_kv_lists(op: str, keys: Sequence[Tensor], values: Sequence[Tensor]) ->
             check_floating(op, name, t, "[B, Hkv, S, D]")
             if t.dtype != first.dtype:
                 fail_type(op, f"{name} must have the dtype of keys[0] ({dtype_name(first.dtype)}), got {describe(t)}")
-            if t.shape[:3] != first.shape[:3]:
-                fail_value(
-                    op,
-                    f"{name} must share B, Hkv, S with keys[0] {describe(first)}, got {describe(t)}",
-                )
+            if t.shape != first.shape:
+                fail_value(op, f"{name} must have the shape of keys[0] {describe(first)}, got {describe(t)}")
             if t.device != first.device:
                 fail_value(op, f"{name} must be on the device of keys[0] ({first.device}), got {t.device}")
 

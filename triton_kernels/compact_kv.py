@@ -1,10 +1,10 @@
 """Triton compact_kv: every layer's K and V in one launch.
 
-The sources are reached through a device table of (pointer, strides) rows, cached by the
-tensors' addresses so that a replayed CUDA graph reuses the table built before capture.
-The outputs are views into one buffer [2 * layers, B, Hkv, Lmax, D], so the kernel needs
-only its base pointer. Each program copies a tile of kept rows of one (tensor, b, head):
-full-width loads and stores along D, pad slots written as zeros.
+Tensors are reached through device tables of (pointer, strides) rows. The source table is
+cached by the tensors' addresses (a replayed CUDA graph reuses the one built before
+capture); the output table is filled in pinned host memory and copied without a sync, a
+copy that CUDA graphs capture. Each program copies a tile of kept rows of one (tensor, b,
+head): full-width loads and stores along D, pad slots written as zeros.
 """
 
 from __future__ import annotations
@@ -22,13 +22,25 @@ _TABLES: OrderedDict = OrderedDict()
 _TABLE_CACHE_SIZE = 32
 
 
+def _table_rows(tensors: list[torch.Tensor]) -> tuple:
+    return tuple((t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)) for t in tensors)
+
+
+def _output_table(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """int64 [n, 4] on the device, uploaded from pinned memory without a host sync."""
+    host = torch.tensor(_table_rows(tensors), dtype=torch.int64)
+    if tensors[0].device.type != "cuda":
+        return host
+    return host.pin_memory().to(tensors[0].device, non_blocking=True)
+
+
 def _source_table(tensors: list[torch.Tensor]) -> torch.Tensor:
     """int64 [n, 4]: data pointer and (b, head, seq) strides of every source tensor."""
-    rows = tuple((t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)) for t in tensors)
+    rows = _table_rows(tensors)
     key = (tensors[0].device, rows)
     table = _TABLES.get(key)
     if table is None:
-        table = torch.tensor(rows, dtype=torch.int64).to(tensors[0].device)
+        table = _output_table(tensors)
         _TABLES[key] = table
         if len(_TABLES) > _TABLE_CACHE_SIZE:
             _TABLES.popitem(last=False)
@@ -39,7 +51,7 @@ def _source_table(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 @triton.jit
 def _compact_kv_kernel(
-    table_ptr, index_ptr, out_ptr, B, Hkv, L, D,
+    table_ptr, out_table_ptr, index_ptr, B, Hkv, L, D,
     DTYPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)  # (tensor, b, head)
@@ -56,30 +68,33 @@ def _compact_kv_kernel(
         src + b * stride_b + head * stride_h + source[:, None] * stride_s + offs_d[None, :],
         mask=(source[:, None] >= 0) & in_d, other=0.0,
     )
-    out = out_ptr + (pid * L + slots[:, None]) * D + offs_d[None, :]
+    dst = tl.load(out_table_ptr + tensor * 4).to(tl.pointer_type(DTYPE))
+    out = dst + ((b * Hkv + head) * L + slots[:, None]) * D + offs_d[None, :]  # contiguous outputs
     tl.store(out, rows, mask=(slots[:, None] < L) & in_d)
 
 
-def compact_kv_triton(keys, values, index, out: torch.Tensor | None = None):
-    """Lists of [B, Hkv, S, D] (head dim contiguous) -> lists of [B, Hkv, Lmax, D].
+def compact_kv_triton(keys, values, index, out_keys=None, out_values=None):
+    """Lists of [B, Hkv, S, D] (head dim contiguous) -> new lists of [B, Hkv, Lmax, D].
 
-    ``out``: optional caller-provided contiguous buffer [2 * layers, B, Hkv, Lmax, D] to
-    write into (e.g. a preallocated cache); the returned tensors are its views.
+    ``out_keys`` / ``out_values``: optional caller-provided contiguous [B, Hkv, Lmax, D]
+    tensors to write into instead (e.g. a preallocated cache); they are returned.
     """
     if not keys:
         return [], []
     sources = [t if t.stride(-1) == 1 else t.contiguous() for t in list(keys) + list(values)]
-    n, (B, Hkv, _, D) = len(sources), sources[0].shape
+    B, Hkv, _, D = sources[0].shape
     L = index.shape[1]
-    if out is None:
-        out = torch.empty((n, B, Hkv, L, D), dtype=sources[0].dtype, device=sources[0].device)
+    if out_keys is None:
+        out_keys = [torch.empty((B, Hkv, L, D), dtype=t.dtype, device=t.device) for t in keys]
+    if out_values is None:
+        out_values = [torch.empty((B, Hkv, L, D), dtype=t.dtype, device=t.device) for t in values]
+    outputs = list(out_keys) + list(out_values)
     if L > 0:
         BLOCK_D = next_pow2(D)
         BLOCK_T = max(1, min(256 if interpreting() else 64, 8192 // BLOCK_D))
         with device_guard(index):
-            _compact_kv_kernel[(n * B * Hkv, triton.cdiv(L, BLOCK_T))](
-                _source_table(sources), index.contiguous(), out, B, Hkv, L, D,
+            _compact_kv_kernel[(len(sources) * B * Hkv, triton.cdiv(L, BLOCK_T))](
+                _source_table(sources), _output_table(outputs), index.contiguous(), B, Hkv, L, D,
                 DTYPE=_TL_DTYPES[sources[0].dtype], BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, num_warps=warps_for(BLOCK_T * BLOCK_D),
             )
-    parts = list(out.unbind(0))
-    return parts[: len(keys)], parts[len(keys) :]
+    return list(out_keys), list(out_values)

@@ -3,6 +3,10 @@
     python bench/run.py            # the whole registry (cases too big for this machine are skipped)
     python bench/run.py --smoke    # the 4k-visual-token cases only (under two minutes on a CPU)
 
+soft_mask_attention (bench/attention.py) runs forward and forward+backward against SDPA
+without a mask (the ceiling), SDPA memory-efficient with a dense log-weight mask requiring
+grad, FlexAttention with a captured log-weight (GPU), and eager PyTorch.
+
 Providers: ``eager`` (the GlimpsePrune/FastV/kvpress-style PyTorch pipeline, see peers.py),
 ``reference`` (glimpse_ops.reference), ``reference+compile`` (the same under torch.compile),
 ``native`` (C++/CUDA), ``triton`` and, for compact_kv, ``copy`` (a device-to-device copy of
@@ -27,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import peers  # noqa: E402
+from attention import attention_cases, attention_providers, run_attention_case  # noqa: E402
 from registry import COMPACTED_LAYERS, SCORE_LAYER, Case, all_cases, make_inputs  # noqa: E402
 from timing import Progress, copy_bandwidth_gbs, machine_info, time_ms  # noqa: E402
 
@@ -238,13 +243,18 @@ def run_case(case: Case, device: str, wanted: set[str], budget_s: float, copy_gb
 
 def print_table(rows: list[dict], device: str) -> None:
     header = f"{'case':<40} {'provider':<18} {'p50 ms':>10} {'vs eager':>9} {'GB/s':>8} {'% copy':>7}"
-    print("\n" + header + "\n" + "-" * len(header))
+    header += "\n" + f"{'(attention rows: time relative to SDPA unmasked, t; TFLOP/s; peak extra memory)':>92}"
+    print("\n" + header + "\n" + "-" * len(header.splitlines()[0]))
     last = None
     for row in rows:
         name = row["name"] if row["name"] != last else ""
         last = row["name"]
         if "p50" not in row:
             print(f"{name:<40} {row['provider']:<18} {row.get('error', 'skipped')[:60]}")
+            continue
+        if "tflops" in row:
+            memory = f" {row['peak_extra_mib']:>9.0f} MiB" if "peak_extra_mib" in row else ""
+            print(f"{name:<40} {row['provider']:<18} {row['p50']:>10.3f} {row.get('time_vs_sdpa_unmasked', 0):>8.2f}t {row['tflops']:>8.1f} TFLOP/s{memory}")
             continue
         speed = f"{row['speedup_vs_eager']:.2f}x" if "speedup_vs_eager" in row else "-"
         print(f"{name:<40} {row['provider']:<18} {row['p50']:>10.3f} {speed:>9} {row['gbps']:>8.1f} {row['pct_copy_bw']:>6.1f}%")
@@ -254,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="only the 4k-visual-token, B=1, 10%%-kept cases")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--ops", nargs="*", help="only these ops (glimpse_scores select_index compact_kv prune_kv glimpse_prune)")
+    parser.add_argument("--ops", nargs="*", help="only these ops (glimpse_scores select_index compact_kv prune_kv glimpse_prune soft_mask_attention)")
     parser.add_argument("--providers", nargs="*", default=list(PROVIDERS), choices=PROVIDERS)
     parser.add_argument("--max-input-gib", type=float, default=None, help="skip cases whose inputs exceed this (default: 1/6 of RAM on CPU, 1/3 of GPU memory)")
     parser.add_argument("--budget", type=float, default=None, help="seconds of timing per provider (default 0.3 CPU, 1.0 GPU)")
@@ -280,11 +290,16 @@ def main(argv: list[str] | None = None) -> int:
     copy_gbs = copy_bandwidth_gbs(device)
     print(f"measured copy bandwidth: {copy_gbs:.1f} GB/s")
     wanted = set(args.providers)
-    progress = Progress(sum(len(providers_for(c, device, wanted)) for c in runnable))
+    attention = [c for c in attention_cases(args.smoke, device) if not args.ops or c.op in args.ops]
+    attention = [c for c in attention if c.input_bytes() <= limit]
+    progress = Progress(sum(len(providers_for(c, device, wanted)) for c in runnable) + sum(len(attention_providers(device, c.n)) for c in attention))
     rows: list[dict] = []
     for case in runnable:
         rows += run_case(case, device, wanted, budget, copy_gbs, progress)
         torch._dynamo.reset()
+    gates: dict = {}
+    for case in attention:
+        rows += run_attention_case(case, device, budget, time_ms, progress, gates)
     rows += [{"case": c.as_dict(), "name": c.name(), "provider": "-", "error": "skipped: inputs exceed the memory limit"} for c in skipped]
     print_table(rows, device)
     failed = [r for r in rows if "failed the correctness gate" in r.get("error", "")]

@@ -9,6 +9,7 @@ from ._backend import HAS_NATIVE, REGISTRY
 from .ops import (
     attention_column_scores,
     compact_kv,
+    compact_kv_into,
     gather_tokens,
     glimpse_prune,
     glimpse_scores,
@@ -46,6 +47,7 @@ __all__ = [
     "available_backends",
     "attention_column_scores",
     "compact_kv",
+    "compact_kv_into",
     "gather_tokens",
     "glimpse_prune",
     "glimpse_scores",

@@ -95,9 +95,13 @@ class OpBackends:
             return None
         return f"unknown backend {backend!r}"
 
-    def resolve(self, backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    def resolve(
+        self, backend: str, device: torch.device, dtype: torch.dtype | None = None, head_dim: int | None = None
+    ) -> str:
         """The backend to run: ``backend`` itself if available (else RuntimeError), or for
-        ``auto`` the first available one of this device's preference order."""
+        ``auto`` the first available one of this device's preference order. ``head_dim``
+        above ``MAX_TRITON_HEAD_DIM`` makes ``auto`` skip Triton (its kernels keep a head in
+        registers)."""
         check_backend(self.op, backend)
         if backend == "auto":
             backend = os.environ.get("GLIMPSE_BACKEND", "auto") or "auto"
@@ -119,6 +123,8 @@ class OpBackends:
         for candidate in order:
             if fp64 and candidate not in self.fp64:
                 continue
+            if candidate == "triton" and head_dim is not None and head_dim > MAX_TRITON_HEAD_DIM:
+                continue
             if self.unavailable_reason(candidate, device.type) is None:
                 return candidate
         return "reference"
@@ -130,6 +136,7 @@ class OpBackends:
         return importlib.import_module(f"glimpse_ops.triton_kernels.{self.triton}")
 
 
+MAX_TRITON_HEAD_DIM = 256
 REGISTRY: dict[str, OpBackends] = {}
 
 

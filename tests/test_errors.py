@@ -127,3 +127,15 @@ def test_inputs_are_not_modified_by_a_failed_call():
     with pytest.raises(ValueError):
         g.compact_kv(keys, values, torch.full((2, 3), 9))
     assert all(torch.equal(a, b) for a, b in zip(keys + values, before))
+
+
+def test_auto_skips_triton_for_head_dims_it_does_not_take():
+    from glimpse_ops._backend import REGISTRY
+
+    spec = REGISTRY["soft_mask_attention"]
+    cuda = torch.device("cuda")  # resolution only: nothing runs
+    if spec.unavailable_reason("triton", "cuda") is not None:
+        pytest.skip("triton is not installed")
+    assert spec.resolve("auto", cuda, torch.bfloat16, 128) == "triton"
+    assert spec.resolve("auto", cuda, torch.bfloat16, 512) == "reference"
+    assert spec.resolve("auto", cuda, torch.float64, 128) == "reference"

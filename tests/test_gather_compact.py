@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import assert_equal, backend_device_params, dtypes_for, non_contiguous, random_keep_scores
-from glimpse_ops import compact_kv, gather_tokens, keep_index, prune_kv
+from glimpse_ops import compact_kv, compact_kv_into, gather_tokens, keep_index, prune_kv
 from glimpse_ops.reference import (
     compact_kv_reference,
     gather_tokens_reference,
@@ -145,3 +145,20 @@ def test_keep_index_and_select_compose_like_prune_kv(seed):
     keep = select_tokens_reference(scores, None, None, 10, 0)
     index, lengths = keep_index(keep, None)
     assert lengths.tolist() == [10, 10] and index.shape == (2, 10)
+
+
+@pytest.mark.parametrize("bd", COMPACT)
+def test_compact_kv_into_caller_outputs(bd, seed):
+    backend, device = bd
+    keys, values = kv_layers(3, 2, 2, 577, 64, dtypes_for(backend, device)[-1], device)
+    index = ragged_index(2, 577, device, "left", max_len=600)
+    out_keys = [torch.full((2, 2, 600, 64), float("nan"), dtype=keys[0].dtype, device=device) for _ in keys]
+    out_values = [torch.full_like(t, float("nan")) for t in out_keys]
+    targets = [t.data_ptr() for t in out_keys + out_values]
+    compact_kv_into(keys, values, index, out_keys, out_values, backend=backend)
+    want_k, want_v = compact_kv_reference(keys, values, index)
+    for got, want in zip(out_keys + out_values, want_k + want_v):
+        assert_equal("into", got, want)
+    assert [t.data_ptr() for t in out_keys + out_values] == targets
+    with pytest.raises(ValueError, match=r"glimpse.compact_kv_into: out_keys\[0\] must be a contiguous"):
+        compact_kv_into(keys, values, index, [t[:, :, :10] for t in out_keys], out_values, backend=backend)

@@ -37,6 +37,9 @@ def samples(op: str, device: str, requires_grad: bool):
         return [((torch.randn(B, S, 5, device=device), index, 0.0), {}), ((keep, index, False), {})]
     if op == "compact_kv":
         return [((keys, values, index), {})]
+    if op == "compact_kv_into":
+        outs = [torch.empty(B, Hkv, S, D, device=device) for _ in range(4)]
+        return [((keys, values, index, outs[:2], outs[2:]), {})]
     if op == "prune_kv":
         return [((scores, mask, keys, values, 0.5, 3, 1, S, "left", None), {}), ((scores, None, keys, values, None, 4, 0, None, "right", None), {})]
     if op == "glimpse_prune":
@@ -53,8 +56,8 @@ def samples(op: str, device: str, requires_grad: bool):
 DIFFERENTIABLE = {"glimpse_scores", "soft_mask_attention"}
 CASES = [
     pytest.param(op, p.values[0], id=f"{op}-{p.id}", marks=p.marks)
-    for op in g.OPS
-    for p in backend_device_params(op)
+    for op in (*g.OPS, "compact_kv_into")
+    for p in backend_device_params("compact_kv" if op == "compact_kv_into" else op)
 ]
 
 

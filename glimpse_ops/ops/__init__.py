@@ -8,7 +8,7 @@ from .attention_column_scores import attention_column_scores
 from .select_tokens import select_tokens
 from .keep_index import keep_index
 from .gather_tokens import gather_tokens
-from .compact_kv import compact_kv
+from .compact_kv import compact_kv, compact_kv_into
 from .prune_kv import prune_kv
 from .glimpse_prune import glimpse_prune
 from .soft_mask_attention import soft_mask_attention
@@ -20,6 +20,7 @@ __all__ = [
     "keep_index",
     "gather_tokens",
     "compact_kv",
+    "compact_kv_into",
     "prune_kv",
     "glimpse_prune",
     "soft_mask_attention",

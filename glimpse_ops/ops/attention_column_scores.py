@@ -43,7 +43,7 @@ def _fake(q, k, query_mask=None, key_mask=None, causal=True, scale=None, backend
 
 def _router(q, k, query_mask=None, key_mask=None, causal=True, scale=None, backend="auto"):
     validate(q, k, query_mask, key_mask, causal, scale, backend)
-    chosen = SPEC.resolve(backend, q.device, q.dtype)
+    chosen = SPEC.resolve(backend, q.device, q.dtype, q.shape[-1])
     if chosen == "reference":
         return attention_column_scores_reference(q, k, query_mask, key_mask, causal, scale)
     return SPEC.triton_module().attention_column_scores_triton(

@@ -66,3 +66,67 @@ def compact_kv(
     """
     require_tensors(OP, keys=keys, values=values, index=index)
     return torch.ops.glimpse.compact_kv(keys, values, index, backend)
+
+
+# ----------------------------------------------------------------------------------------
+# compact_kv_into: the same, written into caller-provided tensors
+# ----------------------------------------------------------------------------------------
+
+INTO_OP = "compact_kv_into"
+INTO_SCHEMA = (
+    "(Tensor[] keys, Tensor[] values, Tensor index, Tensor(a!)[] out_keys, Tensor(b!)[] out_values, "
+    "str backend='auto') -> ()"
+)
+
+
+def validate_into(keys, values, index, out_keys, out_values, backend) -> None:
+    validate(keys, values, index, backend)
+    for kind, outs, ins in (("out_keys", out_keys, keys), ("out_values", out_values, values)):
+        if len(outs) != len(ins):
+            v.fail_value(INTO_OP, f"{kind} must hold one tensor per layer ({len(ins)}), got {len(outs)}")
+        for i, (out, src) in enumerate(zip(outs, ins)):
+            want = (src.shape[0], src.shape[1], index.shape[1], src.shape[3])
+            v.check_tensor(INTO_OP, f"{kind}[{i}]", out)
+            if tuple(out.shape) != want or out.dtype != src.dtype or out.device != src.device or not out.is_contiguous():
+                v.fail_value(
+                    INTO_OP,
+                    f"{kind}[{i}] must be a contiguous {v.dtype_name(src.dtype)} [{', '.join(map(str, want))}] on {src.device}, got {v.describe(out)}",
+                )
+
+
+def _into_fake(keys, values, index, out_keys, out_values, backend="auto"):
+    validate_into(keys, values, index, out_keys, out_values, backend)
+
+
+def _into_router(keys, values, index, out_keys, out_values, backend="auto"):
+    validate_into(keys, values, index, out_keys, out_values, backend)
+    chosen = SPEC.resolve(backend, index.device)
+    if chosen == "triton":
+        SPEC.triton_module().compact_kv_triton(keys, values, index, out_keys, out_values)
+        return
+    new_keys, new_values = _router(keys, values, index, chosen)
+    for out, new in zip(list(out_keys) + list(out_values), new_keys + new_values):
+        out.copy_(new)
+
+
+define_op(INTO_OP, INTO_SCHEMA, _into_router, _into_fake)
+
+
+def compact_kv_into(
+    keys: list[Tensor],
+    values: list[Tensor],
+    index: Tensor,
+    out_keys: list[Tensor],
+    out_values: list[Tensor],
+    backend: str = "auto",
+) -> None:
+    """``compact_kv`` written into caller-provided tensors (e.g. a preallocated cache).
+
+    Args:
+        keys, values, index, backend: as in ``compact_kv``.
+        out_keys, out_values: one contiguous [B, Hkv, Lmax, D] tensor per layer, of the
+            inputs' dtype and device; overwritten (pad slots with zeros). The Triton
+            backend writes them directly; the others compute and copy.
+    """
+    require_tensors(INTO_OP, keys=keys, values=values, index=index)
+    torch.ops.glimpse.compact_kv_into(keys, values, index, out_keys, out_values, backend)

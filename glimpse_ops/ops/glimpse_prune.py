@@ -51,7 +51,7 @@ def _fake(q, keys, values, key_mask, candidate_mask, score_layer, scale=None, th
 
 def _router(q, keys, values, key_mask, candidate_mask, score_layer, scale=None, threshold=None, max_keep=0, min_keep=0, max_len=None, padding_side="left", max_keep_per_row=None, backend="auto"):
     validate(q, keys, values, key_mask, candidate_mask, score_layer, scale, threshold, max_keep, min_keep, max_len, padding_side, max_keep_per_row, backend)
-    chosen = SPEC.resolve(backend, q.device, q.dtype)
+    chosen = SPEC.resolve(backend, q.device, q.dtype, q.shape[-1])
     if chosen == "reference":
         cap = select_max_keep(max_keep, max_keep_per_row)
         return glimpse_prune_reference(

@@ -52,7 +52,7 @@ def _fake(q, k, key_mask=None, scale=None, normalize="probs", backend="auto"):
 
 def _router(q, k, key_mask=None, scale=None, normalize="probs", backend="auto"):
     validate(q, k, key_mask, scale, normalize, backend)
-    chosen = SPEC.resolve(backend, q.device, q.dtype)
+    chosen = SPEC.resolve(backend, q.device, q.dtype, q.shape[-1])
     if chosen == "reference":
         return glimpse_scores_reference(q, k, key_mask, scale, normalize)
     mode = NORMALIZE_MODES.index(normalize)
@@ -66,7 +66,7 @@ def _backward_fake(grad_out, q, k, key_mask, scale, normalize, out, backend="aut
 
 
 def _backward_router(grad_out, q, k, key_mask, scale, normalize, out, backend="auto"):
-    chosen = BACKWARD_SPEC.resolve(backend, q.device, q.dtype)
+    chosen = BACKWARD_SPEC.resolve(backend, q.device, q.dtype, q.shape[-1])
     if chosen == "triton":
         mode = NORMALIZE_MODES.index(normalize)
         return BACKWARD_SPEC.triton_module().glimpse_scores_backward_triton(

@@ -71,7 +71,7 @@ def _forward_fake(q, k, v_, key_weight, key_mask, causal, scale, backend="auto")
 
 
 def _forward_router(q, k, v_, key_weight, key_mask, causal, scale, backend="auto"):
-    chosen = SPEC.resolve(backend, q.device, q.dtype)
+    chosen = SPEC.resolve(backend, q.device, q.dtype, q.shape[-1])
     if chosen == "reference":
         return soft_mask_attention_forward_reference(q, k, v_, key_weight, key_mask, causal, scale)
     return SPEC.triton_module().soft_mask_attention_forward_triton(
@@ -84,7 +84,7 @@ def _backward_fake(grad_out, q, k, v_, key_weight, key_mask, causal, scale, out,
 
 
 def _backward_router(grad_out, q, k, v_, key_weight, key_mask, causal, scale, out, lse, backend="auto"):
-    chosen = BACKWARD_SPEC.resolve(backend, q.device, q.dtype)
+    chosen = BACKWARD_SPEC.resolve(backend, q.device, q.dtype, q.shape[-1])
     if chosen == "triton":
         return BACKWARD_SPEC.triton_module().soft_mask_attention_backward_triton(
             grad_out, q, k, v_, key_weight, key_mask, causal, default_scale(q.shape[-1], scale), out, lse

@@ -1,0 +1,17 @@
+"""A compact reference LVLM in plain PyTorch, wired to the glimpse ops (GlimpsePrune).
+
+``LVLM(tiny())`` is a ViT with a 2x2 patch merger and a decoder-only LM (RMSNorm, RoPE on
+arbitrary position ids, GQA, SwiGLU, a per-layer KV cache); ``GlimpsePruner``,
+``GlimpseTopK`` and ``RandomPruner`` prune its visual tokens once after layer K.
+"""
+
+from .config import LVLMConfig, qwen2_5_vl_7b_shapes, tiny
+from .glimpse import GlimpsePruner, GlimpseTopK, RandomPruner, VisualImportancePredictor
+from .model import LVLM, DecodeState, compact_and_finish
+from .task import Batch, make_batch
+from .train import evaluate, train_glimpse, train_lvlm
+
+__all__ = [
+    "LVLM", "LVLMConfig", "DecodeState", "GlimpsePruner", "GlimpseTopK", "RandomPruner", "VisualImportancePredictor",
+    "Batch", "make_batch", "compact_and_finish", "evaluate", "train_glimpse", "train_lvlm", "tiny", "qwen2_5_vl_7b_shapes",
+]

@@ -1,0 +1,124 @@
+"""The decoder-only language model: RMSNorm, RoPE on arbitrary position ids, GQA attention
+with a per-layer KV cache [B, Hkv, S, D], SwiGLU."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import LVLMConfig
+
+KV = tuple[Tensor, Tensor]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def rope(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos, sin [B, 1, S, head_dim] for int64 positions [B, S] (gaps allowed)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = positions.float()[..., None] * inv_freq
+    angles = torch.cat([angles, angles], dim=-1)[:, None]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def attention_mask(key_valid: Tensor, n_queries: int) -> Tensor:
+    """bool [B, 1, Sq, Sk]: queries are the last Sq of the Sk keys, in order. A query sees
+    valid keys at or before its own slot, and always itself (padding rows then stay finite
+    instead of NaN, and no valid row ever sees a padding key)."""
+    B, n_keys = key_valid.shape
+    offset = n_keys - n_queries
+    rows = torch.arange(n_queries, device=key_valid.device)[:, None] + offset
+    cols = torch.arange(n_keys, device=key_valid.device)[None, :]
+    allowed = (key_valid[:, None, :] & (cols <= rows)) | (cols == rows)
+    return allowed[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LVLMConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.q = nn.Linear(c.hidden, c.heads * c.head_dim)
+        self.k = nn.Linear(c.hidden, c.kv_heads * c.head_dim)
+        self.v = nn.Linear(c.hidden, c.kv_heads * c.head_dim)
+        self.o = nn.Linear(c.heads * c.head_dim, c.hidden, bias=False)
+
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, past: KV | None, key_valid: Tensor) -> tuple[Tensor, KV, Tensor]:
+        """h [B, Sq, d] -> (out [B, Sq, d], the layer's cache after appending, q [B, H, Sq, D])."""
+        c = self.config
+        B, S, _ = h.shape
+        q = apply_rope(self.q(h).view(B, S, c.heads, c.head_dim).transpose(1, 2), cos, sin)
+        k = apply_rope(self.k(h).view(B, S, c.kv_heads, c.head_dim).transpose(1, 2), cos, sin)
+        v = self.v(h).view(B, S, c.kv_heads, c.head_dim).transpose(1, 2)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        mask = attention_mask(key_valid, S)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return self.o(out.transpose(1, 2).reshape(B, S, -1)), (k, v), q
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LVLMConfig) -> None:
+        super().__init__()
+        self.attn_norm, self.mlp_norm = RMSNorm(config.hidden), RMSNorm(config.hidden)
+        self.attn = Attention(config)
+        self.gate_up = nn.Linear(config.hidden, 2 * config.ffn, bias=False)
+        self.down = nn.Linear(config.ffn, config.hidden, bias=False)
+
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, past: KV | None, key_valid: Tensor) -> tuple[Tensor, KV, Tensor]:
+        attn, kv, q = self.attn(self.attn_norm(h), cos, sin, past, key_valid)
+        h = h + attn
+        gate, up = self.gate_up(self.mlp_norm(h)).chunk(2, dim=-1)
+        return h + self.down(F.silu(gate) * up), kv, q
+
+
+class Decoder(nn.Module):
+    """Token embedding, the layers, final norm and LM head."""
+
+    def __init__(self, config: LVLMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab, config.hidden)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.layers))
+        self.norm = RMSNorm(config.hidden)
+        self.lm_head = nn.Linear(config.hidden, config.vocab, bias=False)
+
+    def run_layers(
+        self,
+        h: Tensor,
+        positions: Tensor,
+        key_valid: Tensor,
+        caches: list[KV | None],
+        start: int,
+        end: int,
+        inject=None,
+    ) -> tuple[Tensor, list[KV], Tensor]:
+        """Layers start..end-1 on h [B, Sq, d] with positions [B, Sq]; key_valid [B, Sk]
+        covers the cached keys and the new ones. ``inject(layer, h)`` may edit h before a
+        layer (the glimpse injections). Returns (h, the layers' caches, q of the last layer)."""
+        cos, sin = rope(positions, self.config.head_dim, self.config.rope_theta)
+        new_caches, q = [], None
+        for index in range(start, end):
+            if inject is not None:
+                h = inject(index, h)
+            h, kv, q = self.layers[index](h, cos, sin, caches[index - start], key_valid)
+            new_caches.append(kv)
+        return h, new_caches, q
+
+    def logits(self, h: Tensor) -> Tensor:
+        return self.lm_head(self.norm(h)).float()

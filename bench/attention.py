@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 import glimpse_ops as g
 from glimpse_ops.reference import soft_mask_attention_reference
+from timing import gate_failed, measure
 
 HEADS, KV_HEADS, HEAD_DIM = 28, 4, 128
 GATE_N = 256
@@ -147,7 +148,7 @@ def gate(name: str, fn: Callable[[dict], torch.Tensor], dtype: torch.dtype, devi
     return True, "rel err " + ", ".join(errors)
 
 
-def run_attention_case(case: AttentionCase, device: str, budget_s: float, time_ms, progress, gates: dict) -> list[dict]:
+def run_attention_case(case: AttentionCase, device: str, budget_s: float, progress, gates: dict) -> list[dict]:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[case.dtype]
     x = make_attention_inputs(case.n, case.batch, dtype, device)
     if case.mode == "fwd+bwd":
@@ -161,23 +162,16 @@ def run_attention_case(case: AttentionCase, device: str, budget_s: float, time_m
             ok, note = gates[(name, case.dtype)]
             row["check"] = note
             if not ok:
-                row["error"] = f"failed the correctness gate: {note}"
+                gate_failed(row, note, progress)
                 rows.append(row)
-                progress.step(f"{case.name()} {name}: FAILED GATE")
                 continue
             if case.mode == "fwd":
                 step = lambda: fn(x)  # noqa: E731
             else:
                 grad = torch.randn_like(x["q"])
                 step = lambda: torch.autograd.grad(fn(x), [x["q"], x["k"], x["v"], x["w"]], grad, allow_unused=True)  # noqa: E731
-            if device == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
             with torch.no_grad() if case.mode == "fwd" else torch.enable_grad():
-                row.update(time_ms(step, device, budget_s))
-            if device == "cuda":
-                row["peak_extra_mib"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
+                row.update(measure(step, device, budget_s))
             row["tflops"] = case.flops() / (row["p50"] * 1e-3) / 1e12
         except Exception as exc:  # e.g. out of memory for the dense-mask peers at 16k
             row["error"] = f"{type(exc).__name__}: {exc}"[:300]

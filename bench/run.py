@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402
 from attention import attention_cases, attention_providers, run_attention_case  # noqa: E402
 from registry import COMPACTED_LAYERS, SCORE_LAYER, Case, all_cases, make_inputs  # noqa: E402
-from timing import Progress, copy_bandwidth_gbs, machine_info, time_ms  # noqa: E402
+from timing import Progress, copy_bandwidth_gbs, gate_failed, machine_info, measure  # noqa: E402
 
 import glimpse_ops as g  # noqa: E402
 from glimpse_ops import reference as ref  # noqa: E402
@@ -217,17 +217,10 @@ def run_case(case: Case, device: str, wanted: set[str], budget_s: float, copy_gb
                 ok, note = check(case, name, fn(inputs), want)
                 row["check"] = note
                 if not ok:
-                    row["error"] = f"failed the correctness gate: {note}"
+                    gate_failed(row, note, progress)
                     rows.append(row)
-                    progress.step(f"{case.name()} {name}: FAILED GATE")
                     continue
-            if device == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-            row.update(time_ms(lambda: fn(inputs), device, budget_s))
-            if device == "cuda":
-                row["peak_extra_mib"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
+            row.update(measure(lambda: fn(inputs), device, budget_s))
             row["gbps"] = case.moved_bytes() / (row["p50"] * 1e-3) / 1e9
             row["pct_copy_bw"] = 100 * row["gbps"] / copy_gbs
         except Exception as exc:  # a provider that crashes is reported, the run goes on
@@ -299,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         torch._dynamo.reset()
     gates: dict = {}
     for case in attention:
-        rows += run_attention_case(case, device, budget, time_ms, progress, gates)
+        rows += run_attention_case(case, device, budget, progress, gates)
     rows += [{"case": c.as_dict(), "name": c.name(), "provider": "-", "error": "skipped: inputs exceed the memory limit"} for c in skipped]
     print_table(rows, device)
     failed = [r for r in rows if "failed the correctness gate" in r.get("error", "")]

@@ -46,6 +46,24 @@ def time_ms(fn: Callable[[], object], device: str, budget_s: float) -> dict[str,
     return quantiles(samples)
 
 
+def measure(fn: Callable[[], object], device: str, budget_s: float) -> dict[str, float]:
+    """time_ms plus, on GPU, the peak memory allocated above what was live before."""
+    if device != "cuda":
+        return time_ms(fn, device, budget_s)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    stats = time_ms(fn, device, budget_s)
+    stats["peak_extra_mib"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
+    return stats
+
+
+def gate_failed(row: dict, note: str, progress: "Progress") -> None:
+    """Record a provider that failed the correctness gate (it gets no time)."""
+    row["error"] = f"failed the correctness gate: {note}"
+    progress.step(f"{row['name']} {row['provider']}: FAILED GATE")
+
+
 def copy_bandwidth_gbs(device: str) -> float:
     """Measured device-to-device copy bandwidth (read + write bytes per second), the floor
     every memory-bound kernel is compared with."""

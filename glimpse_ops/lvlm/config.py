@@ -20,6 +20,7 @@ class LVLMConfig:
     vit_dim: int = 32
     vit_layers: int = 2
     vit_heads: int = 2
+    vit_window: bool = True  # attention within each 2x2 merge group (Qwen's window blocks)
     hidden: int = 64
     layers: int = 4
     heads: int = 4
@@ -58,6 +59,6 @@ def qwen2_5_vl_7b_shapes() -> LVLMConfig:
     """Qwen2.5-VL-7B decoder shapes with random weights (GPU benchmarks): 28 layers, hidden
     3584, 28/4 heads of dim 128, pruning at layer 18; 1024 visual tokens per 896 px image."""
     return LVLMConfig(
-        image_size=896, patch=14, vit_dim=1280, vit_layers=4, vit_heads=16, hidden=3584, layers=28,
+        image_size=896, patch=14, vit_dim=1280, vit_layers=4, vit_heads=16, vit_window=False, hidden=3584, layers=28,
         heads=28, kv_heads=4, head_dim=128, ffn=18944, vocab=152064, rope_theta=1e6, prune_layer=18, vip_width=256,
     )

@@ -53,9 +53,12 @@ class VisionEncoder(nn.Module):
         p = self.config.patch
         patches = F.unfold(images, kernel_size=p, stride=p).transpose(1, 2)  # [B, side*side, 3*p*p]
         x = self.embed(patches) + self.position
+        B, C = x.shape[0], x.shape[2]
+        if self.config.vit_window:  # blocks see one 2x2 group at a time: [B * Nv, 4, C]
+            x = self._groups(x).reshape(-1, 4, C)
         taps = []
         for block in self.blocks:
             x = block(x)
-            taps.append(self._groups(x).mean(dim=2))
-        groups = self._groups(x)
+            groups = x.view(B, -1, 4, C) if self.config.vit_window else self._groups(x)
+            taps.append(groups.mean(dim=2))
         return self.merger(groups.flatten(2)), taps[::-1]

@@ -36,16 +36,20 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
-def attention_mask(key_valid: Tensor, n_queries: int) -> Tensor:
+def attention_mask(key_valid: Tensor, n_queries: int, key_visual: Tensor | None = None) -> Tensor:
     """bool [B, 1, Sq, Sk]: queries are the last Sq of the Sk keys, in order. A query sees
     valid keys at or before its own slot, and always itself (padding rows then stay finite
-    instead of NaN, and no valid row ever sees a padding key)."""
+    instead of NaN, and no valid row ever sees a padding key). With ``key_visual`` [B, Sk],
+    text queries do not see visual keys (the early layers of a late-fusion model)."""
     B, n_keys = key_valid.shape
     offset = n_keys - n_queries
     rows = torch.arange(n_queries, device=key_valid.device)[:, None] + offset
     cols = torch.arange(n_keys, device=key_valid.device)[None, :]
-    allowed = (key_valid[:, None, :] & (cols <= rows)) | (cols == rows)
-    return allowed[:, None]
+    visible = key_valid[:, None, :] & (cols <= rows)
+    if key_visual is not None:
+        query_visual = key_visual[:, offset:]
+        visible = visible & (query_visual[:, :, None] | ~key_visual[:, None, :])
+    return (visible | (cols == rows))[:, None]
 
 
 class Attention(nn.Module):
@@ -58,7 +62,9 @@ class Attention(nn.Module):
         self.v = nn.Linear(c.hidden, c.kv_heads * c.head_dim)
         self.o = nn.Linear(c.heads * c.head_dim, c.hidden, bias=False)
 
-    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, past: KV | None, key_valid: Tensor) -> tuple[Tensor, KV, Tensor]:
+    def forward(
+        self, h: Tensor, cos: Tensor, sin: Tensor, past: KV | None, key_valid: Tensor, key_visual: Tensor | None = None
+    ) -> tuple[Tensor, KV, Tensor]:
         """h [B, Sq, d] -> (out [B, Sq, d], the layer's cache after appending, q [B, H, Sq, D])."""
         c = self.config
         B, S, _ = h.shape
@@ -67,7 +73,7 @@ class Attention(nn.Module):
         v = self.v(h).view(B, S, c.kv_heads, c.head_dim).transpose(1, 2)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        mask = attention_mask(key_valid, S)
+        mask = attention_mask(key_valid, S, key_visual)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return self.o(out.transpose(1, 2).reshape(B, S, -1)), (k, v), q
 
@@ -80,8 +86,10 @@ class DecoderLayer(nn.Module):
         self.gate_up = nn.Linear(config.hidden, 2 * config.ffn, bias=False)
         self.down = nn.Linear(config.ffn, config.hidden, bias=False)
 
-    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, past: KV | None, key_valid: Tensor) -> tuple[Tensor, KV, Tensor]:
-        attn, kv, q = self.attn(self.attn_norm(h), cos, sin, past, key_valid)
+    def forward(
+        self, h: Tensor, cos: Tensor, sin: Tensor, past: KV | None, key_valid: Tensor, key_visual: Tensor | None = None
+    ) -> tuple[Tensor, KV, Tensor]:
+        attn, kv, q = self.attn(self.attn_norm(h), cos, sin, past, key_valid, key_visual)
         h = h + attn
         gate, up = self.gate_up(self.mlp_norm(h)).chunk(2, dim=-1)
         return h + self.down(F.silu(gate) * up), kv, q
@@ -107,16 +115,19 @@ class Decoder(nn.Module):
         start: int,
         end: int,
         inject=None,
+        key_visual: Tensor | None = None,
     ) -> tuple[Tensor, list[KV], Tensor]:
         """Layers start..end-1 on h [B, Sq, d] with positions [B, Sq]; key_valid [B, Sk]
-        covers the cached keys and the new ones. ``inject(layer, h)`` may edit h before a
-        layer (the glimpse injections). Returns (h, the layers' caches, q of the last layer)."""
+        covers the cached keys and the new ones; key_visual [B, Sk] marks visual keys (for
+        the layers before ``text_sees_image_from``). ``inject(layer, h)`` may edit h before
+        a layer (the glimpse injections). Returns (h, the layers' caches, q of the last layer)."""
         cos, sin = rope(positions, self.config.head_dim, self.config.rope_theta)
         new_caches, q = [], None
         for index in range(start, end):
             if inject is not None:
                 h = inject(index, h)
-            h, kv, q = self.layers[index](h, cos, sin, caches[index - start], key_valid)
+            late = key_visual if index < self.config.text_sees_image_from else None
+            h, kv, q = self.layers[index](h, cos, sin, caches[index - start], key_valid, late)
             new_caches.append(kv)
         return h, new_caches, q
 

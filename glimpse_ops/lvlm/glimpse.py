@@ -128,8 +128,9 @@ class GlimpseTopK:
         hidden = gather_tokens(prefix.hidden, index, 0.0)
         positions = gather_tokens(prefix.positions, index, 0)
         valid = gather_tokens(prefix.valid, index, False)
-        logits, state = model.finish(hidden, positions, valid, list(zip(new_k, new_v)), K + 1)
-        kept_visual = gather_tokens(prefix.visual, index, False).sum(dim=1)
+        visual = gather_tokens(prefix.visual, index, False)
+        logits, state = model.finish(hidden, positions, valid, list(zip(new_k, new_v)), K + 1, visual)
+        kept_visual = visual.sum(dim=1)
         return logits, state, {"index": index, "lengths": lengths, "kept_visual": kept_visual}
 
 

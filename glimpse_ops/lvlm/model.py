@@ -23,7 +23,7 @@ class DecodeState:
     caches: list[KV]
     key_valid: list[Tensor]
     next_position: Tensor  # [B] int64
-
+    key_visual: list[Tensor] | None = None  # per layer, for late-fusion layers
     def cache_bytes(self) -> int:
         return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.caches)
 
@@ -68,18 +68,25 @@ class LVLM(nn.Module):
         h, visual, taps = self.embed(images, input_ids)
         positions, valid = positions_from_mask(attention_mask), attention_mask
         inject = None
+        key_visual = visual
         if extra is not None:
             h, positions, valid, inject = extra(h, positions, valid)
+            key_visual = torch.cat([visual, torch.zeros_like(visual[:, : h.shape[1] - visual.shape[1]])], dim=1)
         end = self.config.prune_layer + 1 if end is None else end
-        h, caches, q = self.decoder.run_layers(h, positions, valid, [None] * end, 0, end, inject)
+        h, caches, q = self.decoder.run_layers(h, positions, valid, [None] * end, 0, end, inject, key_visual)
         return Prefix(h, positions, valid, caches, visual, taps, q)
 
-    def finish(self, h: Tensor, positions: Tensor, valid: Tensor, caches: list[KV], start: int) -> tuple[Tensor, DecodeState]:
-        """Layers start..L-1 on the (possibly compacted) sequence; returns (logits of the last
-        slot [B, V], the decode state). Decoding continues at the last position + 1."""
-        h, new_caches, _ = self.decoder.run_layers(h, positions, valid, [None] * (self.config.layers - start), start, self.config.layers)
+    def finish(
+        self, h: Tensor, positions: Tensor, valid: Tensor, caches: list[KV], start: int, visual: Tensor | None = None
+    ) -> tuple[Tensor, DecodeState]:
+        """Layers start..L-1 on the (possibly compacted) sequence whose visual tokens are
+        ``visual`` [B, L]; returns (logits of the last slot [B, V], the decode state).
+        Decoding continues at the last position + 1."""
+        n = self.config.layers - start
+        h, new_caches, _ = self.decoder.run_layers(h, positions, valid, [None] * n, start, self.config.layers, None, visual)
         all_caches = list(caches) + new_caches
-        state = DecodeState(all_caches, [valid] * len(all_caches), positions[:, -1] + 1)
+        key_visual = None if visual is None else [visual] * len(all_caches)
+        state = DecodeState(all_caches, [valid] * len(all_caches), positions[:, -1] + 1, key_visual)
         return self.decoder.logits(h[:, -1]), state
 
     # --- unpruned model ---------------------------------------------------------------
@@ -89,7 +96,7 @@ class LVLM(nn.Module):
 
     def prefill(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, DecodeState]:
         prefix = self.run_prefix(images, input_ids, attention_mask)
-        return self.finish(prefix.hidden, prefix.positions, prefix.valid, prefix.caches, self.config.prune_layer + 1)
+        return self.finish(prefix.hidden, prefix.positions, prefix.valid, prefix.caches, self.config.prune_layer + 1, prefix.visual)
 
     def decode_step(self, tokens: Tensor, state: DecodeState) -> Tensor:
         """One token per sample [B] -> logits [B, V]; updates ``state`` in place."""
@@ -98,7 +105,12 @@ class LVLM(nn.Module):
         ones = torch.ones_like(state.key_valid[0][:, :1])
         for index, layer in enumerate(self.decoder.layers):
             valid = torch.cat([state.key_valid[index], ones], dim=1)
-            h, state.caches[index], _ = layer(h, cos, sin, state.caches[index], valid)
+            visual = None
+            if state.key_visual is not None:
+                visual = torch.cat([state.key_visual[index], torch.zeros_like(ones)], dim=1)
+                state.key_visual[index] = visual
+            late = visual if index < self.config.text_sees_image_from else None
+            h, state.caches[index], _ = layer(h, cos, sin, state.caches[index], valid, late)
             state.key_valid[index] = valid
         state.next_position = state.next_position + 1
         return self.decoder.logits(h[:, -1])
@@ -157,6 +169,7 @@ def compact_and_finish(
     hidden = gather_tokens(prefix.hidden[:, :S], index, 0.0)
     positions = gather_tokens(prefix.positions[:, :S], index, 0)
     valid = gather_tokens(prefix.valid[:, :S], index, False)
-    logits, state = model.finish(hidden, positions, valid, list(zip(new_keys, new_values)), K + 1)
+    visual = gather_tokens(prefix.visual, index, False)
+    logits, state = model.finish(hidden, positions, valid, list(zip(new_keys, new_values)), K + 1, visual)
     kept_visual = (keep & prefix.visual).sum(dim=1)
     return logits, state, {"keep": keep, "index": index, "lengths": lengths, "kept_visual": kept_visual}

@@ -21,8 +21,12 @@ def _cosine(step: int, steps: int, lr: float) -> float:
     return lr * 0.5 * (1 + torch.cos(torch.tensor((step - warm) / max(1, steps - warm) * 3.14159265)).item())
 
 
-def train_lvlm(model: LVLM, steps: int, batch: int = 48, lr: float = 3e-3, seed: int = 0, progress: Progress | None = None) -> float:
-    """Train everything on the answer token's cross entropy; returns the last loss."""
+def train_lvlm(
+    model: LVLM, steps: int, batch: int = 64, lr: float = 1e-3, seed: int = 0, progress: Progress | None = None, sparse: bool = True
+) -> float:
+    """Train everything on the answer token's cross entropy (on a mix of sparse and full
+    grids, see ``make_batch``); returns the last loss. At lr 3e-3 the 4-layer model sits
+    at chance on 16+ cells; 1e-3 learns the lookup."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     model.train()
@@ -30,7 +34,7 @@ def train_lvlm(model: LVLM, steps: int, batch: int = 48, lr: float = 3e-3, seed:
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = _cosine(step, steps, lr)
-        data = make_batch(model.config, batch, g)
+        data = make_batch(model.config, batch, g, sparse=sparse)
         loss = F.cross_entropy(model(data.images, data.input_ids, data.attention_mask), data.answers)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import assert_close
-from glimpse_ops.lvlm import LVLM, GlimpsePruner, GlimpseTopK, RandomPruner, make_batch, tiny
+from glimpse_ops.lvlm import LVLM, GlimpsePruner, GlimpseTopK, RandomPruner, compact_and_finish, make_batch, tiny
 from glimpse_ops.lvlm.model import positions_from_mask
 
 
@@ -56,22 +56,37 @@ def test_pruned_run_equals_recomputing_on_the_kept_tokens(setup, make_pruner):
     assert torch.equal(state.next_position, last + 1), "decoding continues at the original last position + 1"
 
 
+class FixedScorePruner:
+    """Scores from a per-sample seed and a per-sample cap: deterministic, unequal keeps."""
+
+    def __init__(self, seeds: list[int], caps: list[int]) -> None:
+        self.seeds, self.caps = seeds, caps
+
+    def prefill(self, model, images, input_ids, attention_mask):
+        prefix = model.run_prefix(images, input_ids, attention_mask)
+        scores = torch.zeros(input_ids.shape)
+        for b, seed in enumerate(self.seeds):  # each sample's visual tokens get its own scores
+            visual = prefix.visual[b]
+            scores[b, visual] = torch.rand(int(visual.sum()), generator=torch.Generator().manual_seed(seed))
+        caps = torch.tensor(self.caps)
+        return compact_and_finish(model, prefix, scores, None, caps, 1, None)
+
+
 @torch.no_grad()
 def test_batch_with_unequal_keeps_equals_single_runs(setup):
     model, data = setup
-    pruner = GlimpsePruner(model, threshold=0.5, max_keep_ratio=None).eval()
-    vip_logits = pruner.visual_logits(model, data.images, data.input_ids, data.attention_mask)[0]
-    pruner.threshold = float(torch.sigmoid(vip_logits).median())  # about half the tokens pass
+    pruner = FixedScorePruner([11, 12, 13], [2, 5, 9])
     batched, state, info = pruner.prefill(model, data.images, data.input_ids, data.attention_mask)
-    assert len(set(info["kept_visual"].tolist())) > 1, "the samples keep different counts"
+    assert info["kept_visual"].tolist() == [2, 5, 9]
     tokens = model.generate(data.images, data.input_ids, data.attention_mask, 3, pruner=pruner)
     for b in range(3):
         row = data.attention_mask[b]
         ids, mask, image = data.input_ids[b : b + 1, row], data.attention_mask[b : b + 1, row], data.images[b : b + 1]
-        single, _, single_info = pruner.prefill(model, image, ids, mask)
+        single_pruner = FixedScorePruner([11 + b], [[2, 5, 9][b]])
+        single, _, single_info = single_pruner.prefill(model, image, ids, mask)
         assert single_info["kept_visual"].item() == info["kept_visual"][b].item()
         assert_close(f"logits[{b}]", batched[b], single[0], torch.float32, scale=10)
-        assert torch.equal(model.generate(image, ids, mask, 3, pruner=pruner)[0], tokens[b])
+        assert torch.equal(model.generate(image, ids, mask, 3, pruner=single_pruner)[0], tokens[b])
 
 
 @torch.no_grad()

@@ -35,10 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep-ratio", type=float, default=0.10, help="GlimpsePrune's cap on the kept fraction")
+    parser.add_argument("--steps", type=int, nargs=3, metavar=("LVLM", "GLIMPSE", "SAMPLES"), default=None,
+                        help="override the training steps and evaluation samples")
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
     lvlm_steps, glimpse_steps, samples = (600, 300, 256) if args.quick else (1500, 1200, 1024)
+    if args.steps is not None:
+        lvlm_steps, glimpse_steps, samples = args.steps
     config = tiny()
     model = LVLM(config)
     pruner = GlimpsePruner(model, threshold=0.5, max_keep_ratio=args.keep_ratio, min_keep=1)

@@ -105,3 +105,19 @@ def test_glimpse_training_reaches_the_glimpse_through_glimpse_scores(setup):
     logits, _, _ = pruner.visual_logits(model, data.images, data.input_ids, data.attention_mask)
     logits.sum().backward()
     assert pruner.glimpse.rows.grad is not None and pruner.glimpse.rows.grad.abs().sum() > 0
+
+
+def test_fidelity_benchmark_runs_end_to_end(tmp_path):
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import fidelity
+
+    out = tmp_path / "fidelity.json"
+    assert fidelity.main(["--steps", "20", "10", "64", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert 0.0 <= result["baseline_accuracy"] <= 1.0
+    assert [m["name"] for m in result["methods"]] == ["glimpseprune", "glimpse_topk", "random"]
+    assert all(0.0 < m["kept_fraction"] <= 1.0 for m in result["methods"])

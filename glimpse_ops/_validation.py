@@ -178,6 +178,14 @@ def check_kv_lists(op: str, keys: Sequence[Tensor], values: Sequence[Tensor]) ->
                 fail_value(op, f"{name} must be on the device of keys[0] ({first.device}), got {t.device}")
 
 
+def check_kept_lengths(lengths: Tensor, max_len: int) -> None:
+    """keep_index's overflow rule for lengths int64 [B] on CPU: no row beyond max_len."""
+    longest = int(lengths.max())
+    if longest > max_len:
+        row = int(torch.argmax(lengths))
+        fail_value("keep_index", f"every row must keep at most max_len={max_len} tokens, got {longest} in row {row}")
+
+
 def check_index(op: str, index: Tensor, batch: int, seq: int) -> None:
     """index int64 [B, Lmax] with values in [-1, S) (values checked on CPU only)."""
     check_tensor(op, "index", index)

@@ -16,6 +16,8 @@ import math
 import torch
 from torch import Tensor
 
+from ._validation import check_kept_lengths
+
 __all__ = [
     "glimpse_scores_reference",
     "glimpse_scores_backward_reference",
@@ -238,15 +240,9 @@ def keep_index_reference(
     """
     B, S = keep.shape
     lengths = keep.sum(dim=1)
-    longest = int(lengths.max())
     if max_len is None:
-        max_len = longest
-    elif longest > max_len:
-        row = int(torch.argmax(lengths))
-        raise ValueError(
-            f"glimpse.keep_index: every row must keep at most max_len={max_len} tokens, "
-            f"got {longest} in row {row}"
-        )
+        max_len = int(lengths.max())
+    check_kept_lengths(lengths, max_len)
     slot = keep.long().cumsum(dim=1) - 1
     if padding_side == "left":
         slot = slot + (max_len - lengths)[:, None]

@@ -26,8 +26,9 @@ def _table_rows(tensors: list[torch.Tensor]) -> tuple:
     return tuple((t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)) for t in tensors)
 
 
-def _output_table(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """int64 [n, 4] on the device, uploaded from pinned memory without a host sync."""
+def _upload_table(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """int64 [n, 4] (pointer and strides per tensor) on the device, uploaded from pinned
+    memory without a host sync (a copy CUDA graphs capture)."""
     host = torch.tensor(_table_rows(tensors), dtype=torch.int64)
     if tensors[0].device.type != "cuda":
         return host
@@ -40,7 +41,7 @@ def _source_table(tensors: list[torch.Tensor]) -> torch.Tensor:
     key = (tensors[0].device, rows)
     table = _TABLES.get(key)
     if table is None:
-        table = _output_table(tensors)
+        table = _upload_table(tensors)
         _TABLES[key] = table
         if len(_TABLES) > _TABLE_CACHE_SIZE:
             _TABLES.popitem(last=False)
@@ -94,7 +95,7 @@ def compact_kv_triton(keys, values, index, out_keys=None, out_values=None):
         BLOCK_T = max(1, min(256 if interpreting() else 64, 8192 // BLOCK_D))
         with device_guard(index):
             _compact_kv_kernel[(len(sources) * B * Hkv, triton.cdiv(L, BLOCK_T))](
-                _source_table(sources), _output_table(outputs), index.contiguous(), B, Hkv, L, D,
+                _source_table(sources), _upload_table(outputs), index.contiguous(), B, Hkv, L, D,
                 DTYPE=_TL_DTYPES[sources[0].dtype], BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, num_warps=warps_for(BLOCK_T * BLOCK_D),
             )
     return list(out_keys), list(out_values)

@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from glimpse_ops._validation import check_kept_lengths
+
 from ._utils import device_guard, row_block, warps_for
 
 
@@ -46,8 +48,5 @@ def keep_index_triton(keep, max_len: int | None, left_padding: bool):
     with device_guard(keep):
         _keep_index_kernel[(B,)](keep, index, lengths, S, max_len, *keep.stride(), LEFT=left_padding, BLOCK=block, num_warps=warps_for(block))
     if keep.device.type == "cpu":  # free to check here; on GPU it would cost a sync
-        longest = int(lengths.max())
-        if longest > max_len:
-            row = int(torch.argmax(lengths))
-            raise ValueError(f"glimpse.keep_index: every row must keep at most max_len={max_len} tokens, got {longest} in row {row}")
+        check_kept_lengths(lengths, max_len)
     return index, lengths

@@ -25,6 +25,15 @@ def _rank_key(x):
 
 
 @triton.jit
+def _load_block(scores_row, cand_row, start, S, ss_s, sc_s, BLOCK: tl.constexpr):
+    """(offsets, candidate flags, rank keys) of one block of a row."""
+    offs = start + tl.arange(0, BLOCK)
+    cand = tl.load(cand_row + offs * sc_s, mask=offs < S, other=0) != 0
+    key = _rank_key(tl.load(scores_row + offs * ss_s, mask=offs < S, other=0.0))
+    return offs, cand, key
+
+
+@triton.jit
 def _select_tokens_kernel(
     scores_ptr, cand_ptr, caps_ptr, keep_ptr,
     S, threshold, max_keep, min_keep,
@@ -49,7 +58,7 @@ def _select_tokens_kernel(
     n_keep = tl.maximum(n_keep, tl.minimum(min_keep, n_cand))
 
     # The kept candidates are: key > T, plus the first `ties` (by index) with key == T.
-    # keep all: T = -1; threshold decides alone: T = key of the threshold, found below.
+    # Keeping every candidate needs no search: T = -1 is below every key.
     kth = tl.full((), -1, tl.int64)
     ties = tl.zeros((), tl.int64)
     if n_keep < n_cand:
@@ -58,23 +67,17 @@ def _select_tokens_kernel(
             trial = kth | (1 << bit)
             count = tl.zeros((), tl.int64)
             for start in range(0, S, BLOCK):
-                offs = start + tl.arange(0, BLOCK)
-                cand = tl.load(cand_row + offs * sc_s, mask=offs < S, other=0) != 0
-                key = _rank_key(tl.load(scores_row + offs * ss_s, mask=offs < S, other=0.0))
+                _, cand, key = _load_block(scores_row, cand_row, start, S, ss_s, sc_s, BLOCK)
                 count += tl.sum((cand & (key >= trial)).to(tl.int64), axis=0)
             kth = tl.where(count >= n_keep, trial, kth)
         greater = tl.zeros((), tl.int64)
         for start in range(0, S, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            cand = tl.load(cand_row + offs * sc_s, mask=offs < S, other=0) != 0
-            key = _rank_key(tl.load(scores_row + offs * ss_s, mask=offs < S, other=0.0))
+            _, cand, key = _load_block(scores_row, cand_row, start, S, ss_s, sc_s, BLOCK)
             greater += tl.sum((cand & (key > kth)).to(tl.int64), axis=0)
         ties = n_keep - greater
     seen_ties = tl.zeros((), tl.int64)
     for start in range(0, S, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        cand = tl.load(cand_row + offs * sc_s, mask=offs < S, other=0) != 0
-        key = _rank_key(tl.load(scores_row + offs * ss_s, mask=offs < S, other=0.0))
+        offs, cand, key = _load_block(scores_row, cand_row, start, S, ss_s, sc_s, BLOCK)
         tie = (cand & (key == kth)).to(tl.int64)
         tie_rank = seen_ties + tl.cumsum(tie, axis=0) - tie
         seen_ties += tl.sum(tie, axis=0)

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import gather_tokens, glimpse_prune, glimpse_scores, keep_index
+from .. import glimpse_prune, glimpse_scores, keep_index
 from .decoder import RMSNorm
-from .model import LVLM, Prefix, compact_and_finish
+from .model import LVLM, Prefix, compact_and_finish, finish_compacted
 
 
 class GlimpseToken(nn.Module):
@@ -125,13 +125,8 @@ class GlimpseTopK:
             prefix.glimpse_q[:, :, -1:], keys, values, prefix.valid, prefix.visual, K, None, None, self.budget, 1,
             _max_len(S, n_visual, self.budget), "left",
         )
-        hidden = gather_tokens(prefix.hidden, index, 0.0)
-        positions = gather_tokens(prefix.positions, index, 0)
-        valid = gather_tokens(prefix.valid, index, False)
-        visual = gather_tokens(prefix.visual, index, False)
-        logits, state = model.finish(hidden, positions, valid, list(zip(new_k, new_v)), K + 1, visual)
-        kept_visual = visual.sum(dim=1)
-        return logits, state, {"index": index, "lengths": lengths, "kept_visual": kept_visual}
+        logits, state, info = finish_compacted(model, prefix, index, new_k, new_v)
+        return logits, state, {**info, "lengths": lengths}
 
 
 class RandomPruner:

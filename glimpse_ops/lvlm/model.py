@@ -159,17 +159,27 @@ def compact_and_finish(
     compact the caches of layers 0..K (one prune_kv call), gather hidden states, positions
     and validity, then run layers K+1.. on the kept tokens. Kept tokens keep their original
     positions. No host sync when ``max_len`` is given."""
-    K = model.config.prune_layer
     S = scores.shape[1]
     keys = [k[:, :, :S] for k, _ in prefix.caches]  # drop anything appended (the glimpse)
     values = [v[:, :, :S] for _, v in prefix.caches]
     new_keys, new_values, index, lengths, keep = prune_kv(
         scores, prefix.visual, keys, values, threshold, max_keep, min_keep, max_len, "left"
     )
+    logits, state, info = finish_compacted(model, prefix, index, new_keys, new_values)
+    return logits, state, {**info, "keep": keep, "lengths": lengths}
+
+
+def finish_compacted(
+    model: LVLM, prefix: Prefix, index: Tensor, new_keys: list[Tensor], new_values: list[Tensor]
+) -> tuple[Tensor, DecodeState, dict]:
+    """After the caches of layers 0..K were compacted by ``index`` [B, Lmax]: gather hidden
+    states, positions, validity and the visual mask the same way (anything appended after
+    the prompt, such as the glimpse, is dropped), then run layers K+1.. on the kept tokens."""
+    S = prefix.visual.shape[1]
     hidden = gather_tokens(prefix.hidden[:, :S], index, 0.0)
     positions = gather_tokens(prefix.positions[:, :S], index, 0)
     valid = gather_tokens(prefix.valid[:, :S], index, False)
     visual = gather_tokens(prefix.visual, index, False)
+    K = model.config.prune_layer
     logits, state = model.finish(hidden, positions, valid, list(zip(new_keys, new_values)), K + 1, visual)
-    kept_visual = (keep & prefix.visual).sum(dim=1)
-    return logits, state, {"keep": keep, "index": index, "lengths": lengths, "kept_visual": kept_visual}
+    return logits, state, {"index": index, "kept_visual": visual.sum(dim=1)}

@@ -51,9 +51,7 @@ def triton_status() -> tuple[bool, str]:
 @lru_cache(maxsize=None)
 def native_cuda_built() -> bool:
     """True when the extension was compiled with its CUDA kernels."""
-    return HAS_NATIVE and hasattr(torch.ops, "glimpse") and hasattr(torch.ops.glimpse, "_native_has_cuda") and bool(
-        torch.ops.glimpse._native_has_cuda()
-    )
+    return HAS_NATIVE and bool(torch.ops.glimpse._native_has_cuda())
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,8 @@ setup(
     install_requires=["torch>=2.6", "numpy"],
     extras_require={
         "triton": ["triton>=3.2"],
-        "test": ["pytest", "hypothesis", "numpy"],
+        "test": ["pytest", "hypothesis", "numpy", "pillow"],
+        "demo": ["pillow"],
         "hf": ["transformers>=5.17,<5.24", "safetensors"],
     },
 )

@@ -2,6 +2,7 @@
 
     python bench/fidelity.py --json PATH    # the full run (under 15 minutes on 2 CPU cores)
     python bench/fidelity.py --quick        # a shorter run (under 3 minutes)
+    python bench/fidelity.py --save trained.pt  # also keep the weights (python -m glimpse_ops.demo --weights)
 
 Trains the tiny LVLM on the task (glimpse_ops.lvlm.task: the answer is the shape of the one
 cell whose color the question names), then the glimpse token and VIP with the LM frozen,
@@ -24,15 +25,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import Progress  # noqa: E402
+from glimpse_ops.progress import Progress  # noqa: E402
 
 from glimpse_ops.lvlm import LVLM, GlimpsePruner, GlimpseTopK, RandomPruner, evaluate, tiny, train_glimpse, train_lvlm  # noqa: E402
+from glimpse_ops.lvlm.checkpoint import save_trained  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer training steps and evaluation samples")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--save", type=Path, default=None, help="save the trained LVLM and GlimpsePruner here")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep-ratio", type=float, default=0.10, help="GlimpsePrune's cap on the kept fraction")
     parser.add_argument("--steps", type=int, nargs=3, metavar=("LVLM", "GLIMPSE", "SAMPLES"), default=None,
@@ -40,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
-    lvlm_steps, glimpse_steps, samples = (600, 300, 256) if args.quick else (1500, 1200, 1024)
+    lvlm_steps, glimpse_steps, samples = (1300, 1200, 256) if args.quick else (1500, 3000, 1024)
     if args.steps is not None:
         lvlm_steps, glimpse_steps, samples = args.steps
     config = tiny()
@@ -51,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     train_lvlm(model, lvlm_steps, seed=args.seed, progress=progress.step)
     train_glimpse(model, pruner, glimpse_steps, seed=args.seed + 1, progress=progress.step)
     pruner.eval()
+    if args.save is not None:
+        save_trained(args.save, model, pruner)
 
     baseline = evaluate(model, None, samples)
     progress.step("baseline")

@@ -2,6 +2,7 @@
 
     python bench/run.py            # the whole registry (cases too big for this machine are skipped)
     python bench/run.py --smoke    # the 4k-visual-token cases only (under two minutes on a CPU)
+    python bench/run.py --e2e      # the reference LVLM end to end, with and without pruning (bench/e2e.py)
 
 soft_mask_attention (bench/attention.py) runs forward and forward+backward against SDPA
 without a mask (the ceiling), SDPA memory-efficient with a dense log-weight mask requiring
@@ -31,11 +32,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import peers  # noqa: E402
+from e2e import e2e_cases, print_e2e_table, run_e2e_case  # noqa: E402
 from attention import attention_cases, attention_providers, run_attention_case  # noqa: E402
 from registry import COMPACTED_LAYERS, SCORE_LAYER, Case, all_cases, make_inputs  # noqa: E402
-from timing import Progress, copy_bandwidth_gbs, gate_failed, machine_info, measure  # noqa: E402
+from timing import copy_bandwidth_gbs, gate_failed, machine_info, measure  # noqa: E402
 
 import glimpse_ops as g  # noqa: E402
+from glimpse_ops.progress import Progress  # noqa: E402
 from glimpse_ops import reference as ref  # noqa: E402
 
 PROVIDERS = ("eager", "reference", "reference+compile", "native", "triton", "copy")
@@ -259,9 +262,40 @@ def print_table(rows: list[dict], device: str) -> None:
         print(f"{name:<40} {row['provider']:<18} {row['p50']:>10.3f} {speed:>9} {row['gbps']:>8.1f} {row['pct_copy_bw']:>6.1f}%")
 
 
+def write_results(args: argparse.Namespace, machine: dict, extra: dict, rows: list[dict], kind: str) -> None:
+    """JSON to --json, else bench/results/<device>/<date>-<sha>[-e2e][-smoke].json."""
+    out = args.json or Path(__file__).resolve().parent / "results" / str(machine["device_slug"]) / (
+        f"{machine['timestamp'][:10]}-{str(machine['git_sha'])[:8]}{kind}{'-smoke' if args.smoke else ''}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": {**machine, **extra}, "results": rows}, indent=1))
+    print(f"\nwrote {out}")
+
+
+def run_e2e(args: argparse.Namespace, device: str, budget: float) -> int:
+    cases = e2e_cases(device, args.smoke)
+    machine = machine_info(device)
+    print(f"glimpse-ops end-to-end bench on {machine['device']} (torch {machine['torch']}, git {str(machine['git_sha'])[:10]}): "
+          f"{len(cases)} cases, 3 providers")
+    progress = Progress(3 * len(cases))
+    rows: list[dict] = []
+    for case in cases:
+        rows += run_e2e_case(case, device, budget, progress)
+        if device == "cuda":
+            torch.cuda.empty_cache()  # the case's model is gone; give its memory back before the next one
+    print_e2e_table(rows)
+    write_results(args, machine, {}, rows, "-e2e")
+    failed = [r for r in rows if "failed the correctness gate" in r.get("error", "")]
+    if failed:
+        print(f"{len(failed)} provider(s) failed the correctness gate", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="only the 4k-visual-token, B=1, 10%%-kept cases")
+    parser.add_argument("--e2e", action="store_true", help="the end-to-end LVLM cases instead of the op cases (bench/e2e.py)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--ops", nargs="*", help="only these ops (glimpse_scores select_index compact_kv prune_kv glimpse_prune soft_mask_attention)")
     parser.add_argument("--providers", nargs="*", default=list(PROVIDERS), choices=PROVIDERS)
@@ -279,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         limit = torch.cuda.get_device_properties(0).total_memory / 3
     else:
         limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 6
+    if args.e2e:
+        return run_e2e(args, device, budget)
     cases = [c for c in all_cases(args.smoke) if not args.ops or c.op in args.ops]
     runnable = [c for c in cases if c.input_bytes() <= limit]
     skipped = [c for c in cases if c.input_bytes() > limit]
@@ -302,12 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     rows += [{"case": c.as_dict(), "name": c.name(), "provider": "-", "error": "skipped: inputs exceed the memory limit"} for c in skipped]
     print_table(rows, device)
     failed = [r for r in rows if "failed the correctness gate" in r.get("error", "")]
-    out = args.json or Path(__file__).resolve().parent / "results" / str(machine["device_slug"]) / (
-        f"{machine['timestamp'][:10]}-{str(machine['git_sha'])[:8]}{'-smoke' if args.smoke else ''}.json"
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": {**machine, "copy_gbs": copy_gbs}, "results": rows}, indent=1))
-    print(f"\nwrote {out}")
+    write_results(args, machine, {"copy_gbs": copy_gbs}, rows, "")
     if failed:
         print(f"{len(failed)} provider(s) failed the correctness gate", file=sys.stderr)
         return 1

@@ -1,4 +1,4 @@
-"""Timers, machine description and a dependency-free progress bar for bench/run.py."""
+"""Timers and the machine description for bench/run.py (the progress bar is glimpse_ops.progress)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import os
 import platform
 import re
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 
 import torch
+
+from glimpse_ops.progress import Progress
 
 
 def quantiles(samples: list[float]) -> dict[str, float]:
@@ -58,7 +59,7 @@ def measure(fn: Callable[[], object], device: str, budget_s: float) -> dict[str,
     return stats
 
 
-def gate_failed(row: dict, note: str, progress: "Progress") -> None:
+def gate_failed(row: dict, note: str, progress: Progress) -> None:
     """Record a provider that failed the correctness gate (it gets no time)."""
     row["error"] = f"failed the correctness gate: {note}"
     progress.step(f"{row['name']} {row['provider']}: FAILED GATE")
@@ -114,25 +115,3 @@ def machine_info(device: str) -> dict[str, object]:
         info["compute_capability"] = f"{props.major}.{props.minor}"
         info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
     return info
-
-
-class Progress:
-    """``[#####.....] 12/40 label`` on stderr, redrawn in place on a terminal."""
-
-    def __init__(self, total: int) -> None:
-        self.total, self.done, self.tty = total, 0, sys.stderr.isatty()
-        self.start = time.perf_counter()
-
-    def step(self, label: str) -> None:
-        self.done += 1
-        width = 30
-        filled = int(width * self.done / max(self.total, 1))
-        elapsed = time.perf_counter() - self.start
-        line = f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {elapsed:5.0f}s {label}"
-        if self.tty:
-            sys.stderr.write("\r" + line[:120].ljust(120))
-            if self.done == self.total:
-                sys.stderr.write("\n")
-        else:
-            sys.stderr.write(line + "\n")
-        sys.stderr.flush()

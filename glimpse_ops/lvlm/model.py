@@ -146,6 +146,65 @@ class LVLM(nn.Module):
         return torch.stack(out, dim=1)
 
 
+@dataclass
+class Compacted:
+    """The prompt after the one-shot pruning step, before layers K+1..: hidden [B, Lmax, d],
+    positions [B, Lmax] (original ones), valid and visual [B, Lmax], the compacted caches of
+    layers 0..K, the kept positions ``index`` [B, Lmax] (-1 pads), lengths [B] and the
+    selection ``keep`` [B, S] when it was computed."""
+
+    hidden: Tensor
+    positions: Tensor
+    valid: Tensor
+    visual: Tensor
+    caches: list[KV]
+    index: Tensor
+    lengths: Tensor
+    keep: Tensor | None = None
+
+
+def compact_prefix(
+    prefix: Prefix, scores: Tensor, threshold: float | None, max_keep: int | Tensor, min_keep: int, max_len: int | None
+) -> Compacted:
+    """Select among the visual tokens by ``scores`` [B, S] fp32 and compact the caches of
+    layers 0..K (one prune_kv call), then gather hidden states, positions, validity and the
+    visual mask the same way. No host sync when ``max_len`` is given."""
+    S = scores.shape[1]
+    keys = [k[:, :, :S] for k, _ in prefix.caches]  # drop anything appended (the glimpse)
+    values = [v[:, :, :S] for _, v in prefix.caches]
+    new_keys, new_values, index, lengths, keep = prune_kv(
+        scores, prefix.visual, keys, values, threshold, max_keep, min_keep, max_len, "left"
+    )
+    return gather_prefix(prefix, index, lengths, new_keys, new_values, keep)
+
+
+def gather_prefix(
+    prefix: Prefix, index: Tensor, lengths: Tensor, new_keys: list[Tensor], new_values: list[Tensor], keep: Tensor | None = None
+) -> Compacted:
+    """After the caches of layers 0..K were compacted by ``index`` [B, Lmax]: gather hidden
+    states, positions, validity and the visual mask the same way (anything appended after
+    the prompt, such as the glimpse, is dropped)."""
+    S = prefix.visual.shape[1]
+    return Compacted(
+        hidden=gather_tokens(prefix.hidden[:, :S], index, 0.0),
+        positions=gather_tokens(prefix.positions[:, :S], index, 0),
+        valid=gather_tokens(prefix.valid[:, :S], index, False),
+        visual=gather_tokens(prefix.visual, index, False),
+        caches=list(zip(new_keys, new_values)),
+        index=index,
+        lengths=lengths,
+        keep=keep,
+    )
+
+
+def finish_compacted(model: LVLM, compacted: Compacted) -> tuple[Tensor, DecodeState, dict]:
+    """Layers K+1.. on the kept tokens: (logits of the last slot [B, V], the decode state,
+    info with the index, lengths, selection and kept visual count per sample)."""
+    c = compacted
+    logits, state = model.finish(c.hidden, c.positions, c.valid, c.caches, model.config.prune_layer + 1, c.visual)
+    return logits, state, {"index": c.index, "lengths": c.lengths, "keep": c.keep, "kept_visual": c.visual.sum(dim=1)}
+
+
 def compact_and_finish(
     model: LVLM,
     prefix: Prefix,
@@ -155,31 +214,6 @@ def compact_and_finish(
     min_keep: int,
     max_len: int | None,
 ) -> tuple[Tensor, DecodeState, dict]:
-    """The one-shot pruning step: select among the visual tokens by ``scores`` [B, S] fp32,
-    compact the caches of layers 0..K (one prune_kv call), gather hidden states, positions
-    and validity, then run layers K+1.. on the kept tokens. Kept tokens keep their original
-    positions. No host sync when ``max_len`` is given."""
-    S = scores.shape[1]
-    keys = [k[:, :, :S] for k, _ in prefix.caches]  # drop anything appended (the glimpse)
-    values = [v[:, :, :S] for _, v in prefix.caches]
-    new_keys, new_values, index, lengths, keep = prune_kv(
-        scores, prefix.visual, keys, values, threshold, max_keep, min_keep, max_len, "left"
-    )
-    logits, state, info = finish_compacted(model, prefix, index, new_keys, new_values)
-    return logits, state, {**info, "keep": keep, "lengths": lengths}
-
-
-def finish_compacted(
-    model: LVLM, prefix: Prefix, index: Tensor, new_keys: list[Tensor], new_values: list[Tensor]
-) -> tuple[Tensor, DecodeState, dict]:
-    """After the caches of layers 0..K were compacted by ``index`` [B, Lmax]: gather hidden
-    states, positions, validity and the visual mask the same way (anything appended after
-    the prompt, such as the glimpse, is dropped), then run layers K+1.. on the kept tokens."""
-    S = prefix.visual.shape[1]
-    hidden = gather_tokens(prefix.hidden[:, :S], index, 0.0)
-    positions = gather_tokens(prefix.positions[:, :S], index, 0)
-    valid = gather_tokens(prefix.valid[:, :S], index, False)
-    visual = gather_tokens(prefix.visual, index, False)
-    K = model.config.prune_layer
-    logits, state = model.finish(hidden, positions, valid, list(zip(new_keys, new_values)), K + 1, visual)
-    return logits, state, {"index": index, "kept_visual": visual.sum(dim=1)}
+    """The one-shot pruning step (``compact_prefix``) followed by layers K+1.. on the kept
+    tokens (``finish_compacted``). Kept tokens keep their original positions."""
+    return finish_compacted(model, compact_prefix(prefix, scores, threshold, max_keep, min_keep, max_len))

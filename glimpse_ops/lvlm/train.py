@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .glimpse import GlimpsePruner, dice_bce_loss
+from .glimpse import GlimpsePruner, dice_bce_loss, score_loss
 from .model import LVLM
 from .task import make_batch
 
@@ -46,9 +46,20 @@ def train_lvlm(
     return loss.item()
 
 
-def train_glimpse(model: LVLM, pruner: GlimpsePruner, steps: int, batch: int = 32, lr: float = 3e-3, seed: int = 1, progress: Progress | None = None) -> float:
-    """Train the glimpse token and the VIP with the LM frozen: Dice + 0.1 BCE against the
-    mask of the cell the question names. Gradients reach the glimpse through glimpse_scores."""
+def train_glimpse(
+    model: LVLM,
+    pruner: GlimpsePruner,
+    steps: int,
+    batch: int = 32,
+    lr: float = 3e-3,
+    seed: int = 1,
+    progress: Progress | None = None,
+    score_loss_weight: float = 0.5,
+) -> float:
+    """Train the glimpse token and the VIP with the LM frozen: Dice + 0.1 BCE between the
+    VIP logits and the mask of the cell the question names, plus ``score_loss_weight`` x a
+    cross entropy on the glimpse's per-head logits (``score_loss``). Gradients reach the
+    glimpse through glimpse_scores. Returns the last loss."""
     g = torch.Generator().manual_seed(seed)
     model.requires_grad_(False)
     model.eval()
@@ -58,9 +69,12 @@ def train_glimpse(model: LVLM, pruner: GlimpsePruner, steps: int, batch: int = 3
         for group in opt.param_groups:
             group["lr"] = _cosine(step, steps, lr)
         data = make_batch(model.config, batch, g)
-        logits, _, _ = pruner.visual_logits(model, data.images, data.input_ids, data.attention_mask)
+        head_scores, _, prefix = pruner.head_scores(model, data.images, data.input_ids, data.attention_mask)
+        logits = pruner.vip(head_scores, prefix.taps)
         target = F.one_hot(data.target_cell, model.config.visual_tokens).float()
         loss = dice_bce_loss(logits, target)
+        if score_loss_weight:
+            loss = loss + score_loss_weight * score_loss(head_scores, data.target_cell)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

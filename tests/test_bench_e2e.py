@@ -1,0 +1,31 @@
+"""bench/run.py --e2e on CPU at its smoke size: the three providers run, agree, and report."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+
+@pytest.mark.slow
+def test_e2e_smoke_run_reports_every_provider(tmp_path):
+    import e2e
+    import run
+
+    out = tmp_path / "e2e.json"
+    assert run.main(["--e2e", "--smoke", "--device", "cpu", "--budget", "0.05", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["provider"] for r in rows] == ["unpruned", "glimpse_ops", "eager"]
+    assert all("error" not in r for r in rows), rows
+    assert "same kept positions: True" in rows[1]["check"]
+    case = e2e.e2e_cases("cpu", True)[0]
+    seq = 1 + case.visual + case.text
+    kept = math.ceil(e2e.KEEP_RATIO * case.visual)
+    for row in rows[1:]:
+        # Every layer's cache holds the text, BOS and the kept visual tokens only.
+        assert row["kv_cache_share"] == pytest.approx((seq - case.visual + kept) / seq, rel=1e-6)
+        assert 0 < row["overhead_share"] < 1
+        assert row["decode_tok_s"] > 0

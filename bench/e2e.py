@@ -13,6 +13,11 @@ memory, plus the pruning overhead (scores + VIP + select + compact, timed on a f
 prefix) as a share of the pruned prefill. The GPU cases are Qwen2.5-VL-7B shapes in bf16
 at 4k and 16k visual tokens, B=1 and 8, 7.4% kept; the CPU cases are the same structure
 at a small size in fp32.
+
+Training steps (ATP, B=1): forward + backward of the answer loss with the LM tuned, for
+``unmasked`` (the plain model), ``atp_soft_mask`` (ATP stages at 1/4 and 1/2 of the depth,
+soft masks through ``soft_mask_attention``) and ``atp_sdpa_dense_mask`` (the same soft
+masks as an additive log-weight [B, 1, S, S] mask in SDPA, the peer to beat).
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ from torch import Tensor
 import peers
 from timing import time_ms
 
-from glimpse_ops.lvlm import LVLM, GlimpsePruner, LVLMConfig, qwen2_5_vl_7b_shapes
+import torch.nn.functional as F
+
+from glimpse_ops.lvlm import LVLM, ATPPruner, GlimpsePruner, LVLMConfig, qwen2_5_vl_7b_shapes
 from glimpse_ops.lvlm.model import Compacted, Prefix, finish_compacted
 from glimpse_ops.lvlm.task import BOS, IMAGE
 from glimpse_ops.progress import Progress
@@ -231,3 +238,83 @@ def print_e2e_table(rows: list[dict]) -> None:
         print(f"{name:<36} {row['provider']:<12} {row['prefill_ms']:>10.2f} {row.get('prefill_vs_eager', 0):>7.2f}x "
               f"{row['decode_tok_s']:>12.1f} {row['decode_vs_unpruned']:>7.2f}x {row['kv_cache_mib']:>8.2f} "
               f"{100 * row['kv_cache_share']:>7.1f}% {overhead:>9} {peak:>9}")
+
+
+def train_cases(device: str, smoke: bool) -> list[E2ECase]:
+    if device == "cuda":
+        return [E2ECase("qwen2_5_vl_7b_shapes", v, 1, torch.bfloat16, TEXT_TOKENS, 0) for v in (4096, 16384)[: 1 if smoke else None]]
+    return [E2ECase("small", v, 1, torch.float32, 64, 0) for v in (256, 1024)[: 1 if smoke else None]]
+
+
+def sdpa_dense_soft_mask(q: Tensor, k: Tensor, v: Tensor, weight: Tensor, key_mask: Tensor, causal: bool) -> Tensor:
+    """The peer: soft key weights as a dense additive log-weight mask [B, 1, S, S] in SDPA."""
+    B, S = weight.shape
+    rows = torch.arange(S, device=q.device)
+    allowed = key_mask[:, None, None, :] & (rows[None, :] <= rows[:, None] if causal else True)
+    allowed = allowed | torch.eye(S, dtype=torch.bool, device=q.device)  # rows with no key stay finite
+    bias = torch.log(weight.to(q.dtype))[:, None, None, :].expand(B, 1, S, S).masked_fill(~allowed, float("-inf"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
+
+
+def run_train_case(case: E2ECase, device: str, budget_s: float, progress: Progress) -> list[dict]:
+    """Time one training step (forward + backward, LM tuned) per provider."""
+    torch.manual_seed(0)
+    config = case.config()
+    model = LVLM(config).to(device, case.dtype)
+    layers = (config.layers // 4, config.layers // 2)
+    atp = ATPPruner(model, layers).to(device)
+    images, ids, mask = make_prompt(case, device)
+    answers = torch.zeros(case.batch, dtype=torch.long, device=device)
+    params = [p for p in [*model.parameters(), *atp.parameters()] if p.requires_grad]
+
+    def step(forward: Callable[[], Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            for p in params:
+                p.grad = None
+            F.cross_entropy(forward(), answers).backward()
+        return run
+
+    steps = {
+        "unmasked": step(lambda: model(images, ids, mask)),
+        "atp_soft_mask": step(lambda: atp.soft_forward(model, images, ids, mask)[0]),
+        "atp_sdpa_dense_mask": step(lambda: atp.soft_forward(model, images, ids, mask, soft_attention=sdpa_dense_soft_mask)[0]),
+    }
+    base = {"case": {**case.as_dict(), "kind": "train_step", "atp_layers": list(layers)}, "name": case.name().replace("e2e", "train")}
+    with torch.no_grad():
+        ours = atp.soft_forward(model, images, ids, mask)[0]
+        peer = atp.soft_forward(model, images, ids, mask, soft_attention=sdpa_dense_soft_mask)[0]
+    diff = (ours.float() - peer.float()).abs().max().item()
+    scale = ours.float().abs().max().item() + 1e-6
+    note = f"max |logit diff| soft_mask_attention vs dense-mask SDPA {diff:.2e} (scale {scale:.2e})"
+    rows = []
+    for name, fn in steps.items():
+        row = {**base, "provider": name, "check": note}
+        if name == "atp_sdpa_dense_mask" and diff > 2e-2 * scale:
+            row["error"] = f"failed the correctness gate: {note}"
+        else:
+            try:
+                row["peak_mib"] = _peak_mib(fn, device)
+                row["step_ms"] = time_ms(fn, device, budget_s)["p50"]
+            except torch.OutOfMemoryError as exc:
+                row["error"] = f"out of memory: {str(exc)[:200]}"
+        rows.append(row)
+        progress.step(f"{base['name']} {name}")
+    unmasked = next((r["step_ms"] for r in rows if r["provider"] == "unmasked" and "step_ms" in r), None)
+    for row in rows:
+        if unmasked and "step_ms" in row:
+            row["step_vs_unmasked"] = row["step_ms"] / unmasked
+    return rows
+
+
+def print_train_table(rows: list[dict]) -> None:
+    header = f"{'case':<36} {'provider':<20} {'step ms':>10} {'x unmasked':>11} {'peak MiB':>9}"
+    print("\n" + header + "\n" + "-" * len(header))
+    last = None
+    for row in rows:
+        name = row["name"] if row["name"] != last else ""
+        last = row["name"]
+        if "step_ms" not in row:
+            print(f"{name:<36} {row['provider']:<20} {row.get('error', 'skipped')[:80]}")
+            continue
+        peak = f"{row['peak_mib']:.0f}" if row.get("peak_mib") is not None else "-"
+        print(f"{name:<36} {row['provider']:<20} {row['step_ms']:>10.2f} {row['step_vs_unmasked']:>10.2f}x {peak:>9}")

@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import peers  # noqa: E402
-from e2e import e2e_cases, print_e2e_table, run_e2e_case  # noqa: E402
+from e2e import e2e_cases, print_e2e_table, print_train_table, run_e2e_case, run_train_case, train_cases  # noqa: E402
 from attention import attention_cases, attention_providers, run_attention_case  # noqa: E402
 from registry import COMPACTED_LAYERS, SCORE_LAYER, Case, all_cases, make_inputs  # noqa: E402
 from timing import copy_bandwidth_gbs, gate_failed, machine_info, measure  # noqa: E402
@@ -273,17 +273,24 @@ def write_results(args: argparse.Namespace, machine: dict, extra: dict, rows: li
 
 
 def run_e2e(args: argparse.Namespace, device: str, budget: float) -> int:
-    cases = e2e_cases(device, args.smoke)
+    cases, training = e2e_cases(device, args.smoke), train_cases(device, args.smoke)
     machine = machine_info(device)
     print(f"glimpse-ops end-to-end bench on {machine['device']} (torch {machine['torch']}, git {str(machine['git_sha'])[:10]}): "
-          f"{len(cases)} cases, 3 providers")
-    progress = Progress(3 * len(cases))
+          f"{len(cases)} inference cases, {len(training)} training cases, 3 providers each")
+    progress = Progress(3 * (len(cases) + len(training)))
     rows: list[dict] = []
     for case in cases:
         rows += run_e2e_case(case, device, budget, progress)
         if device == "cuda":
             torch.cuda.empty_cache()  # the case's model is gone; give its memory back before the next one
+    train_rows: list[dict] = []
+    for case in training:
+        train_rows += run_train_case(case, device, budget, progress)
+        if device == "cuda":
+            torch.cuda.empty_cache()
     print_e2e_table(rows)
+    print_train_table(train_rows)
+    rows += train_rows
     write_results(args, machine, {}, rows, "-e2e")
     failed = [r for r in rows if "failed the correctness gate" in r.get("error", "")]
     if failed:

@@ -116,8 +116,9 @@ def test_fidelity_benchmark_runs_end_to_end(tmp_path):
     import fidelity
 
     out = tmp_path / "fidelity.json"
-    assert fidelity.main(["--steps", "20", "10", "64", "--json", str(out)]) == 0
+    assert fidelity.main(["--steps", "20", "10", "64", "--atp-steps", "5", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert 0.0 <= result["baseline_accuracy"] <= 1.0
-    assert [m["name"] for m in result["methods"]] == ["glimpseprune", "glimpse_topk", "random"]
+    assert [m["name"] for m in result["methods"]] == ["glimpseprune", "glimpse_topk", "random", "atp", "atp"]
+    assert all(len(m["kept_per_layer"]) == 4 for m in result["methods"][3:])
     assert all(0.0 < m["kept_fraction"] <= 1.0 for m in result["methods"])

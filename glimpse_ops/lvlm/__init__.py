@@ -2,16 +2,18 @@
 
 ``LVLM(tiny())`` is a ViT with a 2x2 patch merger and a decoder-only LM (RMSNorm, RoPE on
 arbitrary position ids, GQA, SwiGLU, a per-layer KV cache); ``GlimpsePruner``,
-``GlimpseTopK`` and ``RandomPruner`` prune its visual tokens once after layer K.
+``GlimpseTopK`` and ``RandomPruner`` prune its visual tokens once after layer K;
+``ATPPruner`` prunes at several layers with learned per-instance thresholds (ATP-LLaVA).
 """
 
+from .atp import ATPPruner, ATPStage
 from .config import LVLMConfig, qwen2_5_vl_7b_shapes, tiny
 from .glimpse import GlimpsePruner, GlimpseTopK, RandomPruner, VisualImportancePredictor
 from .model import LVLM, DecodeState, compact_and_finish
 from .task import Batch, make_batch
-from .train import evaluate, train_glimpse, train_lvlm
+from .train import evaluate, train_atp, train_glimpse, train_lvlm
 
 __all__ = [
-    "LVLM", "LVLMConfig", "DecodeState", "GlimpsePruner", "GlimpseTopK", "RandomPruner", "VisualImportancePredictor",
-    "Batch", "make_batch", "compact_and_finish", "evaluate", "train_glimpse", "train_lvlm", "tiny", "qwen2_5_vl_7b_shapes",
+    "ATPPruner", "ATPStage", "LVLM", "LVLMConfig", "DecodeState", "GlimpsePruner", "GlimpseTopK", "RandomPruner", "VisualImportancePredictor",
+    "Batch", "make_batch", "compact_and_finish", "evaluate", "train_atp", "train_glimpse", "train_lvlm", "tiny", "qwen2_5_vl_7b_shapes",
 ]

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import soft_mask_attention
 from .config import LVLMConfig
 
 KV = tuple[Tensor, Tensor]
@@ -62,20 +63,40 @@ class Attention(nn.Module):
         self.v = nn.Linear(c.hidden, c.kv_heads * c.head_dim)
         self.o = nn.Linear(c.heads * c.head_dim, c.hidden, bias=False)
 
-    def forward(
-        self, h: Tensor, cos: Tensor, sin: Tensor, past: KV | None, key_valid: Tensor, key_visual: Tensor | None = None
-    ) -> tuple[Tensor, KV, Tensor]:
-        """h [B, Sq, d] -> (out [B, Sq, d], the layer's cache after appending, q [B, H, Sq, D])."""
+    def project(self, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """h [B, S, d] (normed) -> q [B, H, S, D], k and v [B, Hkv, S, D], RoPE applied."""
         c = self.config
         B, S, _ = h.shape
         q = apply_rope(self.q(h).view(B, S, c.heads, c.head_dim).transpose(1, 2), cos, sin)
         k = apply_rope(self.k(h).view(B, S, c.kv_heads, c.head_dim).transpose(1, 2), cos, sin)
-        v = self.v(h).view(B, S, c.kv_heads, c.head_dim).transpose(1, 2)
+        return q, k, self.v(h).view(B, S, c.kv_heads, c.head_dim).transpose(1, 2)
+
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, past: KV | None, key_valid: Tensor, key_visual: Tensor | None = None,
+        key_weight: Tensor | None = None, soft_attention=None,
+    ) -> tuple[Tensor, KV]:
+        """The new rows q [B, H, Sq, D] against the cache plus k, v -> (out [B, Sq, d], cache).
+        ``key_weight`` [B, Sk] (soft keep weights, no cache, no late-fusion mask) switches to
+        ``soft_mask_attention`` (ATP training), or to ``soft_attention(q, k, v, key_weight,
+        key_valid, causal)`` when given (the benchmark's dense-mask peer)."""
+        B, _, S, _ = q.shape
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        mask = attention_mask(key_valid, S, key_visual)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        return self.o(out.transpose(1, 2).reshape(B, S, -1)), (k, v), q
+        if key_weight is not None:
+            if past is not None or key_visual is not None:
+                raise ValueError("Attention.attend: key_weight needs the whole sequence at once and no late-fusion mask")
+            out = (soft_attention or soft_mask_attention)(q, k, v, key_weight, key_valid, True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(key_valid, S, key_visual), enable_gqa=True)
+        return self.o(out.transpose(1, 2).reshape(B, S, -1)), (k, v)
+
+    def forward(
+        self, h: Tensor, cos: Tensor, sin: Tensor, past: KV | None, key_valid: Tensor, key_visual: Tensor | None = None
+    ) -> tuple[Tensor, KV, Tensor]:
+        """h [B, Sq, d] -> (out [B, Sq, d], the layer's cache after appending, q [B, H, Sq, D])."""
+        q, k, v = self.project(h, cos, sin)
+        out, kv = self.attend(q, k, v, past, key_valid, key_visual)
+        return out, kv, q
 
 
 class DecoderLayer(nn.Module):
@@ -90,9 +111,12 @@ class DecoderLayer(nn.Module):
         self, h: Tensor, cos: Tensor, sin: Tensor, past: KV | None, key_valid: Tensor, key_visual: Tensor | None = None
     ) -> tuple[Tensor, KV, Tensor]:
         attn, kv, q = self.attn(self.attn_norm(h), cos, sin, past, key_valid, key_visual)
-        h = h + attn
+        return self.mlp(h + attn), kv, q
+
+    def mlp(self, h: Tensor) -> Tensor:
+        """The SwiGLU half of the layer, with its residual."""
         gate, up = self.gate_up(self.mlp_norm(h)).chunk(2, dim=-1)
-        return h + self.down(F.silu(gate) * up), kv, q
+        return h + self.down(F.silu(gate) * up)
 
 
 class Decoder(nn.Module):

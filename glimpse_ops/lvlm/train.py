@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .atp import ATPPruner, answer_and_budget_loss
 from .glimpse import GlimpsePruner, dice_bce_loss, score_loss
 from .model import LVLM
 from .task import make_batch
@@ -83,11 +84,53 @@ def train_glimpse(
     return loss.item()
 
 
+def train_atp(
+    model: LVLM,
+    atp: ATPPruner,
+    steps: int,
+    target: float,
+    batch: int = 32,
+    lr: float = 3e-3,
+    seed: int = 2,
+    progress: Progress | None = None,
+    budget_weight: float = 1.0,
+    lm_lr: float | None = None,
+) -> float:
+    """Train the ATP threshold MLPs through the soft masks: answer cross entropy plus
+    ``budget_weight`` x |mean kept - target| / Nv. The LM stays frozen unless ``lm_lr`` is
+    given (then it is tuned at that rate). Returns the last loss."""
+    g = torch.Generator().manual_seed(seed)
+    model.requires_grad_(lm_lr is not None)
+    model.eval()
+    groups = [{"params": list(atp.parameters()), "lr": lr}]
+    if lm_lr is not None:
+        groups.append({"params": list(model.parameters()), "lr": lm_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    base = [group["lr"] for group in groups]
+    loss = torch.tensor(0.0)
+    for step in range(steps):
+        for group, rate in zip(opt.param_groups, base):
+            group["lr"] = _cosine(step, steps, rate)
+        data = make_batch(model.config, batch, g)
+        loss, info = answer_and_budget_loss(
+            model, atp, data.images, data.input_ids, data.attention_mask, data.answers, target, budget_weight
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if progress is not None:
+            progress(f"ATP step {step + 1}/{steps} loss {loss.item():.3f} kept {info['kept'].mean().item():.1f}")
+    model.requires_grad_(False)
+    return loss.item()
+
+
 @torch.no_grad()
 def evaluate(model: LVLM, pruner=None, samples: int = 512, batch: int = 128, seed: int = 1234) -> dict[str, float]:
-    """Answer accuracy and the mean fraction of visual tokens kept."""
+    """Answer accuracy and the mean fraction of visual tokens kept (after the last pruning
+    step); ``kept_per_layer`` too when the pruner reports it (ATP)."""
     g = torch.Generator().manual_seed(seed)
     correct, kept, total = 0, 0.0, 0
+    per_layer = torch.zeros(model.config.layers, dtype=torch.float64)
     for start in range(0, samples, batch):
         data = make_batch(model.config, min(batch, samples - start), g)
         if pruner is None:
@@ -96,6 +139,11 @@ def evaluate(model: LVLM, pruner=None, samples: int = 512, batch: int = 128, see
         else:
             logits, _, info = pruner.prefill(model, data.images, data.input_ids, data.attention_mask)
             kept += float(info["kept_visual"].sum())
+            if "kept_per_layer" in info:
+                per_layer += info["kept_per_layer"].double().sum(dim=1)
         correct += int((logits.argmax(-1) == data.answers).sum())
         total += len(data.answers)
-    return {"accuracy": correct / total, "kept_fraction": kept / (total * model.config.visual_tokens)}
+    result = {"accuracy": correct / total, "kept_fraction": kept / (total * model.config.visual_tokens)}
+    if pruner is not None and per_layer.any():
+        result["kept_per_layer"] = [round(x, 4) for x in (per_layer / (total * model.config.visual_tokens)).tolist()]
+    return result

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
-    lvlm_steps, glimpse_steps, samples = (1300, 1200, 256) if args.quick else (1500, 3000, 1024)
+    lvlm_steps, glimpse_steps, samples = (1300, 2200, 256) if args.quick else (1500, 3000, 1024)
     if args.steps is not None:
         lvlm_steps, glimpse_steps, samples = args.steps
     atp_steps = args.atp_steps if args.atp_steps is not None else (200 if args.quick else 400)

@@ -129,6 +129,12 @@ class EagerGlimpsePrune:
                          take(prefix.visual, False), list(zip(new_keys, new_values)), index, lengths, keep)
 
 
+def _build_model(config: LVLMConfig, device: str, dtype: torch.dtype) -> LVLM:
+    """Random weights initialized on the device itself (7B shapes take minutes on a CPU)."""
+    with torch.device(device):
+        return LVLM(config).to(dtype)
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -171,8 +177,9 @@ def _check(ours: Compacted, eager: Compacted, logits_ours: Tensor, logits_eager:
 def run_e2e_case(case: E2ECase, device: str, budget_s: float, progress: Progress) -> list[dict]:
     torch.manual_seed(0)
     config = case.config()
-    model = LVLM(config).to(device, case.dtype).eval()
-    pruner = GlimpsePruner(model, threshold=None, max_keep_ratio=KEEP_RATIO, min_keep=1).to(device, case.dtype).eval()
+    model = _build_model(config, device, case.dtype).eval()
+    with torch.device(device):
+        pruner = GlimpsePruner(model, threshold=None, max_keep_ratio=KEEP_RATIO, min_keep=1).to(case.dtype).eval()
     eager = EagerGlimpsePrune(pruner)
     images, ids, mask = make_prompt(case, device)
     base = {"case": case.as_dict(), "name": case.name()}
@@ -260,9 +267,10 @@ def run_train_case(case: E2ECase, device: str, budget_s: float, progress: Progre
     """Time one training step (forward + backward, LM tuned) per provider."""
     torch.manual_seed(0)
     config = case.config()
-    model = LVLM(config).to(device, case.dtype)
+    model = _build_model(config, device, case.dtype)
     layers = (config.layers // 4, config.layers // 2)
-    atp = ATPPruner(model, layers).to(device)
+    with torch.device(device):
+        atp = ATPPruner(model, layers)
     images, ids, mask = make_prompt(case, device)
     answers = torch.zeros(case.batch, dtype=torch.long, device=device)
     params = [p for p in [*model.parameters(), *atp.parameters()] if p.requires_grad]

@@ -1,0 +1,15 @@
+"""Visual-token pruning on Hugging Face transformers models (Qwen2.5-VL, Qwen2-VL, LLaVA).
+
+transformers is an optional extra (``pip install 'glimpse-ops[hf]'``, versions 5.17 to
+5.23); importing ``glimpse_ops`` never imports it, and this package imports it only when a
+patch is applied or a tiny test model is built.
+
+    handle = glimpse_ops.hf.apply_glimpse_prune(model, max_keep_ratio=0.1)
+    model.generate(**inputs)    # prefill keeps 10% of the visual tokens after layer ~2/3
+    handle.remove()
+"""
+
+from .adapters import SUPPORTED_MODEL_TYPES
+from .glimpse_prune import GlimpsePruneHandle, apply_glimpse_prune, glimpse_prune
+
+__all__ = ["SUPPORTED_MODEL_TYPES", "GlimpsePruneHandle", "apply_glimpse_prune", "glimpse_prune"]

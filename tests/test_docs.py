@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 
@@ -21,7 +23,7 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_readme_example_runs():
-    (example,) = code_blocks("python")
+    example, _ = code_blocks("python")
     namespace: dict = {}
     exec(compile(example, "README.md", "exec"), namespace)
     assert namespace["hidden"].shape[1] == namespace["index"].shape[1]
@@ -34,3 +36,17 @@ def test_every_op_in_the_table_links_to_its_module():
     for op in glimpse_ops.OPS:
         assert f"[`{op}`](glimpse_ops/ops/{op}.py)" in README, op
         assert (ROOT / "glimpse_ops" / "ops" / f"{op}.py").exists()
+
+
+def test_readme_hf_example_runs_on_a_tiny_model(capsys):
+    """The HF section's pruning lines, with the checkpoint and processor swapped for the tiny
+    random Qwen2.5-VL and its input builder."""
+    pytest.importorskip("transformers")
+    from glimpse_ops.hf import testing
+
+    _, example = code_blocks("python")
+    pruning = example[example.index("with glimpse_ops.hf.glimpse_prune"):]
+    namespace = {"model": testing.tiny_qwen2_5_vl(), "inputs": testing.qwen_inputs(batch=2, text_lengths=[2, 3])}
+    exec(compile("import glimpse_ops.hf\n" + pruning.replace("max_new_tokens=64", "max_new_tokens=2"), "README.md", "exec"), namespace)
+    assert namespace["out"].shape[0] == 2
+    assert "tensor([2, 2])" in capsys.readouterr().out

@@ -3,6 +3,7 @@
     python bench/run.py            # the whole registry (cases too big for this machine are skipped)
     python bench/run.py --smoke    # the 4k-visual-token cases only (under two minutes on a CPU)
     python bench/run.py --e2e      # the reference LVLM end to end, with and without pruning (bench/e2e.py)
+    python bench/run.py --e2e --hf # HF Qwen2.5-VL: stock vs our patch vs an eager patch (bench/e2e_hf.py)
 
 soft_mask_attention (bench/attention.py) runs forward and forward+backward against SDPA
 without a mask (the ceiling), SDPA memory-efficient with a dense log-weight mask requiring
@@ -272,7 +273,31 @@ def write_results(args: argparse.Namespace, machine: dict, extra: dict, rows: li
     print(f"\nwrote {out}")
 
 
+def run_e2e_hf(args: argparse.Namespace, device: str, budget: float) -> int:
+    from e2e_hf import hf_cases, print_hf_table, run_hf_case
+
+    cases = hf_cases(device, args.smoke)
+    machine = machine_info(device)
+    print(f"glimpse-ops HF end-to-end bench on {machine['device']} (torch {machine['torch']}, git {str(machine['git_sha'])[:10]}): "
+          f"{len(cases)} cases, 3 providers")
+    progress = Progress(3 * len(cases))
+    rows: list[dict] = []
+    for case in cases:
+        rows += run_hf_case(case, device, budget, progress)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    print_hf_table(rows)
+    write_results(args, machine, {}, rows, "-e2e-hf")
+    failed = [r for r in rows if "failed the correctness gate" in r.get("error", "")]
+    if failed:
+        print(f"{len(failed)} provider(s) failed the correctness gate", file=sys.stderr)
+        return 1
+    return 0
+
+
 def run_e2e(args: argparse.Namespace, device: str, budget: float) -> int:
+    if args.hf:
+        return run_e2e_hf(args, device, budget)
     cases, training = e2e_cases(device, args.smoke), train_cases(device, args.smoke)
     machine = machine_info(device)
     print(f"glimpse-ops end-to-end bench on {machine['device']} (torch {machine['torch']}, git {str(machine['git_sha'])[:10]}): "
@@ -303,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="only the 4k-visual-token, B=1, 10%%-kept cases")
     parser.add_argument("--e2e", action="store_true", help="the end-to-end LVLM cases instead of the op cases (bench/e2e.py)")
+    parser.add_argument("--hf", action="store_true", help="with --e2e: the HF Qwen2.5-VL cases instead (bench/e2e_hf.py; needs transformers)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--ops", nargs="*", help="only these ops (glimpse_scores select_index compact_kv prune_kv glimpse_prune soft_mask_attention)")
     parser.add_argument("--providers", nargs="*", default=list(PROVIDERS), choices=PROVIDERS)
@@ -320,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         limit = torch.cuda.get_device_properties(0).total_memory / 3
     else:
         limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 6
+    if args.hf and not args.e2e:
+        parser.error("--hf goes with --e2e")
     if args.e2e:
         return run_e2e(args, device, budget)
     cases = [c for c in all_cases(args.smoke) if not args.ops or c.op in args.ops]

@@ -112,14 +112,7 @@ class GlimpsePruneHandle:
         hidden = output[0] if isinstance(output, tuple) else output
         cache = kwargs["past_key_values"]
         layers = [cache.layers[i] for i in range(self.layer + 1)]
-        n_visual = p.visual.sum(dim=1)
-        caps = None
-        if self.max_keep_ratio is not None:
-            caps = torch.ceil(n_visual.double() * self.max_keep_ratio).long().clamp(min=min(1, self.min_keep))
-        new_keys, new_values, index, _, scores = glimpse_prune_op(
-            p.glimpse_q, [lay.keys for lay in layers], [lay.values for lay in layers], p.valid, p.visual, self.layer,
-            None, self.threshold, 0 if caps is None else caps, self.min_keep, None, "left",
-        )
+        new_keys, new_values, index, scores = self._select_and_compact(p, [lay.keys for lay in layers], [lay.values for lay in layers])
         for lay, k, v in zip(layers, new_keys, new_values):
             lay.keys, lay.values = k, v
         p.index = index
@@ -132,6 +125,18 @@ class GlimpsePruneHandle:
         self._compacted_valid = valid
         hidden = gather_tokens(hidden, index, 0.0)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    def _select_and_compact(self, p: _Prefill, keys: list[Tensor], values: list[Tensor]):
+        """One ``glimpse_prune``: (compacted keys and values of layers 0..K, index [B, L],
+        head-averaged glimpse probabilities fp32 [B, S])."""
+        caps = None
+        if self.max_keep_ratio is not None:
+            caps = torch.ceil(p.visual.sum(dim=1).double() * self.max_keep_ratio).long().clamp(min=min(1, self.min_keep))
+        new_keys, new_values, index, _, scores = glimpse_prune_op(
+            p.glimpse_q, keys, values, p.valid, p.visual, self.layer,
+            None, self.threshold, 0 if caps is None else caps, self.min_keep, None, "left",
+        )
+        return new_keys, new_values, index, scores
 
     def _before_later_layer(self, module: nn.Module, args: tuple, kwargs: dict):
         p = self.prefill
@@ -187,6 +192,7 @@ def apply_glimpse_prune(
     threshold: float | None = None,
     max_keep_ratio: float | None = 0.1,
     min_keep: int = 1,
+    _handle_class: type | None = None,
 ) -> GlimpsePruneHandle:
     """Patch one Qwen2.5-VL / Qwen2-VL / LLaVA model instance to prune its visual tokens
     after decoder layer ``layer`` (default: about 2/3 of the depth) at every prefill.
@@ -219,7 +225,7 @@ def apply_glimpse_prune(
         raise ValueError("glimpse_ops.hf.apply_glimpse_prune: give max_keep_ratio or threshold (training-free mode ranks by probability)")
     if min_keep < 0:
         raise ValueError(f"glimpse_ops.hf.apply_glimpse_prune: min_keep must be >= 0, got {min_keep}")
-    handle = GlimpsePruneHandle(model, adapter, layer, threshold, max_keep_ratio, min_keep)
+    handle = (_handle_class or GlimpsePruneHandle)(model, adapter, layer, threshold, max_keep_ratio, min_keep)
     target = adapter.layers[layer]
     handle.hooks += [
         adapter.multimodal.register_forward_pre_hook(handle._on_multimodal, with_kwargs=True),

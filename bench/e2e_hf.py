@@ -1,0 +1,238 @@
+"""End-to-end speed of GlimpsePrune on an HF Qwen2.5-VL model (bench/run.py --e2e --hf).
+
+Three providers on the same random-weight model:
+
+* ``unpatched``: the stock model.
+* ``glimpse_ops``: ``glimpse_ops.hf.apply_glimpse_prune`` (training-free glimpse, one
+  ``glimpse_prune`` op, in-place cache compaction).
+* ``eager_patch``: the same hooks with the selection and compaction written the eager
+  public way: ``repeat_kv`` + matmul + softmax for the glimpse row, ``torch.topk`` + sort,
+  per-layer per-sample ``index_select`` with host syncs (``peers.py``).
+
+Per case: prefill latency, the time of layers 0..K (the forward stopped at layer K + 1;
+for the patches it includes the pruning step), decode tokens/s, KV-cache bytes after
+prefill and (GPU) peak memory. GPU: Qwen2.5-VL-7B shapes in bf16, 4k and 16k visual
+tokens, 7.4% kept; CPU: a small Qwen2.5-VL in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+import peers
+from timing import time_ms
+
+from glimpse_ops.hf import apply_glimpse_prune
+from glimpse_ops.hf.glimpse_prune import GlimpsePruneHandle, _Prefill
+from glimpse_ops.progress import Progress
+
+KEEP_RATIO = 0.074
+IMAGE, VISION_START, VISION_END = 151655, 151652, 151653
+
+
+@dataclass(frozen=True)
+class HFCase:
+    preset: str
+    visual: int
+    batch: int
+    dtype: torch.dtype
+    text: int
+    decode_steps: int
+
+    def name(self) -> str:
+        size = f"{self.visual // 1024}k" if self.visual >= 1024 else str(self.visual)
+        return f"hf qwen2_5_vl {self.preset} {size} B={self.batch}"
+
+    def as_dict(self) -> dict:
+        return {"preset": self.preset, "visual": self.visual, "batch": self.batch, "dtype": str(self.dtype).removeprefix("torch."),
+                "text": self.text, "decode_steps": self.decode_steps, "keep_ratio": KEEP_RATIO, "kind": "hf"}
+
+
+def hf_cases(device: str, smoke: bool) -> list[HFCase]:
+    if device == "cuda":
+        return [HFCase("7b_shapes", v, 1, torch.bfloat16, 256, 32) for v in (4096, 16384)[: 1 if smoke else None]]
+    return [HFCase("small", v, 1, torch.float32, 64, 8) for v in (256, 1024)[: 1 if smoke else None]]
+
+
+def build_model(case: HFCase, device: str):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    if case.preset == "7b_shapes":
+        text = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                    num_key_value_heads=4, rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6})
+        vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                      fullatt_block_indexes=[7, 15, 23, 31])
+    else:
+        text = dict(vocab_size=152064, hidden_size=256, intermediate_size=704, num_hidden_layers=9, num_attention_heads=8,
+                    num_key_value_heads=2, rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 1e6})
+        vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=256, fullatt_block_indexes=[1])
+    config = Qwen2_5_VLConfig(
+        text_config={**text, "max_position_embeddings": 32768},
+        vision_config={**vision, "patch_size": 14, "temporal_patch_size": 2, "spatial_merge_size": 2, "window_size": 112},
+        image_token_id=IMAGE, video_token_id=151656, vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
+    )
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        return Qwen2_5_VLForConditionalGeneration(config).to(case.dtype).eval()
+
+
+def make_inputs(case: HFCase, device: str) -> dict:
+    side = 2 * math.isqrt(case.visual)  # patches per side; 2x2 patches merge into one token
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(1000, 100000, (case.batch, case.text), generator=g)
+    image = torch.tensor([VISION_START] + [IMAGE] * case.visual + [VISION_END]).expand(case.batch, -1)
+    ids = torch.cat([image, text], dim=1)
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": torch.ones_like(ids).to(device),
+        "pixel_values": torch.randn(case.batch * side * side, 3 * 2 * 14 * 14, generator=g).to(device, case.dtype),
+        "image_grid_thw": torch.tensor([[1, side, side]] * case.batch).to(device),
+        "mm_token_type_ids": (ids == IMAGE).long().to(device),
+    }
+
+
+class EagerPatchHandle(GlimpsePruneHandle):
+    """The peer: the same hooks, selection and compaction as the public code writes them."""
+
+    def _select_and_compact(self, p: _Prefill, keys: list[Tensor], values: list[Tensor]):
+        a = self.adapter
+        probs = peers.eager_glimpse_scores(p.glimpse_q, keys[self.layer], p.valid, a.head_dim**-0.5)
+        scores = probs.mean(dim=(1, 2))
+        max_keep = max(1, math.ceil(int(p.visual.sum(dim=1).max()) * self.max_keep_ratio))  # host sync
+        keep = peers.eager_select(scores, p.visual, max_keep)  # non-candidates (text, padding) are kept
+        new_keys, new_values, index = peers.eager_compact(keys, values, keep)
+        return new_keys, new_values, index, scores
+
+
+class _Stop(Exception):
+    pass
+
+
+def _prefix_fn(model, inputs: dict, layer: int) -> Callable[[], None]:
+    """The forward up to the entry of layer ``layer`` + 1 (layers 0..K, plus any pruning)."""
+    layers = model.model.language_model.layers
+
+    def stop(module, args, kwargs):
+        raise _Stop
+
+    def run() -> None:
+        hook = layers[layer + 1].register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            model(**inputs, use_cache=True, logits_to_keep=1)
+        except _Stop:
+            pass
+        finally:
+            hook.remove()
+
+    return run
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_hf_case(case: HFCase, device: str, budget_s: float, progress: Progress) -> list[dict]:
+    model = build_model(case, device)
+    inputs = make_inputs(case, device)
+    n_layers = len(model.model.language_model.layers)
+    layer = max(0, math.ceil(2 * n_layers / 3) - 1)
+    base = {"case": case.as_dict(), "name": case.name()}
+    rows: list[dict] = []
+    patches = {"unpatched": None, "glimpse_ops": GlimpsePruneHandle, "eager_patch": EagerPatchHandle}
+    reference: dict = {}
+    for name, handle_class in patches.items():
+        row = {**base, "provider": name, "layer": layer}
+        handle = None if handle_class is None else apply_glimpse_prune(
+            model, layer=layer, threshold=None, max_keep_ratio=KEEP_RATIO, _handle_class=handle_class)
+        try:
+            with torch.no_grad():
+                prefill = lambda: model(**inputs, use_cache=True, logits_to_keep=1)  # noqa: E731
+                out = prefill()
+                if handle is not None:
+                    reference.setdefault("index", handle.last_index)
+                    reference.setdefault("logits", out.logits[:, -1])
+                    index = handle.last_index
+                    same_shape = index.shape == reference["index"].shape
+                    mismatch = float((index != reference["index"]).float().mean()) if same_shape else 1.0
+                    diff = (reference["logits"].float() - out.logits[:, -1].float()).abs().max().item()
+                    row["check"] = f"kept positions differing from glimpse_ops: {mismatch:.2%}; max |logit diff| {diff:.2e}"
+                    # bf16 scores may order near-ties differently; more than 1% is a bug
+                    if mismatch > (0.0 if case.dtype == torch.float32 else 0.01):
+                        row["error"] = f"failed the correctness gate: {row['check']}"
+                if "error" not in row:
+                    cache = out.past_key_values
+                    row["kv_cache_bytes"] = sum(lay.keys.numel() * lay.keys.element_size() * 2 for lay in cache.layers)
+                    del out, cache
+                    row["peak_mib"] = _peak_mib(prefill, device)
+                    row["prefill_ms"] = time_ms(prefill, device, budget_s)["p50"]
+                    row["layers_0_to_k_ms"] = time_ms(_prefix_fn(model, inputs, layer), device, budget_s)["p50"]
+                    row["decode_tok_s"] = _decode_rate(model, inputs, case, row["prefill_ms"], device)
+        except torch.OutOfMemoryError as exc:
+            row["error"] = f"out of memory: {str(exc)[:200]}"
+        finally:
+            if handle is not None:
+                handle.remove()
+        rows.append(row)
+        progress.step(f"{case.name()} {name}")
+    first = rows[0] if "prefill_ms" in rows[0] else None
+    eager = next((r for r in rows if r["provider"] == "eager_patch" and "prefill_ms" in r), None)
+    for row in rows:
+        if first and "prefill_ms" in row:
+            row["prefill_vs_unpatched"] = first["prefill_ms"] / row["prefill_ms"]
+            row["layers_0_to_k_vs_unpatched"] = row["layers_0_to_k_ms"] / first["layers_0_to_k_ms"]
+            row["kv_cache_share"] = row["kv_cache_bytes"] / first["kv_cache_bytes"]
+            row["decode_vs_unpatched"] = row["decode_tok_s"] / first["decode_tok_s"]
+        if eager and "prefill_ms" in row:
+            row["prefill_vs_eager_patch"] = eager["prefill_ms"] / row["prefill_ms"]
+    return rows
+
+
+def _decode_rate(model, inputs: dict, case: HFCase, prefill_ms: float, device: str) -> float:
+    """Decode tokens/s: (generate time - prefill time) over the tokens after the first."""
+    times = []
+    for _ in range(3):
+        _sync(device)
+        begin = time.perf_counter()
+        model.generate(**inputs, max_new_tokens=case.decode_steps, min_new_tokens=case.decode_steps, do_sample=False)
+        _sync(device)
+        times.append(time.perf_counter() - begin)
+    decode_s = max(statistics.median(times) - prefill_ms * 1e-3, 1e-9)
+    return case.batch * (case.decode_steps - 1) / decode_s
+
+
+def _peak_mib(fn: Callable[[], object], device: str) -> float | None:
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
+
+
+def print_hf_table(rows: list[dict]) -> None:
+    header = (f"{'case':<34} {'provider':<12} {'prefill ms':>10} {'vs eager':>8} {'vs stock':>8} {'0..K ms':>9} {'0..K x':>7} "
+              f"{'decode tok/s':>12} {'KV share':>8} {'peak MiB':>9}")
+    print("\n" + header + "\n" + "-" * len(header))
+    last = None
+    for row in rows:
+        name = row["name"] if row["name"] != last else ""
+        last = row["name"]
+        if "prefill_ms" not in row:
+            print(f"{name:<34} {row['provider']:<12} {row.get('error', 'skipped')[:80]}")
+            continue
+        peak = f"{row['peak_mib']:.0f}" if row.get("peak_mib") is not None else "-"
+        print(f"{name:<34} {row['provider']:<12} {row['prefill_ms']:>10.2f} {row.get('prefill_vs_eager_patch', 0):>7.2f}x "
+              f"{row.get('prefill_vs_unpatched', 0):>7.2f}x {row['layers_0_to_k_ms']:>9.2f} {row.get('layers_0_to_k_vs_unpatched', 0):>6.2f}x "
+              f"{row['decode_tok_s']:>12.1f} {100 * row.get('kv_cache_share', 0):>7.1f}% {peak:>9}")

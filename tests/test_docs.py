@@ -23,7 +23,7 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_readme_example_runs():
-    example, _ = code_blocks("python")
+    example = code_blocks("python")[0]
     namespace: dict = {}
     exec(compile(example, "README.md", "exec"), namespace)
     assert namespace["hidden"].shape[1] == namespace["index"].shape[1]
@@ -44,9 +44,25 @@ def test_readme_hf_example_runs_on_a_tiny_model(capsys):
     pytest.importorskip("transformers")
     from glimpse_ops.hf import testing
 
-    _, example = code_blocks("python")
+    example = code_blocks("python")[1]
     pruning = example[example.index("with glimpse_ops.hf.glimpse_prune"):]
     namespace = {"model": testing.tiny_qwen2_5_vl(), "inputs": testing.qwen_inputs(batch=2, text_lengths=[2, 3])}
     exec(compile("import glimpse_ops.hf\n" + pruning.replace("max_new_tokens=64", "max_new_tokens=2"), "README.md", "exec"), namespace)
     assert namespace["out"].shape[0] == 2
     assert "tensor([2, 2])" in capsys.readouterr().out
+
+
+def test_readme_predictor_example_runs_on_a_tiny_model(tmp_path):
+    """The trained-predictor lines, with the release folder swapped for a tiny saved predictor."""
+    pytest.importorskip("transformers")
+    from glimpse_ops.hf import testing
+    from glimpse_ops.hf.predictor import GlimpsePredictor
+
+    model = testing.tiny_qwen2_5_vl()
+    path = tmp_path / "predictor.safetensors"
+    GlimpsePredictor.for_model(model, 3, (1, 0), width=32, cond=32, fuse_heads=2).save(path)
+    example = code_blocks("python")[2].replace("/models/GlimpsePrune-Qwen2.5-VL-7B", str(path)).replace("max_new_tokens=64", "max_new_tokens=2")
+    namespace = {"model": model, "inputs": testing.qwen_inputs(batch=2, text_lengths=[2, 3])}
+    exec(compile("import glimpse_ops.hf\n" + example, "README.md", "exec"), namespace)
+    assert namespace["out"].shape[0] == 2
+    assert not hasattr(model, "_glimpse_ops_handle")

@@ -190,22 +190,28 @@ def apply_glimpse_prune(
     predictor=None,
     layer: int | None = None,
     threshold: float | None = None,
-    max_keep_ratio: float | None = 0.1,
+    max_keep_ratio: float | None = None,
     min_keep: int = 1,
     _handle_class: type | None = None,
 ) -> GlimpsePruneHandle:
     """Patch one Qwen2.5-VL / Qwen2-VL / LLaVA model instance to prune its visual tokens
-    after decoder layer ``layer`` (default: about 2/3 of the depth) at every prefill.
+    after decoder layer ``layer`` at every prefill. Returns a handle whose ``remove()``
+    restores the model.
 
-    Training-free mode (``predictor=None``): the last prompt token's layer-K query is the
-    glimpse; visual tokens are ranked by its head-averaged attention probabilities and the
-    top ``ceil(max_keep_ratio * Nv)`` per sample are kept (``threshold`` on that
-    probability, if given, keeps fewer). ``max_keep_ratio=1.0`` with ``threshold=None``
-    keeps every token. Returns a handle whose ``remove()`` restores the model.
+    Training-free mode (``predictor=None``; ``layer`` defaults to about 2/3 of the depth):
+    the last prompt token's layer-K query is the glimpse; visual tokens are ranked by its
+    head-averaged attention probabilities and the top ``ceil(max_keep_ratio * Nv)`` per
+    sample are kept (default ratio 0.1; ``threshold`` on that probability keeps fewer).
+
+    Trained mode (Qwen2.5-VL): ``predictor`` is a ``GlimpsePredictor``, a ``.safetensors``
+    file written by ``GlimpsePredictor.save``, or a folder of the GlimpsePrune release
+    (``config.json`` + ``new_modules_gp.pt``). The layer is the predictor's; tokens with
+    sigmoid(VIP) > ``threshold`` (default 0.5) are kept, at most ``floor(max_keep_ratio *
+    Nv)``, at least ``min_keep``.
+
+    ``threshold=None`` with ``max_keep_ratio=1.0`` keeps every token.
     """
     require_transformers()
-    if predictor is not None:
-        raise NotImplementedError("glimpse_ops.hf.apply_glimpse_prune: a trained VIP predictor is not supported yet; use predictor=None")
     if getattr(model, _HANDLE_ATTR, None) is not None:
         raise RuntimeError("glimpse_ops.hf.apply_glimpse_prune: the model is already patched; call remove() on its handle first")
     adapter = adapter_for(model)
@@ -214,6 +220,20 @@ def apply_glimpse_prune(
             f"glimpse_ops.hf.apply_glimpse_prune: attention implementation {adapter.attn_implementation!r} is not supported yet "
             f"(supported: {', '.join(SUPPORTED_ATTENTION)})"
         )
+    if predictor is not None:
+        from .predictor_hooks import PredictorPruneHandle, load_predictor
+
+        if adapter.model_type != "qwen2_5_vl":
+            raise TypeError(f"glimpse_ops.hf.apply_glimpse_prune: a trained predictor needs Qwen2.5-VL, got {adapter.model_type}")
+        predictor = load_predictor(predictor, model)
+        if layer is not None and layer != predictor.config.score_layer:
+            raise ValueError(f"glimpse_ops.hf.apply_glimpse_prune: the predictor was trained for layer {predictor.config.score_layer}, got layer={layer}")
+        layer = predictor.config.score_layer
+        if threshold is None and max_keep_ratio is None:
+            threshold = 0.5
+        _handle_class = _handle_class or PredictorPruneHandle
+    elif threshold is None and max_keep_ratio is None:
+        max_keep_ratio = 0.1
     n_layers = len(adapter.layers)
     if layer is None:
         layer = max(0, math.ceil(2 * n_layers / 3) - 1)
@@ -221,8 +241,6 @@ def apply_glimpse_prune(
         raise ValueError(f"glimpse_ops.hf.apply_glimpse_prune: layer must be in [0, {n_layers - 1}), got {layer}")
     if max_keep_ratio is not None and not 0 < max_keep_ratio <= 1:
         raise ValueError(f"glimpse_ops.hf.apply_glimpse_prune: max_keep_ratio must be in (0, 1], got {max_keep_ratio}")
-    if max_keep_ratio is None and threshold is None:
-        raise ValueError("glimpse_ops.hf.apply_glimpse_prune: give max_keep_ratio or threshold (training-free mode ranks by probability)")
     if min_keep < 0:
         raise ValueError(f"glimpse_ops.hf.apply_glimpse_prune: min_keep must be >= 0, got {min_keep}")
     handle = (_handle_class or GlimpsePruneHandle)(model, adapter, layer, threshold, max_keep_ratio, min_keep)
@@ -235,6 +253,9 @@ def apply_glimpse_prune(
     ]
     handle.hooks += [adapter.layers[i].register_forward_pre_hook(handle._before_later_layer, with_kwargs=True)
                      for i in range(layer + 1, n_layers)]
+    if predictor is not None:
+        handle.predictor = predictor.to(next(model.parameters()).device)
+        handle.attach_predictor_hooks(model)
     handle._wrap_generate_kwargs()
     setattr(model, _HANDLE_ATTR, handle)
     return handle

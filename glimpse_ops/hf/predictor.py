@@ -1,0 +1,237 @@
+"""GlimpsePrune's trained parts for HF Qwen2.5-VL: the glimpse token and the VIP.
+
+Written from the description in research/glimpseprune.md (section 3) with the parameter
+names of the public release, so that its ``new_modules_gp.pt`` loads directly
+(``GlimpsePredictor.from_release``):
+
+* ``learnable_embeddings`` [n_rows, 1, d], ``le_proj`` (Linear d->d), ``le_norm`` (RMSNorm):
+  row 0 is the glimpse's input embedding, row l (1..K) is added before layer l.
+* ``attn_fuser`` (the VIP): ``attn_in_proj`` (Linear n_score_layers*H -> F), and per ViT
+  level i (deep to shallow) ``cond_in_projs.i`` (Linear C_vit -> Cc) and ``layers.i``:
+  RMSNorm ``norm1``/``norm2``, ``attn`` (q/k: Linear(F+Cc -> F+Cc) over concat(norm1(x), c),
+  v/o: Linear(F -> F), all without bias, h heads, 2D RoPE over the q/k head dim from each
+  token's (row, col) on the merged grid, attention within each image), ``mlp`` (SwiGLU
+  F -> 2F -> F with biases); ``attn_out_projs.{last}`` (Linear F -> 1) gives the logits.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def grid_rope(grid_hw: list[tuple[int, int]], head_dim: int, device) -> tuple[Tensor, Tensor]:
+    """cos, sin [N, head_dim] for the merged-grid (row, col) of every token, raster order per
+    image: half of the frequencies rotate with the row, half with the column."""
+    dim = head_dim // 2
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim))
+    rows, cols = [], []
+    for h, w in grid_hw:
+        rows.append(torch.arange(h, device=device).repeat_interleave(w))
+        cols.append(torch.arange(w, device=device).repeat(h))
+    freqs = torch.cat([torch.cat(rows)[:, None] * inv_freq, torch.cat(cols)[:, None] * inv_freq], dim=1)  # [N, dim]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+class CondAttention(nn.Module):
+    def __init__(self, width: int, cond: int, heads: int) -> None:
+        super().__init__()
+        self.q_proj = nn.Linear(width + cond, width + cond, bias=False)
+        self.k_proj = nn.Linear(width + cond, width + cond, bias=False)
+        self.v_proj = nn.Linear(width, width, bias=False)
+        self.o_proj = nn.Linear(width, width, bias=False)
+        self.heads = heads
+
+    def forward(self, x: Tensor, cond: Tensor, rope: tuple[Tensor, Tensor], sizes: list[int]) -> Tensor:
+        N = x.shape[0]
+        qk = torch.cat([x, cond], dim=-1)
+        q = self.q_proj(qk).view(N, self.heads, -1)
+        k = self.k_proj(qk).view(N, self.heads, -1)
+        v = self.v_proj(x).view(N, self.heads, -1)
+        cos, sin = (t[:, None].float() for t in rope)
+        q = (q.float() * cos + _rotate_half(q.float()) * sin).to(x.dtype)
+        k = (k.float() * cos + _rotate_half(k.float()) * sin).to(x.dtype)
+        outs = [
+            F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1)).transpose(0, 1)
+            for qi, ki, vi in zip(q.split(sizes), k.split(sizes), v.split(sizes))
+        ]
+        return self.o_proj(torch.cat(outs).reshape(N, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(width, hidden), nn.Linear(width, hidden)
+        self.down_proj = nn.Linear(hidden, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class FuserLayer(nn.Module):
+    def __init__(self, width: int, cond: int, heads: int) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = RMSNorm(width), RMSNorm(width)
+        self.attn = CondAttention(width, cond, heads)
+        self.mlp = SwiGLU(width, 2 * width)
+
+    def forward(self, x: Tensor, cond: Tensor, rope: tuple[Tensor, Tensor], sizes: list[int]) -> Tensor:
+        x = x + self.attn(self.norm1(x), cond, rope, sizes)
+        return x + self.mlp(self.norm2(x))
+
+
+class VisualImportancePredictor(nn.Module):
+    """glimpse logits [N, n_score_layers * H] over all visual tokens of a batch (images in
+    order, raster order within each), ViT features per level (deep to shallow) [N, C_vit]
+    and each image's merged grid (h, w) -> keep logits fp32 [N]."""
+
+    def __init__(self, score_channels: int, vit_dim: int, levels: int, width: int = 256, cond: int = 512, heads: int = 4) -> None:
+        super().__init__()
+        if (width + cond) % heads or ((width + cond) // heads) % 4:
+            raise ValueError(f"VisualImportancePredictor: (width + cond) / heads must be a multiple of 4, got {width}, {cond}, {heads}")
+        self.attn_in_proj = nn.Linear(score_channels, width)
+        self.cond_in_projs = nn.ModuleList(nn.Linear(vit_dim, cond) for _ in range(levels))
+        self.layers = nn.ModuleList(FuserLayer(width, cond, heads) for _ in range(levels))
+        self.attn_out_projs = nn.ModuleList([nn.Identity() for _ in range(levels - 1)] + [nn.Linear(width, 1)])
+        self.qk_head_dim = (width + cond) // heads
+
+    def forward(self, scores: Tensor, vit_features: list[Tensor], grid_hw: list[tuple[int, int]]) -> Tensor:
+        if len(vit_features) != len(self.layers):
+            raise ValueError(f"VisualImportancePredictor: expected {len(self.layers)} ViT levels, got {len(vit_features)}")
+        dtype = self.attn_in_proj.weight.dtype
+        x = self.attn_in_proj(scores.to(dtype))
+        rope = grid_rope(grid_hw, self.qk_head_dim, x.device)
+        sizes = [h * w for h, w in grid_hw]
+        for proj, layer, features in zip(self.cond_in_projs, self.layers, vit_features):
+            x = layer(x, proj(features.to(dtype)), rope, sizes)
+        return self.attn_out_projs[-1](x).squeeze(-1).float()
+
+
+class GlimpseToken(nn.Module):
+    """``learnable_embeddings`` [n_rows, 1, d] through ``le_proj`` and ``le_norm``."""
+
+    def __init__(self, hidden: int, rows: int) -> None:
+        super().__init__()
+        self.learnable_embeddings = nn.Parameter(torch.randn(rows, 1, hidden) * 0.02)
+        self.le_proj = nn.Linear(hidden, hidden)
+        self.le_norm = RMSNorm(hidden)
+
+    def row(self, layer: int) -> Tensor:
+        """[1, d]: the input embedding (layer 0) or the injection before ``layer``."""
+        return self.le_norm(self.le_proj(self.learnable_embeddings[layer]))
+
+
+@dataclass
+class PredictorConfig:
+    score_layer: int  # K: the glimpse is read and the sequence compacted after this layer
+    vit_layers: tuple[int, ...]  # ViT blocks whose outputs condition the VIP, deep to shallow
+    heads: int
+    hidden: int
+    vit_dim: int
+    width: int = 256
+    cond: int = 512
+    fuse_heads: int = 4
+
+
+class GlimpsePredictor(nn.Module):
+    """The glimpse token and the VIP, ready for ``apply_glimpse_prune(model, predictor=...)``."""
+
+    def __init__(self, config: PredictorConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.glimpse = GlimpseToken(config.hidden, config.score_layer + 1)
+        self.vip = VisualImportancePredictor(config.heads, config.vit_dim, len(config.vit_layers), config.width, config.cond, config.fuse_heads)
+
+    @classmethod
+    def for_model(cls, model: nn.Module, score_layer: int, vit_layers: tuple[int, ...], **sizes) -> "GlimpsePredictor":
+        """A freshly initialized predictor sized for ``model`` (a Qwen2.5-VL)."""
+        text, vision = model.config.text_config, model.config.vision_config
+        return cls(PredictorConfig(score_layer, tuple(vit_layers), text.num_attention_heads, text.hidden_size, vision.hidden_size, **sizes))
+
+    @classmethod
+    def from_release(cls, folder: str | Path, model: nn.Module) -> "GlimpsePredictor":
+        """Load the public GlimpsePrune release's ``config.json`` + ``new_modules_gp.pt``."""
+        folder = Path(folder)
+        release = json.loads((folder / "config.json").read_text())
+        modules = torch.load(folder / "new_modules_gp.pt", map_location="cpu", weights_only=True)
+        return cls.from_release_state(release, modules, model)
+
+    @classmethod
+    def from_release_state(cls, release: dict, modules: dict, model: nn.Module) -> "GlimpsePredictor":
+        """The release's config keys (``selected_layers``, ``selected_visual_layers``,
+        ``attn_fuse_size``, ``visual_cond_size``, ``attn_fuse_num_heads``) and its module dict
+        (``attn_fuser``, ``learnable_embeddings``, ``le_proj``, ``le_norm``) -> a predictor."""
+        layers = list(release["selected_layers"])
+        if len(layers) != 1:
+            raise ValueError(f"GlimpsePredictor: one score layer is supported, the release lists {layers}")
+        for key in ("attn_fuser", "learnable_embeddings", "le_proj", "le_norm"):
+            if key not in modules:
+                raise ValueError(f"GlimpsePredictor: the release's modules lack {key!r} (found {sorted(modules)})")
+        predictor = cls.for_model(
+            model, layers[0], tuple(release["selected_visual_layers"]), width=release.get("attn_fuse_size", 256),
+            cond=release.get("visual_cond_size", 512), fuse_heads=release.get("attn_fuse_num_heads", 4),
+        )
+        rows = predictor.glimpse.learnable_embeddings.shape[0]
+        state = {"glimpse.learnable_embeddings": modules["learnable_embeddings"][:rows]}  # rows past K are never used
+        state.update({f"glimpse.le_proj.{k}": v for k, v in modules["le_proj"].items()})
+        state.update({f"glimpse.le_norm.{k}": v for k, v in modules["le_norm"].items()})
+        state.update({f"vip.{k}": v for k, v in modules["attn_fuser"].items() if "rotary" not in k})
+        predictor.load_state_dict(state, strict=True)
+        return predictor
+
+    def save(self, path: str | Path) -> None:
+        """safetensors weights plus the config in its metadata."""
+        from safetensors.torch import save_file
+
+        meta = {k: json.dumps(v) for k, v in self.config.__dict__.items()}
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "GlimpsePredictor":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        config = PredictorConfig(**{k: json.loads(v) for k, v in meta.items()})
+        config.vit_layers = tuple(config.vit_layers)
+        predictor = cls(config)
+        predictor.load_state_dict(load_file(str(path)))
+        return predictor
+
+
+def window_index(grid_thw: Tensor, merge: int, window: int, patch: int) -> Tensor:
+    """Qwen2.5-VL's ViT order of the merged tokens (windows of window/merge/patch tokens per
+    side, raster inside each window): raster index of each position in window order."""
+    out, offset = [], 0
+    side = window // merge // patch
+    for t, h, w in grid_thw.tolist():
+        gh, gw = h // merge, w // merge
+        index = torch.arange(t * gh * gw).view(t, gh, gw)
+        ph, pw = -gh % side, -gw % side
+        padded = F.pad(index, (0, pw, 0, ph), value=-1)
+        blocks = padded.view(t, (gh + ph) // side, side, (gw + pw) // side, side).permute(0, 1, 3, 2, 4).reshape(-1)
+        out.append(blocks[blocks >= 0] + offset)
+        offset += t * gh * gw
+    return torch.cat(out)

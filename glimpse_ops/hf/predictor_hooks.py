@@ -1,0 +1,141 @@
+"""The hooks of GlimpsePrune with a trained glimpse token and VIP (Qwen2.5-VL).
+
+On top of the training-free hooks (``glimpse_prune.py``): ViT block outputs are kept at the
+predictor's levels; a pre-hook on the text model appends the glimpse (its input embedding,
+a 1 on the 2-D mask, position last + 1 on every M-RoPE axis); pre-hooks on layers 1..K add
+the per-layer injections to it. After layer K its logits over the visual keys
+(``glimpse_scores``, raw, per head) and the ViT features (2x2 groups averaged, raster
+order) go through the VIP; ``prune_kv`` keeps sigmoid > threshold (capped, at least
+min_keep) and compacts the caches of layers 0..K, which drops the glimpse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .. import glimpse_scores, prune_kv
+from .glimpse_prune import GlimpsePruneHandle, _Prefill
+from .predictor import GlimpsePredictor, window_index
+
+
+@dataclass
+class PredictorPruneHandle(GlimpsePruneHandle):
+    predictor: GlimpsePredictor | None = None
+    vit_outputs: dict = field(default_factory=dict)
+    grid_thw: Tensor | None = None
+    prompt_length: int = 0
+
+    def attach_predictor_hooks(self, model: nn.Module) -> None:
+        visual = model.model.visual
+        # generate (5.2x) runs the ViT before the multimodal model and drops image_grid_thw
+        # from its kwargs, so the grid and the features are taken at the ViT itself.
+        self.hooks.append(visual.register_forward_pre_hook(self._on_vit, with_kwargs=True))
+        for level in self.predictor.config.vit_layers:
+            self.hooks.append(visual.blocks[level].register_forward_hook(self._vit_tap(level)))
+        self.hooks.append(self.adapter.text_model.register_forward_pre_hook(self._append_glimpse, with_kwargs=True))
+        for layer in range(1, self.layer + 1):
+            self.hooks.append(self.adapter.layers[layer].register_forward_pre_hook(self._inject(layer), with_kwargs=True))
+
+    def _on_vit(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.vit_outputs.clear()
+        self.grid_thw = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+
+    def _on_multimodal(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        super()._on_multimodal(module, args, kwargs)
+        p = self.prefill
+        if p is None:
+            return
+        if not bool(p.visual.any()):
+            self.prefill = None  # no image in this prompt: nothing to prune
+
+    def _vit_tap(self, level: int):
+        def hook(module: nn.Module, args: tuple, output) -> None:
+            self.vit_outputs[level] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    def _append_glimpse(self, module: nn.Module, args: tuple, kwargs: dict):
+        if self.prefill is None:
+            return None
+        embeds = kwargs["inputs_embeds"]
+        B, S, _ = embeds.shape
+        self.prompt_length = S
+        row = self.predictor.glimpse.row(0).to(embeds.dtype)
+        kwargs["inputs_embeds"] = torch.cat([embeds, row.expand(B, 1, -1)], dim=1)
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, Tensor) and mask.dim() == 2:
+            kwargs["attention_mask"] = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        positions = kwargs.get("position_ids")
+        if positions is not None:
+            kwargs["position_ids"] = torch.cat([positions, positions[..., -1:] + 1], dim=-1)
+        return args, kwargs
+
+    def _inject(self, layer: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict):
+            if self.prefill is None:
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            row = self.predictor.glimpse.row(layer).to(hidden.dtype)
+            hidden = torch.cat([hidden[:, :-1], hidden[:, -1:] + row], dim=1)
+            if args:
+                return (hidden, *args[1:]), kwargs
+            kwargs["hidden_states"] = hidden
+            return args, kwargs
+        return hook
+
+    def visual_logits(self, p: _Prefill, keys_k: Tensor) -> Tensor:
+        """VIP logits fp32 [N] for every visual token of the batch, in prompt order."""
+        S = self.prompt_length
+        valid = torch.cat([p.valid, torch.ones_like(p.valid[:, :1])], dim=1)
+        logits = glimpse_scores(p.glimpse_q, keys_k, valid, None, "logits")  # [B, H, 1, S + 1]
+        head_scores = logits[:, :, 0, :S].transpose(1, 2)[p.visual]  # [N, H]
+        vision = self.model.config.vision_config
+        merge = vision.spatial_merge_size
+        encoded = 0 if self.grid_thw is None else int(self.grid_thw.prod(dim=1).sum()) // (merge * merge)
+        if encoded != head_scores.shape[0] or len(self.vit_outputs) != len(self.predictor.config.vit_layers):
+            raise RuntimeError(
+                f"glimpse_ops.hf: the ViT features seen ({encoded} tokens) do not match the prompt's {head_scores.shape[0]} "
+                "image tokens; with a predictor the ViT must run for this prompt (no reused or expanded encoder outputs, no beam search)"
+            )
+        order = window_index(self.grid_thw, merge, vision.window_size, vision.patch_size).to(head_scores.device)
+        features = []
+        for level in self.predictor.config.vit_layers:
+            grouped = self.vit_outputs[level]
+            grouped = grouped.view(-1, merge * merge, grouped.shape[-1]).mean(dim=1)  # window order
+            raster = torch.empty_like(grouped)
+            raster[order] = grouped
+            features.append(raster)
+        grid_hw = [(h // merge, w // merge) for _, h, w in self.grid_thw.tolist()]
+        self.vit_outputs.clear()  # used once: a later prompt must bring its own
+        return self.predictor.vip(head_scores, features, grid_hw)
+
+    def _select_and_compact(self, p: _Prefill, keys: list[Tensor], values: list[Tensor]):
+        S = self.prompt_length
+        probs = torch.sigmoid(self.visual_logits(p, keys[self.layer]))
+        scores = torch.zeros(p.visual.shape, device=probs.device)
+        scores[p.visual] = probs
+        caps = 0
+        if self.max_keep_ratio is not None:  # the release's rule: at most floor(r * Nv), at least 1
+            caps = torch.floor(p.visual.sum(dim=1).double() * self.max_keep_ratio).long().clamp(min=1)
+        new_keys, new_values, index, _, _ = prune_kv(
+            scores, p.visual, [k[:, :, :S] for k in keys], [v[:, :, :S] for v in values], self.threshold, caps,
+            self.min_keep, None, "left",
+        )
+        return new_keys, new_values, index, scores
+
+
+def load_predictor(predictor, model: nn.Module) -> GlimpsePredictor:
+    """A GlimpsePredictor from itself, a .safetensors file (``GlimpsePredictor.save``) or a
+    folder of the GlimpsePrune release."""
+    from pathlib import Path
+
+    if isinstance(predictor, GlimpsePredictor):
+        return predictor
+    path = Path(predictor)
+    if path.is_dir():
+        return GlimpsePredictor.from_release(path, model)
+    if path.suffix == ".safetensors" and path.exists():
+        return GlimpsePredictor.load(path)
+    raise ValueError(f"glimpse_ops.hf.apply_glimpse_prune: predictor must be a GlimpsePredictor, a .safetensors file or a release folder, got {predictor!r}")

@@ -66,3 +66,15 @@ def test_readme_predictor_example_runs_on_a_tiny_model(tmp_path):
     exec(compile("import glimpse_ops.hf\n" + example, "README.md", "exec"), namespace)
     assert namespace["out"].shape[0] == 2
     assert not hasattr(model, "_glimpse_ops_handle")
+
+
+def test_readme_training_example_runs_on_a_tiny_model(tmp_path):
+    pytest.importorskip("transformers")
+    from glimpse_ops.hf import testing
+
+    example = code_blocks("python")[3]
+    example = example.replace("score_layer=18, vit_layers=(31, 23, 15, 7)", "score_layer=3, vit_layers=(1, 0), width=32, cond=32, fuse_heads=2")
+    example = example.replace('"glimpse.safetensors"', repr(str(tmp_path / "glimpse.safetensors")))
+    namespace = {"model": testing.tiny_qwen2_5_vl(), "batches": [testing.qwen_training_batch()]}
+    exec(compile("import glimpse_ops.hf\n" + example, "README.md", "exec"), namespace)
+    assert (tmp_path / "glimpse.safetensors").exists()

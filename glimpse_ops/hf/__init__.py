@@ -11,5 +11,7 @@ patch is applied or a tiny test model is built.
 
 from .adapters import SUPPORTED_MODEL_TYPES
 from .glimpse_prune import GlimpsePruneHandle, apply_glimpse_prune, glimpse_prune
+from .predictor import GlimpsePredictor
+from .train import train_glimpse
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "GlimpsePruneHandle", "apply_glimpse_prune", "glimpse_prune"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "GlimpsePredictor", "GlimpsePruneHandle", "apply_glimpse_prune", "glimpse_prune", "train_glimpse"]

@@ -94,6 +94,13 @@ def qwen_inputs(batch: int = 1, grid: int = 8, text_lengths: list[int] | None = 
     }
 
 
+def qwen_training_batch(batch: int = 2, answer_length: int = 3, seed: int = 0) -> dict:
+    """``qwen_inputs`` plus random ``answer_ids`` [B, answer_length] (a train_glimpse batch)."""
+    x = qwen_inputs(batch=batch, text_lengths=[2 + b for b in range(batch)], seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    return {**x, "answer_ids": torch.randint(3, 200, (batch, answer_length), generator=g)}
+
+
 def llava_inputs(batch: int = 1, text_lengths: list[int] | None = None, seed: int = 0) -> dict:
     """Inputs for ``tiny_llava``: one 16x16 image per sample (64 image tokens), random text."""
     g = torch.Generator().manual_seed(seed)

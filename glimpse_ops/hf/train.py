@@ -1,0 +1,166 @@
+"""Training the glimpse token and the VIP on a user's (image, question, answer) batches.
+
+The LM stays frozen. Without boxes to supervise the VIP, the keep decision is learned from
+the answer itself: the VIP's keep probabilities w enter the frozen model as a soft key mask
+(log w added to the attention logits of the visual keys: renormalized, DynamicViT/ATP
+style), and the loss is the answer's cross entropy plus a budget term |mean w - ratio|.
+Each step runs two forwards:
+
+1. prompt + glimpse through layers 0..K (stopped there), giving w with gradients back to
+   the VIP and, through the glimpse's layer-K logits, to the glimpse token;
+2. prompt + answer through the whole model with the soft mask where inference prunes:
+   every layer for the answer rows (they decode against compacted caches) and layers
+   K+1.. for the prompt rows. The glimpse is absent, as after pruning.
+
+A batch is a dict of the model's prompt inputs (``input_ids`` left padded,
+``attention_mask``, ``pixel_values``, ``image_grid_thw``, ``mm_token_type_ids``) plus
+``answer_ids`` [B, A] (pad with -100).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .adapters import adapter_for
+from .predictor import GlimpsePredictor
+from .predictor_hooks import PredictorPruneHandle
+
+
+class _Stop(Exception):
+    pass
+
+
+def _visual_keep_probs(model: nn.Module, predictor: GlimpsePredictor, prompt: dict) -> tuple[Tensor, Tensor]:
+    """Forward 1: (keep probabilities fp32 [N] over all visual tokens with gradients, visual mask [B, S])."""
+    adapter = adapter_for(model)
+    handle = PredictorPruneHandle(model, adapter, predictor.config.score_layer, None, None, 0, predictor=predictor)
+    K = predictor.config.score_layer
+    result: dict = {}
+
+    def after_k(module, args, kwargs, output):
+        p = handle.prefill
+        keys = kwargs["past_key_values"].layers[K].keys
+        result["probs"] = torch.sigmoid(handle.visual_logits(p, keys))
+        result["visual"] = p.visual
+        raise _Stop
+
+    hooks = [
+        adapter.multimodal.register_forward_pre_hook(handle._on_multimodal, with_kwargs=True),
+        adapter.layers[K].register_forward_pre_hook(handle._before_layer_k, with_kwargs=True),
+        adapter.layers[K].self_attn.q_proj.register_forward_hook(handle._on_q_proj),
+        adapter.layers[K].register_forward_hook(after_k, with_kwargs=True),
+    ]
+    handle.hooks = hooks
+    handle.attach_predictor_hooks(model)
+    try:
+        model(**prompt, use_cache=True)
+    except _Stop:
+        pass
+    finally:
+        for hook in handle.hooks:
+            hook.remove()
+    if "probs" not in result:
+        raise ValueError("glimpse_ops.hf.train_glimpse: the batch has no image tokens")
+    return result["probs"], result["visual"]
+
+
+def soft_masks(valid: Tensor, visual: Tensor, prompt_len: int, weight: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Additive masks [B, 1, T, T] for layers 0..K and K+1.. over prompt + answer (T tokens):
+    causal, no padding keys (each row sees itself), plus log w on the visual keys for the
+    answer rows (both) and for every row (layers K+1..). ``weight`` fp32 [B, T] is 1 off
+    the visual tokens."""
+    T = valid.shape[1]
+    rows = torch.arange(T, device=valid.device)
+    allowed = (valid[:, None, None, :] & (rows[None, :] <= rows[:, None])) | torch.eye(T, dtype=torch.bool, device=valid.device)
+    base = torch.zeros(allowed.shape, dtype=dtype, device=valid.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    log_w = torch.log(weight.clamp_min(1e-6)).to(dtype)[:, None, None, :]  # [B, 1, 1, T]
+    answer_rows = (rows >= prompt_len)[None, None, :, None]
+    early = base + torch.where(answer_rows & allowed, log_w, torch.zeros_like(log_w))
+    late = base + torch.where(allowed, log_w, torch.zeros_like(log_w))
+    return early, late
+
+
+def glimpse_training_loss(
+    model: nn.Module, predictor: GlimpsePredictor, batch: dict, keep_ratio: float, budget_weight: float = 1.0,
+    force_weight: float | None = None,
+) -> tuple[Tensor, dict]:
+    """(answer cross entropy + budget_weight * |mean w - keep_ratio|, info). ``force_weight``
+    replaces w by a constant (a test hook: 1.0 must reproduce the stock model)."""
+    prompt = {k: v for k, v in batch.items() if k != "answer_ids"}
+    answer = batch["answer_ids"]
+    probs, visual = _visual_keep_probs(model, predictor, prompt)
+    B, S = visual.shape
+    if force_weight is not None:
+        probs = torch.full_like(probs, force_weight)
+    weight = torch.ones(B, S + answer.shape[1], device=probs.device)
+    weight[:, :S][visual] = probs
+    ids = torch.cat([prompt["input_ids"], answer.clamp(min=0)], dim=1)
+    valid = torch.cat([prompt["attention_mask"].bool(), torch.ones_like(answer, dtype=torch.bool)], dim=1)
+    inputs = dict(prompt, input_ids=ids, attention_mask=valid.long())
+    if "mm_token_type_ids" in prompt:
+        inputs["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(answer)], dim=1)
+    dtype = next(model.parameters()).dtype
+    early, late = soft_masks(valid, torch.cat([visual, torch.zeros_like(answer, dtype=torch.bool)], dim=1), S, weight, dtype)
+    K = predictor.config.score_layer
+    layers = adapter_for(model).layers
+
+    def set_mask(index: int):
+        def hook(module, args, kwargs):
+            kwargs["attention_mask"] = early if index <= K else late
+            return args, kwargs
+        return hook
+
+    hooks = [layer.register_forward_pre_hook(set_mask(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        logits = model(**inputs, use_cache=False).logits
+    finally:
+        for hook in hooks:
+            hook.remove()
+    answer_logits = logits[:, S - 1 : S - 1 + answer.shape[1]]  # position S-1+i predicts answer token i
+    ce = F.cross_entropy(answer_logits.float().reshape(-1, logits.shape[-1]), answer.reshape(-1), ignore_index=-100)
+    kept = probs.mean()
+    loss = ce + budget_weight * (kept - keep_ratio).abs()
+    return loss, {"answer_ce": ce.detach(), "kept_fraction": kept.detach(), "logits": answer_logits.detach()}
+
+
+def train_glimpse(
+    model: nn.Module,
+    predictor: GlimpsePredictor,
+    batches: Iterable[dict],
+    keep_ratio: float = 0.1,
+    lr: float = 1e-4,
+    budget_weight: float = 1.0,
+    save_to: str | Path | None = None,
+    progress: Callable[[str], None] | None = print,
+) -> GlimpsePredictor:
+    """Train ``predictor`` (the glimpse token and the VIP) on ``batches`` with the LM frozen;
+    one optimizer step per batch; saves safetensors to ``save_to`` when given."""
+    if adapter_for(model).model_type != "qwen2_5_vl":
+        raise TypeError("glimpse_ops.hf.train_glimpse: trained GlimpsePrune needs a Qwen2.5-VL model")
+    frozen = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    device = next(model.parameters()).device
+    predictor.to(device).train()
+    opt = torch.optim.AdamW(predictor.parameters(), lr=lr, weight_decay=0.0)
+    try:
+        for step, batch in enumerate(batches):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss, info = glimpse_training_loss(model, predictor, batch, keep_ratio, budget_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if progress is not None:
+                progress(f"train_glimpse step {step + 1}: loss {loss.item():.4f} answer CE {info['answer_ce'].item():.4f} "
+                         f"kept {info['kept_fraction'].item():.1%}")
+    finally:
+        for p, flag in zip(model.parameters(), frozen):
+            p.requires_grad_(flag)
+        predictor.eval()
+    if save_to is not None:
+        predictor.save(save_to)
+    return predictor

@@ -10,8 +10,9 @@ patch is applied or a tiny test model is built.
 """
 
 from .adapters import SUPPORTED_MODEL_TYPES
+from .atp import ATPHandle, apply_atp
 from .glimpse_prune import GlimpsePruneHandle, apply_glimpse_prune, glimpse_prune
 from .predictor import GlimpsePredictor
 from .train import train_glimpse
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "GlimpsePredictor", "GlimpsePruneHandle", "apply_glimpse_prune", "glimpse_prune", "train_glimpse"]
+__all__ = ["ATPHandle", "SUPPORTED_MODEL_TYPES", "apply_atp", "GlimpsePredictor", "GlimpsePruneHandle", "apply_glimpse_prune", "glimpse_prune", "train_glimpse"]

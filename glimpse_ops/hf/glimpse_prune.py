@@ -212,7 +212,7 @@ def apply_glimpse_prune(
     ``threshold=None`` with ``max_keep_ratio=1.0`` keeps every token.
     """
     require_transformers()
-    if getattr(model, _HANDLE_ATTR, None) is not None:
+    if getattr(model, _HANDLE_ATTR, None) is not None or getattr(model, "_glimpse_ops_atp_handle", None) is not None:
         raise RuntimeError("glimpse_ops.hf.apply_glimpse_prune: the model is already patched; call remove() on its handle first")
     adapter = adapter_for(model)
     if adapter.attn_implementation not in SUPPORTED_ATTENTION:

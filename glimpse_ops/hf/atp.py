@@ -1,0 +1,272 @@
+"""ATP (adaptive token pruning) on HF Qwen2.5-VL / Qwen2-VL / LLaVA instances.
+
+The stages are ``glimpse_ops.lvlm.atp.ATPStage`` (redundancy from ``attention_column_scores``,
+nested-grid spatial score, per-instance thresholds; see that module for the choices). The
+text model's attention runs through a registered attention function, ``glimpse_atp``
+(with ``sdpa_mask`` registered as its mask function), which the handle switches on:
+
+* ``mode="train"``: from the first stage layer on, attention is ``soft_mask_attention``
+  with the running keep weights (a stage multiplies in sigmoid(tau z) for the visual
+  tokens); gradients reach the threshold MLPs; ``handle.kept`` holds the soft kept counts
+  of the last forward and ``handle.budget_loss(target)`` the budget term.
+* ``mode="infer"``: at each stage ``prune_kv`` compacts that layer's cache and the layer's
+  output hidden states are gathered; later layers run on the kept tokens with their
+  original positions; each layer's cache keeps its own length and decoding masks each
+  layer with its own validity.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .. import gather_tokens, prune_kv, soft_mask_attention
+from ..lvlm.atp import TAU, ATPStage
+from ._compat import require_transformers
+from .adapters import Adapter, adapter_for
+
+ATTENTION_NAME = "glimpse_atp"
+_HANDLE_ATTR = "_glimpse_ops_atp_handle"
+
+
+def spatial_scores(h: int, w: int) -> Tensor:
+    """fp32 [h * w] in (0, 1], raster order: the coarsest power-of-two stride whose grid holds
+    the token, over the coarsest stride that fits the shorter side."""
+    coarsest = 1 << (min(h, w).bit_length() - 1)
+    rows, cols = torch.arange(h).repeat_interleave(w), torch.arange(w).repeat(h)
+    stride = torch.ones(h * w)
+    s = 2
+    while s <= coarsest:
+        stride = torch.where((rows % s == 0) & (cols % s == 0), torch.tensor(float(s)), stride)
+        s *= 2
+    return stride / coarsest
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION_NAME, _atp_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+def _atp_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask, scaling=None, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    handle = getattr(module, _HANDLE_ATTR, None)
+    if handle is None or handle.state is None or module.layer_idx < handle.first:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    return handle.attend(module.layer_idx, query, key, value, scaling), None
+
+
+@dataclass
+class _State:
+    """One prompt's running state (created at prefill, kept through decoding)."""
+
+    valid: Tensor  # [B, S] for the current (possibly compacted) sequence
+    visual: Tensor
+    spatial: Tensor | None  # fp32 [B, S], filled at the first stage
+    weight: Tensor | None = None  # soft keep weights [B, S] (train)
+    cos_sin: tuple | None = None  # position embeddings of the current sequence (infer)
+    index: Tensor | None = None  # the latest stage's kept positions (infer)
+    layer_valid: dict = field(default_factory=dict)  # per-layer key validity for decoding (infer)
+
+
+@dataclass
+class ATPHandle:
+    model: nn.Module
+    adapter: Adapter
+    stages: nn.ModuleDict
+    mode: str
+    previous_attention: str
+    hooks: list = field(default_factory=list)
+    state: _State | None = None
+    cache: object = None
+    grid: list | None = None
+    kept: Tensor | None = None  # [B] visual tokens kept after the last stage (soft sums in train mode)
+    kept_per_layer: list = field(default_factory=list)
+    hard: bool = False  # train mode with 0/1 masks (z > 0): equals mode="infer" on the kept tokens
+
+    @property
+    def first(self) -> int:
+        return min(int(k) for k in self.stages)
+
+    def parameters(self):
+        return self.stages.parameters()
+
+    def budget_loss(self, target: float) -> Tensor:
+        """|mean kept visual tokens - target| / Nv of the last training forward."""
+        n_visual = self.state.visual.sum(dim=1).float().mean()
+        return (self.kept.float().mean() - target).abs() / n_visual
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks.clear()
+        for layer in self.adapter.layers:
+            layer.self_attn.__dict__.pop(_HANDLE_ATTR, None)
+        self.model.set_attn_implementation({"text_config": self.previous_attention})
+        if getattr(self.model, _HANDLE_ATTR, None) is self:
+            delattr(self.model, _HANDLE_ATTR)
+        self.state = None
+
+    # --- prefill bookkeeping ------------------------------------------------------------------
+    def _on_vit(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        merge = self.model.config.vision_config.spatial_merge_size
+        self.grid = None if grid is None else [(h // merge, w // merge) for _, h, w in grid.tolist()]
+
+    def _on_multimodal(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("past_key_values")
+        if input_ids is None or (cache is not None and cache.get_seq_length() > 0) or input_ids.shape[1] < 2:
+            return  # decoding: keep the prompt's state
+        visual = input_ids == self.adapter.image_token_id
+        mask = kwargs.get("attention_mask")
+        valid = torch.ones_like(visual) if mask is None else mask.bool()
+        self.state = _State(valid=valid, visual=visual & valid, spatial=None)
+        self.kept_per_layer = []
+
+    def _spatial(self, visual: Tensor) -> Tensor:
+        """Spatial scores [B, S] at the visual positions (the ViT has run by the first stage)."""
+        n = int(visual.sum())
+        if self.adapter.model_type == "llava":
+            side = math.isqrt(self.model.config.image_seq_length)
+            per_image = [(side, side)] * (n // (side * side))
+        else:
+            per_image = self.grid or []
+        spatial_visual = torch.cat([spatial_scores(h, w) for h, w in per_image]) if per_image else torch.zeros(0)
+        if spatial_visual.numel() != n:
+            raise RuntimeError(f"glimpse_ops.hf.apply_atp: {n} image tokens but the image grids give {spatial_visual.numel()}")
+        spatial = torch.zeros(visual.shape, device=visual.device)
+        spatial[visual] = spatial_visual.to(visual.device)
+        return spatial
+
+    def _before_layer(self, index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict):
+            self.cache = kwargs.get("past_key_values")
+            s = self.state
+            if self.mode != "infer" or s is None or not _is_prefill(args, kwargs) or index < self.first:
+                return None
+            if index == self.first:
+                s.cos_sin = kwargs["position_embeddings"]
+                return None
+            kwargs["position_embeddings"] = s.cos_sin  # the kept tokens' original positions
+            kwargs["position_ids"] = None
+            return args, kwargs
+        return hook
+
+    def _after_stage(self, index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output):
+            s = self.state
+            if self.mode != "infer" or s is None or s.index is None:
+                return output
+            hidden = output[0] if isinstance(output, tuple) else output
+            hidden = gather_tokens(hidden, s.index, 0.0)
+            s.index = None
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+        return hook
+
+    # --- attention ----------------------------------------------------------------------------
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scaling) -> Tensor:
+        """[B, H, Sq, D] queries against this layer's keys -> [B, Sq, H, D] (HF's layout)."""
+        s = self.state
+        if s.spatial is None:
+            s.spatial = self._spatial(s.visual)
+        if self.mode == "train":
+            if q.shape[2] != k.shape[2]:
+                raise RuntimeError("glimpse_ops.hf.apply_atp: mode='train' runs whole sequences (no cache reuse)")
+            if s.weight is None:
+                s.weight = torch.ones(s.visual.shape, device=q.device)
+            if str(layer) in self.stages:
+                z, _ = self.stages[str(layer)](q, k, s.valid, s.visual, s.visual & (s.weight > 0.5), s.spatial)
+                mask = (z > 0).float() if self.hard else torch.sigmoid(TAU * z)
+                s.weight = s.weight * torch.where(s.visual, mask, torch.ones_like(z))
+            self.kept = (s.weight * s.visual).sum(dim=1)
+            self.kept_per_layer.append(self.kept)
+            out = soft_mask_attention(q, k, v, s.weight.to(q.dtype), s.valid, True, scaling)
+            return out.transpose(1, 2)
+        if q.shape[2] == 1 and k.shape[2] > 1 and layer in s.layer_valid:  # decoding
+            valid = torch.cat([s.layer_valid[layer], torch.ones_like(s.layer_valid[layer][:, :1])], dim=1)
+            s.layer_valid[layer] = valid
+            return _sdpa(q, k, v, valid[:, None, None, :], scaling)
+        if str(layer) in self.stages:
+            # Prune this layer's keys and values; every incoming row still gets an output
+            # (the layer's forward hook then keeps the rows of the kept tokens).
+            z, _ = self.stages[str(layer)](q, k, s.valid, s.visual, s.visual, s.spatial)
+            scores = torch.where(s.visual, z, torch.zeros_like(z))
+            (k,), (v,), index, _, _ = prune_kv(scores, s.visual, [k], [v], 0.0, 0, 0, None, "left")
+            cache_layer = self.cache.layers[layer]
+            cache_layer.keys, cache_layer.values = k, v
+            S = q.shape[2]
+            rows = torch.arange(S, device=q.device)[:, None]
+            key_valid = gather_tokens(s.valid, index, False)
+            allowed = (key_valid[:, None, :] & (index[:, None, :] <= rows)) | (index[:, None, :] == rows)
+            s.index = index
+            s.valid, s.visual = key_valid, gather_tokens(s.visual, index, False)
+            s.spatial = gather_tokens(s.spatial, index, 0.0)
+            cos, sin = s.cos_sin
+            s.cos_sin = (_gather_rope(cos, index), _gather_rope(sin, index))
+            s.layer_valid[layer] = s.valid
+            self.kept = s.visual.sum(dim=1)
+            self.kept_per_layer.append(self.kept)
+            return _sdpa(q, k, v, allowed[:, None], scaling)
+        L = k.shape[2]
+        rows = torch.arange(L, device=q.device)
+        allowed = (s.valid[:, None, None, :] & (rows[None, :] <= rows[:, None])) | torch.eye(L, dtype=torch.bool, device=q.device)
+        s.layer_valid[layer] = s.valid
+        self.kept_per_layer.append(s.visual.sum(dim=1))
+        return _sdpa(q, k, v, allowed, scaling)
+
+
+def _is_prefill(args: tuple, kwargs: dict) -> bool:
+    hidden = args[0] if args else kwargs["hidden_states"]
+    return hidden.shape[1] > 1
+
+
+def _gather_rope(table: Tensor, index: Tensor) -> Tensor:
+    return gather_tokens(table.expand(index.shape[0], -1, -1), index, 0.0)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scaling) -> Tensor:
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+def apply_atp(model: nn.Module, layers: tuple[int, ...], mode: str = "infer", stages: nn.ModuleDict | None = None) -> ATPHandle:
+    """Patch a Qwen2.5-VL / Qwen2-VL / LLaVA instance with ATP stages at the given decoder
+    ``layers``. ``mode``: "train" (soft masks, differentiable) or "infer" (hard pruning).
+    ``stages`` reuses trained stages (``handle.stages`` of an earlier handle). Returns a
+    handle whose ``remove()`` restores the model."""
+    require_transformers()
+    if mode not in ("train", "infer"):
+        raise ValueError(f"glimpse_ops.hf.apply_atp: mode must be 'train' or 'infer', got {mode!r}")
+    if getattr(model, _HANDLE_ATTR, None) is not None or getattr(model, "_glimpse_ops_handle", None) is not None:
+        raise RuntimeError("glimpse_ops.hf.apply_atp: the model is already patched; call remove() on its handle first")
+    adapter = adapter_for(model)
+    n_layers = len(adapter.layers)
+    if not layers or list(layers) != sorted(set(layers)) or layers[0] < 0 or layers[-1] >= n_layers:
+        raise ValueError(f"glimpse_ops.hf.apply_atp: layers must be increasing decoder layers in [0, {n_layers}), got {layers}")
+    if stages is None:
+        device = next(model.parameters()).device
+        stages = nn.ModuleDict({str(layer): ATPStage(layer) for layer in layers}).to(device)
+    elif sorted(int(k) for k in stages) != list(layers):
+        raise ValueError(f"glimpse_ops.hf.apply_atp: the given stages are for layers {sorted(int(k) for k in stages)}, not {layers}")
+    _register_attention()
+    handle = ATPHandle(model, adapter, stages, mode, adapter.attn_implementation)
+    model.set_attn_implementation({"text_config": ATTENTION_NAME})
+    for layer in adapter.layers:
+        layer.self_attn.__dict__[_HANDLE_ATTR] = handle
+    handle.hooks.append(adapter.multimodal.register_forward_pre_hook(handle._on_multimodal, with_kwargs=True))
+    visual = getattr(model.model, "visual", None)
+    if visual is not None:
+        handle.hooks.append(visual.register_forward_pre_hook(handle._on_vit, with_kwargs=True))
+    for index, layer in enumerate(adapter.layers):
+        handle.hooks.append(layer.register_forward_pre_hook(handle._before_layer(index), with_kwargs=True))
+        if str(index) in stages:
+            handle.hooks.append(layer.register_forward_hook(handle._after_stage(index), with_kwargs=True))
+    setattr(model, _HANDLE_ATTR, handle)
+    return handle

@@ -38,6 +38,7 @@ from timing import time_ms
 import torch.nn.functional as F
 
 from glimpse_ops.lvlm import LVLM, ATPPruner, GlimpsePruner, LVLMConfig, qwen2_5_vl_7b_shapes
+from glimpse_ops.lvlm.decoder import attention_mask
 from glimpse_ops.lvlm.model import Compacted, Prefix, finish_compacted
 from glimpse_ops.lvlm.task import BOS, IMAGE
 from glimpse_ops.progress import Progress
@@ -256,9 +257,10 @@ def train_cases(device: str, smoke: bool) -> list[E2ECase]:
 def sdpa_dense_soft_mask(q: Tensor, k: Tensor, v: Tensor, weight: Tensor, key_mask: Tensor, causal: bool) -> Tensor:
     """The peer: soft key weights as a dense additive log-weight mask [B, 1, S, S] in SDPA."""
     B, S = weight.shape
-    rows = torch.arange(S, device=q.device)
-    allowed = key_mask[:, None, None, :] & (rows[None, :] <= rows[:, None] if causal else True)
-    allowed = allowed | torch.eye(S, dtype=torch.bool, device=q.device)  # rows with no key stay finite
+    if causal:  # causal, no padding keys, each row sees itself (rows with no key stay finite)
+        allowed = attention_mask(key_mask, S)
+    else:
+        allowed = key_mask[:, None, None, :] | torch.eye(S, dtype=torch.bool, device=q.device)
     bias = torch.log(weight.to(q.dtype))[:, None, None, :].expand(B, 1, S, S).masked_fill(~allowed, float("-inf"))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
 

@@ -24,25 +24,14 @@ import torch
 from torch import Tensor, nn
 
 from .. import gather_tokens, prune_kv, soft_mask_attention
-from ..lvlm.atp import TAU, ATPStage
+from ..lvlm.atp import TAU, ATPStage, spatial_scores
+from ..lvlm.decoder import attention_mask
 from ._compat import require_transformers
 from .adapters import Adapter, adapter_for
+from .glimpse_prune import gather_rope
 
 ATTENTION_NAME = "glimpse_atp"
 _HANDLE_ATTR = "_glimpse_ops_atp_handle"
-
-
-def spatial_scores(h: int, w: int) -> Tensor:
-    """fp32 [h * w] in (0, 1], raster order: the coarsest power-of-two stride whose grid holds
-    the token, over the coarsest stride that fits the shorter side."""
-    coarsest = 1 << (min(h, w).bit_length() - 1)
-    rows, cols = torch.arange(h).repeat_interleave(w), torch.arange(w).repeat(h)
-    stride = torch.ones(h * w)
-    s = 2
-    while s <= coarsest:
-        stride = torch.where((rows % s == 0) & (cols % s == 0), torch.tensor(float(s)), stride)
-        s *= 2
-    return stride / coarsest
 
 
 def _register_attention() -> None:
@@ -209,14 +198,12 @@ class ATPHandle:
             s.valid, s.visual = key_valid, gather_tokens(s.visual, index, False)
             s.spatial = gather_tokens(s.spatial, index, 0.0)
             cos, sin = s.cos_sin
-            s.cos_sin = (_gather_rope(cos, index), _gather_rope(sin, index))
+            s.cos_sin = (gather_rope(cos, index), gather_rope(sin, index))
             s.layer_valid[layer] = s.valid
             self.kept = s.visual.sum(dim=1)
             self.kept_per_layer.append(self.kept)
             return _sdpa(q, k, v, allowed[:, None], scaling)
-        L = k.shape[2]
-        rows = torch.arange(L, device=q.device)
-        allowed = (s.valid[:, None, None, :] & (rows[None, :] <= rows[:, None])) | torch.eye(L, dtype=torch.bool, device=q.device)
+        allowed = attention_mask(s.valid, k.shape[2])
         s.layer_valid[layer] = s.valid
         self.kept_per_layer.append(s.visual.sum(dim=1))
         return _sdpa(q, k, v, allowed, scaling)
@@ -225,10 +212,6 @@ class ATPHandle:
 def _is_prefill(args: tuple, kwargs: dict) -> bool:
     hidden = args[0] if args else kwargs["hidden_states"]
     return hidden.shape[1] > 1
-
-
-def _gather_rope(table: Tensor, index: Tensor) -> Tensor:
-    return gather_tokens(table.expand(index.shape[0], -1, -1), index, 0.0)
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scaling) -> Tensor:

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import gather_tokens
+from ..lvlm.decoder import attention_mask
 from .. import glimpse_prune as glimpse_prune_op
 from ._compat import require_transformers
 from .adapters import Adapter, adapter_for
@@ -118,9 +119,9 @@ class GlimpsePruneHandle:
         p.index = index
         valid = gather_tokens(p.valid, index, False)
         p.kept_visual = gather_tokens(p.visual, index, False).sum(dim=1)
-        p.mask = _layer_mask(valid, hidden.dtype, self.adapter.attn_implementation)
+        p.mask = layer_mask(valid, hidden.dtype, self.adapter.attn_implementation)
         cos, sin = p.cos_sin
-        p.cos_sin = (_gather_rope(cos, index), _gather_rope(sin, index))
+        p.cos_sin = (gather_rope(cos, index), gather_rope(sin, index))
         self.last_kept_visual, self.last_index, self.last_scores = p.kept_visual, index, scores
         self._compacted_valid = valid
         hidden = gather_tokens(hidden, index, 0.0)
@@ -166,20 +167,17 @@ class GlimpsePruneHandle:
         self.model._update_model_kwargs_for_generation = update
 
 
-def _gather_rope(table: Tensor, index: Tensor) -> Tensor:
+def gather_rope(table: Tensor, index: Tensor) -> Tensor:
     """cos/sin [B or 1, S, D] (or [3, B, S, D] on older Qwen layouts) gathered along S."""
     if table.dim() == 4:
-        return torch.stack([_gather_rope(t, index) for t in table])
+        return torch.stack([gather_rope(t, index) for t in table])
     return gather_tokens(table.expand(index.shape[0], -1, -1), index, 0.0)
 
 
-def _layer_mask(valid: Tensor, dtype: torch.dtype, implementation: str) -> Tensor:
+def layer_mask(valid: Tensor, dtype: torch.dtype, implementation: str) -> Tensor:
     """The 4-D mask [B, 1, L, L] for the compacted prompt: causal, no padding keys, and
     each row sees itself (padding rows stay finite). bool for sdpa, additive for eager."""
-    L = valid.shape[1]
-    rows = torch.arange(L, device=valid.device)
-    allowed = valid[:, None, None, :] & (rows[None, :] <= rows[:, None])
-    allowed = allowed | torch.eye(L, dtype=torch.bool, device=valid.device)
+    allowed = attention_mask(valid, valid.shape[1])
     if implementation == "sdpa":
         return allowed
     return torch.zeros(allowed.shape, dtype=dtype, device=valid.device).masked_fill(~allowed, torch.finfo(dtype).min)

@@ -24,20 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-
-
-def _rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+from ..lvlm.decoder import RMSNorm, apply_rope
 
 
 def grid_rope(grid_hw: list[tuple[int, int]], head_dim: int, device) -> tuple[Tensor, Tensor]:
@@ -69,9 +56,8 @@ class CondAttention(nn.Module):
         q = self.q_proj(qk).view(N, self.heads, -1)
         k = self.k_proj(qk).view(N, self.heads, -1)
         v = self.v_proj(x).view(N, self.heads, -1)
-        cos, sin = (t[:, None].float() for t in rope)
-        q = (q.float() * cos + _rotate_half(q.float()) * sin).to(x.dtype)
-        k = (k.float() * cos + _rotate_half(k.float()) * sin).to(x.dtype)
+        cos, sin = (t[:, None].float() for t in rope)  # shared by the heads
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         outs = [
             F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1)).transpose(0, 1)
             for qi, ki, vi in zip(q.split(sizes), k.split(sizes), v.split(sizes))

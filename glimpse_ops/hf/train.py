@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..lvlm.decoder import attention_mask
 from .adapters import adapter_for
+from .glimpse_prune import layer_mask
 from .predictor import GlimpsePredictor
 from .predictor_hooks import PredictorPruneHandle
 
@@ -76,8 +78,8 @@ def soft_masks(valid: Tensor, visual: Tensor, prompt_len: int, weight: Tensor, d
     the visual tokens."""
     T = valid.shape[1]
     rows = torch.arange(T, device=valid.device)
-    allowed = (valid[:, None, None, :] & (rows[None, :] <= rows[:, None])) | torch.eye(T, dtype=torch.bool, device=valid.device)
-    base = torch.zeros(allowed.shape, dtype=dtype, device=valid.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    allowed = attention_mask(valid, T)
+    base = layer_mask(valid, dtype, "eager")
     log_w = torch.log(weight.clamp_min(1e-6)).to(dtype)[:, None, None, :]  # [B, 1, 1, T]
     answer_rows = (rows >= prompt_len)[None, None, :, None]
     early = base + torch.where(answer_rows & allowed, log_w, torch.zeros_like(log_w))

@@ -14,8 +14,8 @@ module does, and the choices made where the sources are silent:
   (causal, padding and already-pruned keys excluded), each normalized to a share over the
   live visual tokens; their mean, divided by its maximum, lies in (0, 1].
 * **Spatial score.** Uniform sampling at nested strides: a token on the stride-2^k grid
-  (largest k) scores 2^k / 2^K where 2^K is the coarsest stride, so lowering the spatial
-  threshold keeps a denser uniform subsample.
+  (largest k) scores 2^k / 2^K, 2^K being the coarsest stride that fits the shorter
+  side, so lowering the spatial threshold keeps a denser uniform subsample.
 * **Thresholds.** Per instance from an MLP over four statistics of the shares (the
   normalized entropies and the maxima of the cross and self shares): (theta_r, theta_s) =
   sigmoid(MLP(.)).
@@ -50,12 +50,14 @@ from .model import LVLM, DecodeState, positions_from_mask
 TAU = 10.0
 
 
-def spatial_scores(grid: int) -> Tensor:
-    """fp32 [grid * grid] in (0, 1], raster order: the coarsest power-of-two stride whose
-    grid contains the token, over the coarsest stride that fits the grid."""
-    coarsest = 1 << (grid.bit_length() - 1)
-    rows, cols = torch.arange(grid).repeat_interleave(grid), torch.arange(grid).repeat(grid)
-    stride = torch.ones(grid * grid)
+def spatial_scores(height: int, width: int | None = None) -> Tensor:
+    """fp32 [height * width] in (0, 1], raster order (``width`` defaults to ``height``): the
+    coarsest power-of-two stride whose grid contains the token, over the coarsest stride
+    that fits the shorter side."""
+    width = height if width is None else width
+    coarsest = 1 << (min(height, width).bit_length() - 1)
+    rows, cols = torch.arange(height).repeat_interleave(width), torch.arange(width).repeat(height)
+    stride = torch.ones(height * width)
     s = 2
     while s <= coarsest:
         stride = torch.where((rows % s == 0) & (cols % s == 0), torch.tensor(float(s)), stride)

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 import peers
-from timing import time_ms
+from timing import peak_mib, sync, time_ms
 
 import torch.nn.functional as F
 
@@ -136,35 +136,18 @@ def _build_model(config: LVLMConfig, device: str, dtype: torch.dtype) -> LVLM:
         return LVLM(config).to(dtype)
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def _decode_tokens_per_s(prefill: Callable[[], tuple], model: LVLM, steps: int, batch: int, device: str, reps: int) -> float:
     rates = []
     for _ in range(reps):
         logits, state = prefill()[:2]
         token = logits.argmax(-1)
-        _sync(device)
+        sync(device)
         begin = time.perf_counter()
         for _ in range(steps):
             token = model.decode_step(token, state).argmax(-1)
-        _sync(device)
+        sync(device)
         rates.append(batch * steps / (time.perf_counter() - begin))
     return statistics.median(rates)
-
-
-def _peak_mib(fn: Callable[[], object], device: str) -> float | None:
-    if device != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
 
 
 def _check(ours: Compacted, eager: Compacted, logits_ours: Tensor, logits_eager: Tensor) -> tuple[bool, str]:
@@ -204,7 +187,7 @@ def run_e2e_case(case: E2ECase, device: str, budget_s: float, progress: Progress
                 progress.step(f"{case.name()} {name}: FAILED GATE")
                 continue
             try:
-                row["peak_mib"] = _peak_mib(prefill, device)
+                row["peak_mib"] = peak_mib(prefill, device)
                 row["prefill_ms"] = time_ms(prefill, device, budget_s)["p50"]
                 state = prefill()[1]
                 row["kv_cache_bytes"] = state.cache_bytes()
@@ -303,7 +286,7 @@ def run_train_case(case: E2ECase, device: str, budget_s: float, progress: Progre
             row["error"] = f"failed the correctness gate: {note}"
         else:
             try:
-                row["peak_mib"] = _peak_mib(fn, device)
+                row["peak_mib"] = peak_mib(fn, device)
                 row["step_ms"] = time_ms(fn, device, budget_s)["p50"]
             except torch.OutOfMemoryError as exc:
                 row["error"] = f"out of memory: {str(exc)[:200]}"

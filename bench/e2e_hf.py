@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 import peers
-from timing import time_ms
+from timing import peak_mib, sync, time_ms
 
 from glimpse_ops.hf import apply_glimpse_prune
 from glimpse_ops.hf.glimpse_prune import GlimpsePruneHandle, _Prefill
@@ -135,11 +135,6 @@ def _prefix_fn(model, inputs: dict, layer: int) -> Callable[[], None]:
     return run
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def run_hf_case(case: HFCase, device: str, budget_s: float, progress: Progress) -> list[dict]:
     model = build_model(case, device)
     inputs = make_inputs(case, device)
@@ -172,7 +167,7 @@ def run_hf_case(case: HFCase, device: str, budget_s: float, progress: Progress) 
                     cache = out.past_key_values
                     row["kv_cache_bytes"] = sum(lay.keys.numel() * lay.keys.element_size() * 2 for lay in cache.layers)
                     del out, cache
-                    row["peak_mib"] = _peak_mib(prefill, device)
+                    row["peak_mib"] = peak_mib(prefill, device)
                     row["prefill_ms"] = time_ms(prefill, device, budget_s)["p50"]
                     row["layers_0_to_k_ms"] = time_ms(_prefix_fn(model, inputs, layer), device, budget_s)["p50"]
                     row["decode_tok_s"] = _decode_rate(model, inputs, case, row["prefill_ms"], device)
@@ -200,25 +195,13 @@ def _decode_rate(model, inputs: dict, case: HFCase, prefill_ms: float, device: s
     """Decode tokens/s: (generate time - prefill time) over the tokens after the first."""
     times = []
     for _ in range(3):
-        _sync(device)
+        sync(device)
         begin = time.perf_counter()
         model.generate(**inputs, max_new_tokens=case.decode_steps, min_new_tokens=case.decode_steps, do_sample=False)
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - begin)
     decode_s = max(statistics.median(times) - prefill_ms * 1e-3, 1e-9)
     return case.batch * (case.decode_steps - 1) / decode_s
-
-
-def _peak_mib(fn: Callable[[], object], device: str) -> float | None:
-    if device != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
 
 
 def print_hf_table(rows: list[dict]) -> None:

@@ -273,6 +273,25 @@ def write_results(args: argparse.Namespace, machine: dict, extra: dict, rows: li
     print(f"\nwrote {out}")
 
 
+def run_each(cases: list, run_case: Callable, device: str, budget: float, progress: Progress) -> list[dict]:
+    """run_case(case, device, budget, progress) for each end-to-end case, in order."""
+    rows: list[dict] = []
+    for case in cases:
+        rows += run_case(case, device, budget, progress)
+        if device == "cuda":
+            torch.cuda.empty_cache()  # the case's model is gone; give its memory back before the next one
+    return rows
+
+
+def gate_exit_code(rows: list[dict]) -> int:
+    """1 (with a line on stderr) when a provider failed its correctness gate, else 0."""
+    failed = [r for r in rows if "failed the correctness gate" in r.get("error", "")]
+    if failed:
+        print(f"{len(failed)} provider(s) failed the correctness gate", file=sys.stderr)
+        return 1
+    return 0
+
+
 def run_e2e_hf(args: argparse.Namespace, device: str, budget: float) -> int:
     from e2e_hf import hf_cases, print_hf_table, run_hf_case
 
@@ -281,18 +300,10 @@ def run_e2e_hf(args: argparse.Namespace, device: str, budget: float) -> int:
     print(f"glimpse-ops HF end-to-end bench on {machine['device']} (torch {machine['torch']}, git {str(machine['git_sha'])[:10]}): "
           f"{len(cases)} cases, 3 providers")
     progress = Progress(3 * len(cases))
-    rows: list[dict] = []
-    for case in cases:
-        rows += run_hf_case(case, device, budget, progress)
-        if device == "cuda":
-            torch.cuda.empty_cache()
+    rows = run_each(cases, run_hf_case, device, budget, progress)
     print_hf_table(rows)
     write_results(args, machine, {}, rows, "-e2e-hf")
-    failed = [r for r in rows if "failed the correctness gate" in r.get("error", "")]
-    if failed:
-        print(f"{len(failed)} provider(s) failed the correctness gate", file=sys.stderr)
-        return 1
-    return 0
+    return gate_exit_code(rows)
 
 
 def run_e2e(args: argparse.Namespace, device: str, budget: float) -> int:
@@ -303,25 +314,13 @@ def run_e2e(args: argparse.Namespace, device: str, budget: float) -> int:
     print(f"glimpse-ops end-to-end bench on {machine['device']} (torch {machine['torch']}, git {str(machine['git_sha'])[:10]}): "
           f"{len(cases)} inference cases, {len(training)} training cases, 3 providers each")
     progress = Progress(3 * (len(cases) + len(training)))
-    rows: list[dict] = []
-    for case in cases:
-        rows += run_e2e_case(case, device, budget, progress)
-        if device == "cuda":
-            torch.cuda.empty_cache()  # the case's model is gone; give its memory back before the next one
-    train_rows: list[dict] = []
-    for case in training:
-        train_rows += run_train_case(case, device, budget, progress)
-        if device == "cuda":
-            torch.cuda.empty_cache()
+    rows = run_each(cases, run_e2e_case, device, budget, progress)
+    train_rows = run_each(training, run_train_case, device, budget, progress)
     print_e2e_table(rows)
     print_train_table(train_rows)
     rows += train_rows
     write_results(args, machine, {}, rows, "-e2e")
-    failed = [r for r in rows if "failed the correctness gate" in r.get("error", "")]
-    if failed:
-        print(f"{len(failed)} provider(s) failed the correctness gate", file=sys.stderr)
-        return 1
-    return 0
+    return gate_exit_code(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -372,12 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += run_attention_case(case, device, budget, progress, gates)
     rows += [{"case": c.as_dict(), "name": c.name(), "provider": "-", "error": "skipped: inputs exceed the memory limit"} for c in skipped]
     print_table(rows, device)
-    failed = [r for r in rows if "failed the correctness gate" in r.get("error", "")]
     write_results(args, machine, {"copy_gbs": copy_gbs}, rows, "")
-    if failed:
-        print(f"{len(failed)} provider(s) failed the correctness gate", file=sys.stderr)
-        return 1
-    return 0
+    return gate_exit_code(rows)
 
 
 if __name__ == "__main__":

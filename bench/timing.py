@@ -59,6 +59,24 @@ def measure(fn: Callable[[], object], device: str, budget_s: float) -> dict[str,
     return stats
 
 
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_mib(fn: Callable[[], object], device: str) -> float | None:
+    """Peak memory one call of ``fn`` allocates above what was live before (GPU; None on CPU)."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
+
+
 def gate_failed(row: dict, note: str, progress: Progress) -> None:
     """Record a provider that failed the correctness gate (it gets no time)."""
     row["error"] = f"failed the correctness gate: {note}"

@@ -28,7 +28,7 @@ from ..lvlm.atp import TAU, ATPStage, spatial_scores
 from ..lvlm.decoder import attention_mask
 from ._compat import require_transformers
 from .adapters import Adapter, adapter_for
-from .glimpse_prune import gather_rope
+from .glimpse_prune import gather_rope, prefill_masks, vit_grid
 
 ATTENTION_NAME = "glimpse_atp"
 _HANDLE_ATTR = "_glimpse_ops_atp_handle"
@@ -104,19 +104,16 @@ class ATPHandle:
 
     # --- prefill bookkeeping ------------------------------------------------------------------
     def _on_vit(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        grid = vit_grid(args, kwargs)
         merge = self.model.config.vision_config.spatial_merge_size
         self.grid = None if grid is None else [(h // merge, w // merge) for _, h, w in grid.tolist()]
 
     def _on_multimodal(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("past_key_values")
-        if input_ids is None or (cache is not None and cache.get_seq_length() > 0) or input_ids.shape[1] < 2:
+        masks = prefill_masks(self.adapter, args, kwargs)
+        if masks is None:
             return  # decoding: keep the prompt's state
-        visual = input_ids == self.adapter.image_token_id
-        mask = kwargs.get("attention_mask")
-        valid = torch.ones_like(visual) if mask is None else mask.bool()
-        self.state = _State(valid=valid, visual=visual & valid, spatial=None)
+        visual, valid = masks
+        self.state = _State(valid=valid, visual=visual, spatial=None)
         self.kept_per_layer = []
 
     def _spatial(self, visual: Tensor) -> Tensor:

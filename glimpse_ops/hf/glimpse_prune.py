@@ -82,15 +82,8 @@ class GlimpsePruneHandle:
 
     # --- hooks ----------------------------------------------------------------------------
     def _on_multimodal(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("past_key_values")
-        self.prefill = None
-        if input_ids is None or input_ids.shape[1] < 2 or (cache is not None and cache.get_seq_length() > 0):
-            return
-        visual = input_ids == self.adapter.image_token_id
-        mask = kwargs.get("attention_mask")
-        valid = torch.ones_like(visual) if mask is None else mask.bool()
-        self.prefill = _Prefill(visual=visual & valid, valid=valid)
+        masks = prefill_masks(self.adapter, args, kwargs)
+        self.prefill = None if masks is None else _Prefill(*masks)
 
     def _before_layer_k(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.prefill is not None:
@@ -165,6 +158,24 @@ class GlimpsePruneHandle:
             return result
 
         self.model._update_model_kwargs_for_generation = update
+
+
+def prefill_masks(adapter: Adapter, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor] | None:
+    """At the multimodal model's call: (visual bool [B, S] (image tokens that are not
+    padding), valid bool [B, S]) for a prefill (empty cache, more than one new token), else
+    None (a decode step)."""
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    cache = kwargs.get("past_key_values")
+    if input_ids is None or input_ids.shape[1] < 2 or (cache is not None and cache.get_seq_length() > 0):
+        return None
+    mask = kwargs.get("attention_mask")
+    valid = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
+    return (input_ids == adapter.image_token_id) & valid, valid
+
+
+def vit_grid(args: tuple, kwargs: dict):
+    """``grid_thw`` [n_images, 3] from the Qwen ViT's call (None when absent)."""
+    return kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
 
 
 def gather_rope(table: Tensor, index: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import glimpse_scores, prune_kv
-from .glimpse_prune import GlimpsePruneHandle, _Prefill
+from .glimpse_prune import GlimpsePruneHandle, _Prefill, vit_grid
 from .predictor import GlimpsePredictor, window_index
 
 
@@ -41,7 +41,7 @@ class PredictorPruneHandle(GlimpsePruneHandle):
 
     def _on_vit(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.vit_outputs.clear()
-        self.grid_thw = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        self.grid_thw = vit_grid(args, kwargs)
 
     def _on_multimodal(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         super()._on_multimodal(module, args, kwargs)

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from .. import attention_column_scores, gather_tokens, prune_kv
 from .decoder import rope
-from .model import LVLM, DecodeState, positions_from_mask
+from .model import LVLM, DecodeState
 
 TAU = 10.0
 
@@ -123,11 +123,9 @@ class ATPPruner(nn.Module):
 
     def _front(self, model: LVLM, images: Tensor, input_ids: Tensor, attention_mask: Tensor):
         """Layers before the first stage on the full prompt, plus the per-position cell ids."""
-        h, visual, _ = model.embed(images, input_ids)
-        positions, valid = positions_from_mask(attention_mask), attention_mask
-        h, caches, _ = model.decoder.run_layers(h, positions, valid, [None] * self.first, 0, self.first, None, visual)
-        cell = torch.where(visual, visual.long().cumsum(dim=1) - 1, -1)
-        return h, positions, valid, visual, cell, caches
+        p = model.run_prefix(images, input_ids, attention_mask, end=self.first)
+        cell = torch.where(p.visual, p.visual.long().cumsum(dim=1) - 1, -1)
+        return p.hidden, p.positions, p.valid, p.visual, cell, p.caches
 
     def _spatial(self, cell: Tensor) -> Tensor:
         return torch.where(cell >= 0, self.spatial_table[cell.clamp(min=0)], 0.0)

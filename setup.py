@@ -1,10 +1,15 @@
 """Build glimpse-ops: the ``glimpse_ops._C`` extension (C++ CPU kernels always; CUDA kernels
-when the installed torch has CUDA and nvcc is found) and the pure-Python package, with the
-Triton kernels installed as ``glimpse_ops.triton_kernels``.
+only when ``csrc/cuda/`` holds CUDA sources, the installed torch has CUDA and nvcc is found)
+and the pure-Python package, with the Triton kernels installed as ``glimpse_ops.triton_kernels``.
+
+Today the GPU kernels are all Triton: ``csrc/cuda/`` holds no source, so every install builds
+the CPU extension only and links nothing from CUDA.
 
 Environment:
-  GLIMPSE_BUILD_CUDA=auto|0|1   auto (default): CUDA when possible; 0: never; 1: required,
-                                the build fails loudly if torch has no CUDA or nvcc is missing.
+  GLIMPSE_BUILD_CUDA=auto|0|1   auto (default): CUDA kernels when there are any and they can be
+                                built; 0: never; 1: required, fail loudly when they cannot be.
+  CUDA_HOME                     the CUDA toolkit root; found from nvcc when unset (also when
+                                nvcc on PATH is a wrapper script outside the toolkit).
   TORCH_CUDA_ARCH_LIST          default "9.0a" (Hopper) when building CUDA.
   DEBUG=1                       -O0 -g instead of -O3.
 Install with ``pip install --no-build-isolation -e .`` (torch must be installed first).
@@ -14,83 +19,126 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
+import subprocess
+import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+SKIP_CUDA = "set GLIMPSE_BUILD_CUDA=0 to build without the CUDA kernels (the Triton kernels still run on GPUs)"
 
 
-def _cuda_wanted() -> bool:
+def cuda_sources(root: str = ROOT) -> list[str]:
+    found = glob.glob(os.path.join(root, "csrc", "cuda", "*.cu")) + glob.glob(os.path.join(root, "csrc", "cuda", "*.cpp"))
+    return sorted(os.path.relpath(path, root) for path in found)
+
+
+def build_mode() -> str:
     mode = os.environ.get("GLIMPSE_BUILD_CUDA", "auto").strip().lower()
     if mode not in ("auto", "0", "1"):
         raise SystemExit(f"GLIMPSE_BUILD_CUDA must be auto, 0 or 1, got {mode!r}")
-    if mode == "0":
-        return False
-    import torch
-    from torch.utils.cpp_extension import CUDA_HOME
+    return mode
 
-    problems = []
+
+def toolkit_root(nvcc: str) -> str | None:
+    """The toolkit folder an nvcc really runs from (``nvcc --dryrun`` prints it as TOP), so a
+    wrapper script on PATH (e.g. /usr/local/bin/nvcc) does not make /usr/local the toolkit."""
+    try:
+        printed = subprocess.run([nvcc, "--dryrun", "-E", "-x", "cu", "-", "-o", os.devnull], stdin=subprocess.DEVNULL,
+                                 capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"^#\$ TOP=(.+)$", printed.stdout + printed.stderr, re.MULTILINE)
+    return os.path.realpath(match[1].strip()) if match else None
+
+
+def cudart_link(cuda_home: str | None, site_dirs: list[str]) -> tuple[list[str], list[str]] | None:
+    """(library_dirs, extra_link_args) that link the CUDA runtime, looked for as torch itself
+    does: the toolkit's lib64 (or targets/*/lib), else the runtime that torch's wheels bring
+    (site-packages/nvidia/cu13/lib, nvidia/cuda_runtime/lib). None when neither has it."""
+    if cuda_home:
+        for lib in [os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib")] + sorted(
+            glob.glob(os.path.join(cuda_home, "targets", "*", "lib"))
+        ):
+            if os.path.exists(os.path.join(lib, "libcudart.so")):
+                return [lib], []
+    for site in site_dirs:
+        for lib in sorted(glob.glob(os.path.join(site, "nvidia", "*", "lib"))):
+            versioned = sorted(glob.glob(os.path.join(lib, "libcudart.so.*")))
+            if versioned:
+                return [lib], [f"-l:{os.path.basename(versioned[0])}", f"-Wl,-rpath,{lib}"]
+    return None
+
+
+def _cuda_build_problem() -> str | None:
+    """Why the CUDA kernels cannot be built here, or None. Sets CUDA_HOME from nvcc when unset."""
+    import torch
+
     if torch.version.cuda is None:
-        problems.append(f"the installed torch {torch.__version__} has no CUDA")
-    nvcc = shutil.which("nvcc") or (CUDA_HOME and os.path.join(CUDA_HOME, "bin", "nvcc"))
-    if not CUDA_HOME or not nvcc or not os.path.exists(nvcc):
-        problems.append("nvcc / CUDA_HOME was not found")
-    if problems:
-        if mode == "1":
-            raise SystemExit("GLIMPSE_BUILD_CUDA=1 but " + " and ".join(problems))
-        print("glimpse-ops: building without CUDA kernels: " + " and ".join(problems))
-        return False
-    return True
+        return f"the installed torch {torch.__version__} has no CUDA"
+    if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH"):
+        nvcc = shutil.which("nvcc")
+        root = toolkit_root(nvcc) if nvcc else None
+        if root is None and os.path.exists("/usr/local/cuda/bin/nvcc"):
+            root = "/usr/local/cuda"
+        if root is None:
+            return "nvcc was not found (put it on PATH or set CUDA_HOME)"
+        os.environ["CUDA_HOME"] = root  # before torch.utils.cpp_extension reads it
+    return None
 
 
 def _extensions():
-    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+    from torch.utils.cpp_extension import CppExtension
 
     debug = os.environ.get("DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
     cxx_flags = opt + ["-std=c++17"]
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    if not _cuda_wanted():
-        return [CppExtension("glimpse_ops._C", sources, extra_compile_args={"cxx": cxx_flags})]
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
-    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
-    nvcc_flags = opt + ["-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"]
-    return [
-        CUDAExtension(
-            "glimpse_ops._C",
-            sources + cuda_sources,
-            define_macros=[("GLIMPSE_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags + ["-DGLIMPSE_WITH_CUDA=1"], "nvcc": nvcc_flags},
+    cpu_only = [CppExtension("glimpse_ops._C", sources, extra_compile_args={"cxx": cxx_flags})]
+    mode, gpu_sources = build_mode(), cuda_sources()
+    if mode == "0":
+        return cpu_only
+    if not gpu_sources:
+        if mode == "1":
+            raise SystemExit("GLIMPSE_BUILD_CUDA=1, but csrc/cuda/ holds no CUDA source: the GPU kernels are Triton "
+                             "(glimpse_ops.triton_kernels) and there is no CUDA extension to build")
+        return cpu_only
+    problem = _cuda_build_problem()
+    if problem is not None:
+        if mode == "1":
+            raise SystemExit(f"GLIMPSE_BUILD_CUDA=1 but {problem}")
+        print(f"glimpse-ops: building without CUDA kernels: {problem}")
+        return cpu_only
+
+    import site
+
+    from torch.utils.cpp_extension import CUDA_HOME, CUDAExtension
+
+    link = cudart_link(CUDA_HOME, site.getsitepackages() + [site.getusersitepackages()] + sys.path)
+    if link is None:
+        raise SystemExit(
+            f"glimpse-ops: the CUDA kernels need the CUDA runtime library libcudart, found neither in "
+            f"CUDA_HOME={CUDA_HOME} (lib64/) nor in torch's nvidia runtime packages; set CUDA_HOME to the "
+            f"toolkit root, or {SKIP_CUDA}"
         )
-    ]
+    library_dirs, link_args = link
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
+    extension = CUDAExtension(
+        "glimpse_ops._C",
+        sources + gpu_sources,
+        define_macros=[("GLIMPSE_WITH_CUDA", "1")],
+        library_dirs=library_dirs,
+        extra_link_args=link_args,
+        extra_compile_args={"cxx": cxx_flags, "nvcc": opt + ["-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"]},
+    )
+    if link_args:  # a versioned runtime only (libcudart.so.13): link it by file name
+        extension.libraries = [lib for lib in extension.libraries if lib != "cudart"]
+    return [extension]
 
 
-def _build_ext():
+if __name__ == "__main__":  # pip runs this file as __main__; tests import its helpers
     from torch.utils.cpp_extension import BuildExtension
 
-    return BuildExtension.with_options(use_ninja=True)
-
-
-packages = find_packages(include=["glimpse_ops", "glimpse_ops.*"])
-packages.append("glimpse_ops.triton_kernels")
-
-setup(
-    name="glimpse-ops",
-    version="0.1.0",
-    description="Fast kernels for dynamic visual-token pruning in vision-language models",
-    long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists("README.md") else "",
-    long_description_content_type="text/markdown",
-    python_requires=">=3.10",
-    packages=packages,
-    package_dir={"glimpse_ops.triton_kernels": "triton_kernels"},
-    ext_modules=_extensions(),
-    cmdclass={"build_ext": _build_ext()},
-    install_requires=["torch>=2.6", "numpy"],
-    extras_require={
-        "triton": ["triton>=3.2"],
-        "test": ["pytest", "hypothesis", "numpy", "pillow"],
-        "demo": ["pillow"],
-        "hf": ["transformers>=5.17,<5.24", "safetensors"],
-    },
-)
+    setup(ext_modules=_extensions(), cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})

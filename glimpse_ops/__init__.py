@@ -1,12 +1,16 @@
 """glimpse-ops: fast kernels for dynamic visual-token pruning in vision-language models.
 
-Importing this package defines the ops ``torch.ops.glimpse.<name>`` (see DESIGN.md and the
+Importing this package defines the ops ``torch.ops.glimpse.<name>`` (see docs/DESIGN.md and the
 typed wrappers below). It never fails because the C++ extension or Triton is missing:
 those backends are then simply unavailable; ``python -m glimpse_ops.env`` says why.
 """
 
-from ._backend import HAS_NATIVE, REGISTRY
-from .ops import (
+from ._triton_kernels_path import map_source_checkout_kernels
+
+map_source_checkout_kernels()
+
+from ._backend import HAS_NATIVE, REGISTRY  # noqa: E402
+from .ops import (  # noqa: E402
     attention_column_scores,
     compact_kv,
     compact_kv_into,

@@ -17,6 +17,7 @@ from functools import lru_cache
 
 import torch
 
+from ._triton_kernels_path import kernels_missing_reason
 from ._validation import check_backend
 
 _NATIVE_ERROR: str | None = None
@@ -81,8 +82,13 @@ class OpBackends:
                 return "glimpse_ops._C was built without CUDA kernels"
             return None
         if backend == "triton":
-            if self.triton is None or importlib.util.find_spec(f"glimpse_ops.triton_kernels.{self.triton}") is None:
+            if self.triton is None:
                 return "no Triton kernel is implemented for this op"
+            missing = kernels_missing_reason()
+            if missing is not None:
+                return missing
+            if importlib.util.find_spec(f"glimpse_ops.triton_kernels.{self.triton}") is None:
+                return f"glimpse_ops.triton_kernels has no module {self.triton!r}"
             ok, why = triton_status()
             if not ok:
                 return why

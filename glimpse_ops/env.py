@@ -27,7 +27,8 @@ def env_report() -> str:
     else:
         lines.append(f"triton: unavailable: {why}")
     if HAS_NATIVE:
-        lines.append(f"native extension: loaded, CUDA kernels {'built' if native_cuda_built() else 'not built'}")
+        cuda = "CUDA C++ kernels built" if native_cuda_built() else "no CUDA C++ kernels (the GPU kernels are Triton)"
+        lines.append(f"native extension: loaded (C++ CPU kernels; {cuda})")
     else:
         lines.append(f"native extension: unavailable: {native_error()}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

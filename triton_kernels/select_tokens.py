@@ -1,6 +1,6 @@
 """Triton select_tokens: one program per row, one launch, no host sync.
 
-Scores map to 32-bit keys that order like DESIGN.md's ranking (-0.0 == 0.0, NaN lowest).
+Scores map to 32-bit keys that order like docs/DESIGN.md's ranking (-0.0 == 0.0, NaN lowest).
 Pass 1 counts candidates and scores above the threshold; if that does not fix the kept
 set, a 32-step bitwise search finds the k-th largest key T, and the ties at T are broken
 by index with a running prefix count.
@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import device_guard, row_block, warps_for
+from ._utils import device_guard, row_block, warp_options
 
 
 @triton.jit
@@ -98,6 +98,6 @@ def select_tokens_triton(scores, candidate_mask, threshold, max_keep: int, min_k
             scores, candidate_mask, caps, keep, S, thr, max_keep, min_keep,
             *scores.stride(), *candidate_mask.stride(),
             HAS_THRESHOLD=threshold is not None, HAS_CAPS=max_keep_per_row is not None,
-            BLOCK=block, num_warps=warps_for(block),
+            BLOCK=block, **warp_options(block),
         )
     return keep

@@ -13,7 +13,7 @@
 namespace glimpse {
 namespace {
 
-// Ranking of DESIGN.md: higher score first, equal scores lower index first, NaN last.
+// Ranking of docs/DESIGN.md: higher score first, equal scores lower index first, NaN last.
 struct RanksBefore {
   const float* score;
   bool operator()(int64_t a, int64_t b) const {

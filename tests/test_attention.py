@@ -144,6 +144,9 @@ def test_soft_mask_backends_match_reference(bd, seed, seq, heads, kv_heads, caus
         got_grads = torch.autograd.grad(out, inputs, grad)
         want_grads = soft_mask_attention_backward_reference(grad, q, k, v, w, key_mask, causal, None)
         for name, a, b in zip(("dq", "dk", "dv", "dw"), got_grads, want_grads):
+            if name == "dw":  # a sum over heads and rows with cancellation: its error scales with its largest entries
+                norm = b.detach().abs().max().clamp_min(1.0)
+                a, b = a / norm, b / norm
             assert_close(f"{name} {dtype}", a, b, dtype, scale=20)
 
 

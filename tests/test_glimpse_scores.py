@@ -67,10 +67,11 @@ def test_glimpse_scores_no_mask_noncontiguous_and_all_invalid_rows(bd, seed):
 
 @pytest.mark.parametrize("bd", SCORES)
 @pytest.mark.parametrize("normalize", ["logits", "probs", "log_probs"])
-def test_glimpse_scores_gradients_match_autograd_of_reference(bd, seed, normalize):
+@pytest.mark.parametrize("seq,dim", [(97, 32), (1000, 80)])  # 1000 x 80: several key chunks and head-dim slices
+def test_glimpse_scores_gradients_match_autograd_of_reference(bd, seed, normalize, seq, dim):
     backend, device = bd
-    q, k = qk(2, 6, 2, 3, 97, 32, torch.float32, device)
-    mask = padding_mask(2, 97, device)
+    q, k = qk(2, 6, 2, 3, seq, dim, torch.float32, device)
+    mask = padding_mask(2, seq, device)
     q.requires_grad_(True)
     k.requires_grad_(True)
     out = glimpse_scores(q, k, mask, None, normalize, backend=backend)

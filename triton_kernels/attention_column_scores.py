@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import device_guard, dot_precision, interpreting, next_pow2
+from ._utils import device_guard, dot_precision, interpreting, launch_options, next_pow2
 
 
 @triton.jit
@@ -89,14 +89,15 @@ def attention_column_scores_triton(q, k, query_mask, key_mask, causal: bool, sca
     k = k if k.stride(-1) == 1 else k.contiguous()
     lse = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
     out = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
-    block = 128 if interpreting() else (64 if D <= 64 else 32)
+    # fp32 inputs take ieee dots on FMA units: far more registers per tile (compile_gate).
+    block = 128 if interpreting() else 16 if q.dtype == torch.float32 else (64 if D <= 64 else 32)
     BLOCK_D = max(16, next_pow2(D))
     km = key_mask if key_mask is not None else lse
     qm = query_mask if query_mask is not None else lse
     km_strides = key_mask.stride() if key_mask is not None else (0, 0)
     qm_strides = query_mask.stride() if query_mask is not None else (0, 0)
     flags = dict(CAUSAL=causal, HAS_KEY_MASK=key_mask is not None, PRECISION=dot_precision(q.dtype),
-                 BLOCK_M=block, BLOCK_N=block, BLOCK_D=BLOCK_D, num_warps=1 if interpreting() else 4)
+                 BLOCK_M=block, BLOCK_N=block, BLOCK_D=BLOCK_D, **launch_options(8 if q.dtype == torch.float32 and D > 128 else 4))
     grid = (B * H, triton.cdiv(S, block))
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     with device_guard(q):

@@ -1,10 +1,9 @@
 """Triton compact_kv: every layer's K and V in one launch.
 
-Tensors are reached through device tables of (pointer, strides) rows. The source table is
-cached by the tensors' addresses (a replayed CUDA graph reuses the one built before
-capture); the output table is filled in pinned host memory and copied without a sync, a
-copy that CUDA graphs capture. Each program copies a tile of kept rows of one (tensor, b,
-head): full-width loads and stores along D, pad slots written as zeros.
+Tensors are reached through device tables of (pointer, strides) rows, cached by the tensors'
+addresses and uploaded from pinned memory without a host sync (a copy CUDA graphs capture;
+the cache keeps the pinned source alive for replays). Each program copies a tile of kept rows
+of one (tensor, b, head): full-width loads and stores along D, pad slots written as zeros.
 """
 
 from __future__ import annotations
@@ -15,39 +14,45 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import device_guard, interpreting, next_pow2, warps_for
+from ._utils import device_guard, interpreting, next_pow2, warp_options
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float64: tl.float64}
 _TABLES: OrderedDict = OrderedDict()
-_TABLE_CACHE_SIZE = 32
+_TABLE_CACHE_SIZE = 64
+_CAPTURED_TABLES: dict = {}  # tables uploaded while a CUDA graph was captured: kept for good
 
 
 def _table_rows(tensors: list[torch.Tensor]) -> tuple:
     return tuple((t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)) for t in tensors)
 
 
-def _upload_table(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """int64 [n, 4] (pointer and strides per tensor) on the device, uploaded from pinned
-    memory without a host sync (a copy CUDA graphs capture)."""
-    host = torch.tensor(_table_rows(tensors), dtype=torch.int64)
-    if tensors[0].device.type != "cuda":
-        return host
-    return host.pin_memory().to(tensors[0].device, non_blocking=True)
+def _device_table(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """int64 [n, 4] on the tensors' device: data pointer and (b, head, seq) strides of each.
 
-
-def _source_table(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """int64 [n, 4]: data pointer and (b, head, seq) strides of every source tensor."""
+    Cached by the rows' values. The upload is a non-blocking copy from pinned memory (no host
+    sync, so CUDA graphs capture it); the cache keeps the pinned source alive, because a
+    replayed graph copies from it again. Tables made during a capture are never evicted.
+    """
     rows = _table_rows(tensors)
     key = (tensors[0].device, rows)
-    table = _TABLES.get(key)
-    if table is None:
-        table = _upload_table(tensors)
-        _TABLES[key] = table
+    entry = _CAPTURED_TABLES.get(key) or _TABLES.get(key)
+    if entry is not None:
+        if key in _TABLES:
+            _TABLES.move_to_end(key)
+        return entry[1]
+    host = torch.tensor(rows, dtype=torch.int64)
+    if tensors[0].device.type != "cuda":
+        entry = (host, host)
+    else:
+        host = host.pin_memory()
+        entry = (host, host.to(tensors[0].device, non_blocking=True))
+    if tensors[0].device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        _CAPTURED_TABLES[key] = entry
+    else:
+        _TABLES[key] = entry
         if len(_TABLES) > _TABLE_CACHE_SIZE:
             _TABLES.popitem(last=False)
-    else:
-        _TABLES.move_to_end(key)
-    return table
+    return entry[1]
 
 
 @triton.jit
@@ -95,7 +100,7 @@ def compact_kv_triton(keys, values, index, out_keys=None, out_values=None):
         BLOCK_T = max(1, min(256 if interpreting() else 64, 8192 // BLOCK_D))
         with device_guard(index):
             _compact_kv_kernel[(len(sources) * B * Hkv, triton.cdiv(L, BLOCK_T))](
-                _source_table(sources), _upload_table(outputs), index.contiguous(), B, Hkv, L, D,
-                DTYPE=_TL_DTYPES[sources[0].dtype], BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, num_warps=warps_for(BLOCK_T * BLOCK_D),
+                _device_table(sources), _device_table(outputs), index.contiguous(), B, Hkv, L, D,
+                DTYPE=_TL_DTYPES[sources[0].dtype], BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, **warp_options(BLOCK_T * BLOCK_D),
             )
     return list(out_keys), list(out_values)

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import device_guard, interpreting, next_pow2, warps_for
+from ._utils import device_guard, interpreting, next_pow2, warp_options
 
 
 @triton.jit
@@ -42,5 +42,5 @@ def gather_tokens_triton(x, index, pad_value):
     block_t = max(1, min(tile // block_i, next_pow2(B * L)))
     grid = (triton.cdiv(B * L, block_t), triton.cdiv(inner, block_i))
     with device_guard(x):
-        _gather_tokens_kernel[grid](src, index.contiguous(), dst, pad, S, L, B * L, inner, BLOCK_T=block_t, BLOCK_I=block_i, num_warps=warps_for(block_t * block_i))
+        _gather_tokens_kernel[grid](src, index.contiguous(), dst, pad, S, L, B * L, inner, BLOCK_T=block_t, BLOCK_I=block_i, **warp_options(block_t * block_i))
     return out

@@ -14,17 +14,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import device_guard, dot_precision, interpreting, next_pow2, row_block, warps_for
+from ._utils import device_guard, dot_precision, interpreting, next_pow2, row_block, warp_options
 
 LOGITS, PROBS, LOG_PROBS = 0, 1, 2
 
 
 @triton.jit
-def _load_q_rows(q_ptr, b, kvh, G, R, D, sq_b, sq_h, sq_g, sq_d, group, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The query rows of one KV group, [BLOCK_R, BLOCK_D] (row r = head offset r // G, glimpse r % G)."""
+def _load_q_rows(q_ptr, b, kvh, G, R, D, sq_b, sq_h, sq_g, sq_d, group, d0, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Columns d0 .. d0 + BLOCK_D of the query rows of one KV group, [BLOCK_R, BLOCK_D]
+    (row r = head offset r // G, glimpse r % G)."""
     rows = tl.arange(0, BLOCK_R)
     head = kvh * group + rows // G
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = d0 + tl.arange(0, BLOCK_D)
     ptrs = q_ptr + b * sq_b + head[:, None] * sq_h + (rows % G)[:, None] * sq_g + offs_d[None, :] * sq_d
     return tl.load(ptrs, mask=(rows[:, None] < R) & (offs_d[None, :] < D), other=0.0)
 
@@ -37,20 +38,25 @@ def _glimpse_logits_kernel(
     sk_b, sk_h, sk_s, sk_d,
     sm_b, sm_s,
     HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr,
 ):
+    """The dot runs over the head dim in BLOCK_DK-wide slices (the whole of it for fp16/bf16;
+    narrower for fp32, whose FMA dots would not fit the registers otherwise)."""
     pid = tl.program_id(0)
     b, kvh = pid // Hkv, pid % Hkv
     group = R // G
     offs_s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
     s_ok = offs_s < S
-    q = _load_q_rows(q_ptr, b, kvh, G, R, D, sq_b, sq_h, sq_g, sq_d, group, BLOCK_R, BLOCK_D)
-    k = tl.load(
-        k_ptr + b * sk_b + kvh * sk_h + offs_s[:, None] * sk_s + offs_d[None, :] * sk_d,
-        mask=s_ok[:, None] & (offs_d[None, :] < D), other=0.0,
-    )
-    logits = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    logits = tl.zeros((BLOCK_R, BLOCK_S), tl.float32)
+    for d0 in range(0, BLOCK_D, BLOCK_DK):
+        offs_d = d0 + tl.arange(0, BLOCK_DK)
+        q = _load_q_rows(q_ptr, b, kvh, G, R, D, sq_b, sq_h, sq_g, sq_d, group, d0, BLOCK_R, BLOCK_DK)
+        k = tl.load(
+            k_ptr + b * sk_b + kvh * sk_h + offs_s[:, None] * sk_s + offs_d[None, :] * sk_d,
+            mask=s_ok[:, None] & (offs_d[None, :] < D), other=0.0,
+        )
+        logits += tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    logits = logits * scale
     if HAS_MASK:
         valid = tl.load(mask_ptr + b * sm_b + offs_s * sm_s, mask=s_ok, other=0).to(tl.int1)
         logits = tl.where(valid[None, :], logits, float("-inf"))
@@ -82,6 +88,18 @@ def _row_normalize_kernel(x_ptr, S, MODE: tl.constexpr, BLOCK: tl.constexpr):
         tl.store(row + offs, y, mask=offs < S)
 
 
+def _key_block(dtype: torch.dtype, half: int) -> int:
+    """Keys per tile: ``half`` for fp16/bf16 (tensor-core dots); 16 for fp32, whose ieee dots
+    run on FMA units and need far more registers per tile (no spills, by compile_gate)."""
+    return 16 if dtype == torch.float32 else half
+
+
+def _dot_slice(dtype: torch.dtype, block_d: int) -> int:
+    """Head-dim columns per dot (and per dq program): up to 128 for fp16/bf16, 32 for fp32
+    (wider slices spill registers; bench/compile_gate.py)."""
+    return min(block_d, 32 if dtype == torch.float32 else 128)
+
+
 def _check_supported(q: torch.Tensor) -> None:
     if q.shape[-1] > 256:
         raise ValueError(f"glimpse.glimpse_scores: the triton backend takes head dims up to 256, got {q.shape[-1]}")
@@ -95,7 +113,7 @@ def glimpse_scores_triton(q, k, key_mask, scale: float, mode: int) -> torch.Tens
     R = (H // Hkv) * G
     out = torch.empty((B, H, G, S), dtype=torch.float32, device=q.device)
     BLOCK_R, BLOCK_D = max(16, next_pow2(R)), max(16, next_pow2(D))
-    BLOCK_S = 256 if interpreting() else 64 if BLOCK_R * BLOCK_D <= 64 * 128 else 32
+    BLOCK_S = 256 if interpreting() else _key_block(q.dtype, 64 if BLOCK_R * BLOCK_D <= 64 * 128 else 32)
     mask = key_mask if key_mask is not None else out  # unused when HAS_MASK is False
     with device_guard(q):
         _glimpse_logits_kernel[(B * Hkv, triton.cdiv(S, BLOCK_S))](
@@ -103,11 +121,12 @@ def glimpse_scores_triton(q, k, key_mask, scale: float, mode: int) -> torch.Tens
             *q.stride(), *k.stride(),
             *(key_mask.stride() if key_mask is not None else (0, 0)),
             HAS_MASK=key_mask is not None, PRECISION=dot_precision(q.dtype),
-            BLOCK_R=BLOCK_R, BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D, num_warps=warps_for(BLOCK_R * BLOCK_S),
+            BLOCK_R=BLOCK_R, BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D, BLOCK_DK=_dot_slice(q.dtype, BLOCK_D),
+            **warp_options(BLOCK_R * BLOCK_S),
         )
         if mode != LOGITS:
             block = row_block(S)
-            _row_normalize_kernel[(B * H * G,)](out, S, MODE=mode, BLOCK=block, num_warps=warps_for(block))
+            _row_normalize_kernel[(B * H * G,)](out, S, MODE=mode, BLOCK=block, **warp_options(block))
     return out
 
 
@@ -159,15 +178,15 @@ def _glimpse_dk_kernel(
     g_ptr, p_ptr, c_ptr, mask_ptr, q_ptr, dk_ptr,
     Hkv, G, R, S, D, scale,
     sq_b, sq_h, sq_g, sq_d, sm_b, sm_s,
-    MODE: tl.constexpr, HAS_MASK: tl.constexpr,
+    MODE: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b, kvh = pid // Hkv, pid % Hkv
     offs_s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
     ds = _ds_tile(g_ptr, p_ptr, c_ptr, mask_ptr, b, kvh, R, S, offs_s, sm_b, sm_s, Hkv, MODE, HAS_MASK, BLOCK_R)
-    q = _load_q_rows(q_ptr, b, kvh, G, R, D, sq_b, sq_h, sq_g, sq_d, R // G, BLOCK_R, BLOCK_D).to(tl.float32)
-    dk = tl.dot(tl.trans(ds), q, input_precision="ieee") * scale
+    q = _load_q_rows(q_ptr, b, kvh, G, R, D, sq_b, sq_h, sq_g, sq_d, R // G, 0, BLOCK_R, BLOCK_D).to(tl.float32)
+    dk = tl.dot(tl.trans(ds), q, input_precision=PRECISION) * scale
     offs_d = tl.arange(0, BLOCK_D)
     base = (b * Hkv + kvh).to(tl.int64) * S * D  # dk is contiguous [B, Hkv, S, D]
     tl.store(dk_ptr + base + offs_s[:, None] * D + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty),
@@ -177,46 +196,67 @@ def _glimpse_dk_kernel(
 @triton.jit
 def _glimpse_dq_kernel(
     g_ptr, p_ptr, c_ptr, mask_ptr, k_ptr, dq_ptr,
-    Hkv, G, R, S, D, scale,
+    Hkv, G, R, S, D, scale, CHUNK, ROWS,
     sk_b, sk_h, sk_s, sk_d, sm_b, sm_s,
-    MODE: tl.constexpr, HAS_MASK: tl.constexpr,
+    MODE: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """One program per (b, KV group, chunk of CHUNK keys, BLOCK_D head-dim columns): that
+    chunk's share of dq for the group's rows, fp32, into partial sums [chunks, ROWS = B*H*G, D]
+    that the launcher adds."""
     pid = tl.program_id(0)
     b, kvh = pid // Hkv, pid % Hkv
-    offs_d = tl.arange(0, BLOCK_D)
+    chunk = tl.program_id(1)
+    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     acc = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
-    for start in range(0, S, BLOCK_S):
+    for start in range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, S), BLOCK_S):
         offs_s = start + tl.arange(0, BLOCK_S)
         ds = _ds_tile(g_ptr, p_ptr, c_ptr, mask_ptr, b, kvh, R, S, offs_s, sm_b, sm_s, Hkv, MODE, HAS_MASK, BLOCK_R)
         k = tl.load(k_ptr + b * sk_b + kvh * sk_h + offs_s[:, None] * sk_s + offs_d[None, :] * sk_d,
                     mask=(offs_s[:, None] < S) & (offs_d[None, :] < D), other=0.0).to(tl.float32)
-        acc += tl.dot(ds, k, input_precision="ieee")
+        acc += tl.dot(ds, k, input_precision=PRECISION)
     rows = tl.arange(0, BLOCK_R)
-    out_rows = (b * Hkv + kvh) * R + rows  # dq is contiguous [B, H, G, D]
-    tl.store(dq_ptr + out_rows[:, None] * D + offs_d[None, :], (acc * scale).to(dq_ptr.dtype.element_ty),
+    out_rows = chunk.to(tl.int64) * ROWS + (b * Hkv + kvh) * R + rows  # the group's rows are consecutive
+    tl.store(dq_ptr + out_rows[:, None] * D + offs_d[None, :], acc * scale,
              mask=(rows[:, None] < R) & (offs_d[None, :] < D))
 
 
+# Enough (b, group, chunk) programs to fill an H100/H200's 132 SMs twice.
+_DQ_PROGRAMS = 264
+
+
 def glimpse_scores_backward_triton(grad_out, q, k, key_mask, scale: float, mode: int, out):
-    """Gradients of glimpse_scores: (dq like q, dk like k), contiguous."""
+    """Gradients of glimpse_scores: (dq like q, dk like k), contiguous.
+
+    dS is kept in fp32 and multiplied on tensor cores in tf32 for fp16/bf16 inputs (ieee
+    fp32 for fp32 inputs): probabilities near 1/S fall below fp16's normal range.
+    """
     _check_supported(q)
     B, H, G, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     R = (H // Hkv) * G
     grad_out, out = grad_out.contiguous().float(), out.contiguous()
     row_sums = torch.empty((B * H * G,), dtype=torch.float32, device=q.device)
-    dq, dk = torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(k, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     BLOCK_R, BLOCK_D = max(16, next_pow2(R)), max(16, next_pow2(D))
-    BLOCK_S = 256 if interpreting() else 32
+    BLOCK_S = 256 if interpreting() else _key_block(q.dtype, 32)
+    chunks = max(1, min(triton.cdiv(_DQ_PROGRAMS, B * Hkv), triton.cdiv(S, BLOCK_S)))
+    chunk = triton.cdiv(triton.cdiv(S, chunks), BLOCK_S) * BLOCK_S
+    chunks = triton.cdiv(S, chunk)
+    dq_parts = torch.empty((chunks, B * H * G, D), dtype=torch.float32, device=q.device)
     has_mask = key_mask is not None
     mask = key_mask if has_mask else row_sums
     mask_strides = key_mask.stride() if has_mask else (0, 0)
     with device_guard(q):
         if mode != LOGITS:
             block = row_block(S)
-            _row_reduce_kernel[(B * H * G,)](grad_out, out, mask, row_sums, S, H * G, *mask_strides, MODE=mode, HAS_MASK=has_mask, BLOCK=block, num_warps=warps_for(block))
-        common = dict(MODE=mode, HAS_MASK=has_mask, BLOCK_R=BLOCK_R, BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D, num_warps=warps_for(BLOCK_R * BLOCK_D))
+            _row_reduce_kernel[(B * H * G,)](grad_out, out, mask, row_sums, S, H * G, *mask_strides, MODE=mode, HAS_MASK=has_mask, BLOCK=block, **warp_options(block))
+        common = dict(MODE=mode, HAS_MASK=has_mask, PRECISION=dot_precision(q.dtype), BLOCK_R=BLOCK_R, BLOCK_S=BLOCK_S,
+                      BLOCK_D=BLOCK_D, **warp_options(BLOCK_R * BLOCK_D))
         _glimpse_dk_kernel[(B * Hkv, triton.cdiv(S, BLOCK_S))](grad_out, out, row_sums, mask, q, dk, Hkv, G, R, S, D, scale, *q.stride(), *mask_strides, **common)
-        _glimpse_dq_kernel[(B * Hkv,)](grad_out, out, row_sums, mask, k, dq, Hkv, G, R, S, D, scale, *k.stride(), *mask_strides, **common)
-    return dq, dk
+        dq_cols = _dot_slice(q.dtype, BLOCK_D)
+        _glimpse_dq_kernel[(B * Hkv, chunks, BLOCK_D // dq_cols)](
+            grad_out, out, row_sums, mask, k, dq_parts, Hkv, G, R, S, D, scale, chunk, B * H * G, *k.stride(), *mask_strides,
+            **{**common, "BLOCK_D": dq_cols, **warp_options(BLOCK_R * dq_cols)})
+    dq = dq_parts.sum(dim=0) if chunks > 1 else dq_parts[0]
+    return dq.view(B, H, G, D).to(q.dtype), dk

@@ -17,23 +17,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import device_guard, dot_precision, interpreting, next_pow2
+from ._utils import device_guard, dot_precision, interpreting, launch_options, next_pow2, target_arch
 
 
 @triton.jit
-def _logits(q, k_ptr, b, kvh, offs_m, offs_n, N, D, scale, sk_b, sk_h, sk_n, km_ptr, skm_b, skm_n,
-            CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, PRECISION: tl.constexpr, BLOCK_D: tl.constexpr):
-    """(scaled logits [BLOCK_M, BLOCK_N], allowed mask, the key tile [BLOCK_N, BLOCK_D])."""
-    offs_d = tl.arange(0, BLOCK_D)
-    k = tl.load(k_ptr + b * sk_b + kvh * sk_h + offs_n[:, None] * sk_n + offs_d[None, :],
-                mask=(offs_n[:, None] < N) & (offs_d[None, :] < D), other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-    allowed = (offs_m[:, None] < N) & (offs_n[None, :] < N)
-    if CAUSAL:
-        allowed = allowed & (offs_n[None, :] <= offs_m[:, None])
+def _key_bias(km_ptr, b, offs_n, N, skm_b, skm_n, HAS_KEY_MASK: tl.constexpr):
+    """fp32 [BLOCK_N]: 0 for keys a row may attend, -inf for padding and keys past N."""
+    ok = offs_n < N
     if HAS_KEY_MASK:
-        allowed = allowed & (tl.load(km_ptr + b * skm_b + offs_n * skm_n, mask=offs_n < N, other=0) != 0)[None, :]
-    return s, allowed, k
+        ok = ok & (tl.load(km_ptr + b * skm_b + offs_n * skm_n, mask=offs_n < N, other=0) != 0)
+    return tl.where(ok, 0.0, float("-inf"))
 
 
 @triton.jit
@@ -60,9 +53,11 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, w_ptr, km_ptr, out_ptr, lse_ptr, H, group, 
     end = tl.minimum((tl.program_id(1) + 1) * BLOCK_M, N) if CAUSAL else N
     for start in range(0, end, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        s, allowed, _ = _logits(q, k_ptr, b, kvh, offs_m, offs_n, N, D, scale, sk_b, sk_h, sk_n, km_ptr, skm_b, skm_n,
-                                CAUSAL, HAS_KEY_MASK, PRECISION, BLOCK_D)
-        s = tl.where(allowed, s, float("-inf"))
+        k = _load_rows(k_ptr, b, kvh, offs_n, N, D, sk_b, sk_h, sk_n, BLOCK_D)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        s += _key_bias(km_ptr, b, offs_n, N, skm_b, skm_n, HAS_KEY_MASK)[None, :]
+        if CAUSAL:
+            s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
         w = tl.load(w_ptr + b * sw_b + offs_n * sw_n, mask=offs_n < N, other=0.0).to(tl.float32)
         m_new = tl.maximum(m, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -82,24 +77,21 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, w_ptr, km_ptr, out_ptr, lse_ptr, H, group, 
 
 
 @triton.jit
-def _grad_terms(q, do, k, v, s, allowed, w, lse, delta, PRECISION: tl.constexpr):
-    """(P, G) for one tile: P = w E, G = E (dP - delta), with E = exp(s - L) on allowed keys."""
-    e = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    return e * w[None, :], e * (dp - delta[:, None])
-
-
-@triton.jit
 def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, w_ptr, km_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dw_ptr,
                      H, Hkv, group, N, D, scale,
                      sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sw_b, sw_n, skm_b, skm_n,
                      CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Works on transposed tiles (keys along rows: s^T = k q^T), so no register tile is
+    transposed; the K, V and weight tiles stay in registers for the whole loop."""
     bk = tl.program_id(0)
     b, kvh = bk // Hkv, bk % Hkv
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    w = tl.load(w_ptr + b * sw_b + offs_n * sw_n, mask=offs_n < N, other=0.0).to(tl.float32)
+    n_ok = offs_n < N
+    w = tl.load(w_ptr + b * sw_b + offs_n * sw_n, mask=n_ok, other=0.0).to(tl.float32)
+    bias = _key_bias(km_ptr, b, offs_n, N, skm_b, skm_n, HAS_KEY_MASK)
+    k = _load_rows(k_ptr, b, kvh, offs_n, N, D, sk_b, sk_h, sk_n, BLOCK_D)
     v = _load_rows(v_ptr, b, kvh, offs_n, N, D, sv_b, sv_h, sv_n, BLOCK_D)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
@@ -109,23 +101,27 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, w_ptr, km_ptr, do_ptr, lse_ptr, delta_
         row0 = (b * H + h).to(tl.int64) * N
         for start in range(first, N, BLOCK_M):
             offs_m = start + tl.arange(0, BLOCK_M)
-            q = _load_rows(q_ptr, b, h, offs_m, N, D, sq_b, sq_h, sq_n, BLOCK_D)
+            m_ok = offs_m < N
+            q_t = tl.load(q_ptr + b * sq_b + h * sq_h + offs_m[None, :] * sq_n + offs_d[:, None],
+                          mask=m_ok[None, :] & (offs_d[:, None] < D), other=0.0)  # [BLOCK_D, BLOCK_M]
             do = tl.load(do_ptr + (row0 + offs_m)[:, None] * D + offs_d[None, :],
-                         mask=(offs_m[:, None] < N) & (offs_d[None, :] < D), other=0.0)
-            s, allowed, k = _logits(q, k_ptr, b, kvh, offs_m, offs_n, N, D, scale, sk_b, sk_h, sk_n, km_ptr, skm_b, skm_n,
-                                    CAUSAL, HAS_KEY_MASK, PRECISION, BLOCK_D)
-            lse = tl.load(lse_ptr + row0 + offs_m, mask=offs_m < N, other=float("inf"))
-            delta = tl.load(delta_ptr + row0 + offs_m, mask=offs_m < N, other=0.0)
-            p, g = _grad_terms(q, do, k, v, s, allowed, w, lse, delta, PRECISION)
-            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
-            ds = g * w[None, :]
-            dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
-            dw += tl.sum(g, axis=0)
+                         mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+            lse = tl.load(lse_ptr + row0 + offs_m, mask=m_ok, other=float("inf"))
+            delta = tl.load(delta_ptr + row0 + offs_m, mask=m_ok, other=0.0)
+            s_t = tl.dot(k, q_t, input_precision=PRECISION) * scale + bias[:, None]  # [BLOCK_N, BLOCK_M]
+            if CAUSAL:
+                s_t = tl.where(offs_n[:, None] <= offs_m[None, :], s_t, float("-inf"))
+            e_t = tl.exp(s_t - lse[None, :])  # 0 where not allowed, and on rows with lse = +inf
+            dv += tl.dot((e_t * w[:, None]).to(do.dtype), do, input_precision=PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            g_t = e_t * (dp_t - delta[None, :])
+            dk += tl.dot((g_t * w[:, None]).to(q_t.dtype), tl.trans(q_t), input_precision=PRECISION)
+            dw += tl.sum(g_t, axis=1)
     out_rows = bk.to(tl.int64) * N + offs_n  # dk, dv contiguous [B, Hkv, N, D]; dw [B, Hkv, N]
-    ok = (offs_n[:, None] < N) & (offs_d[None, :] < D)
+    ok = n_ok[:, None] & (offs_d[None, :] < D)
     tl.store(dk_ptr + out_rows[:, None] * D + offs_d[None, :], (dk * scale).to(dk_ptr.dtype.element_ty), mask=ok)
     tl.store(dv_ptr + out_rows[:, None] * D + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=ok)
-    tl.store(dw_ptr + out_rows, dw, mask=offs_n < N)
+    tl.store(dw_ptr + out_rows, dw, mask=n_ok)
 
 
 @triton.jit
@@ -148,22 +144,52 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, w_ptr, km_ptr, do_ptr, lse_ptr, delta_pt
     end = tl.minimum((tl.program_id(1) + 1) * BLOCK_M, N) if CAUSAL else N
     for start in range(0, end, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        s, allowed, k = _logits(q, k_ptr, b, kvh, offs_m, offs_n, N, D, scale, sk_b, sk_h, sk_n, km_ptr, skm_b, skm_n,
-                                CAUSAL, HAS_KEY_MASK, PRECISION, BLOCK_D)
-        w = tl.load(w_ptr + b * sw_b + offs_n * sw_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        k = _load_rows(k_ptr, b, kvh, offs_n, N, D, sk_b, sk_h, sk_n, BLOCK_D)
         v = _load_rows(v_ptr, b, kvh, offs_n, N, D, sv_b, sv_h, sv_n, BLOCK_D)
-        _, g = _grad_terms(q, do, k, v, s, allowed, w, lse, delta, PRECISION)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        s += _key_bias(km_ptr, b, offs_n, N, skm_b, skm_n, HAS_KEY_MASK)[None, :]
+        if CAUSAL:
+            s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
+        w = tl.load(w_ptr + b * sw_b + offs_n * sw_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        e = tl.exp(s - lse[:, None])
+        g = e * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
         dq += tl.dot((g * w[None, :]).to(k.dtype), k, input_precision=PRECISION)
     tl.store(dq_ptr + row[:, None] * D + offs_d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
              mask=(offs_m[:, None] < N) & (offs_d[None, :] < D))
 
 
-def _blocks(D: int) -> tuple[int, int, int, int]:
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per pass, input class and head-dim bound, for
+# Hopper (>= 90) and Ampere: the largest tiles found to compile without register spills on
+# sm_90a and sm_80 with Triton 3.6 and 3.9, with some headroom (bench/compile_gate.py checks
+# every entry). fp32 inputs use ieee FMA dots, which need far smaller tiles than tensor-core
+# dots. Speed is unmeasured: a GPU session tunes these.
+_TILES = {
+    ("fwd", "half", 32): {90: (128, 64, 8, 3), 80: (64, 64, 4, 3)},
+    ("bwd", "half", 32): {90: (32, 32, 8, 3), 80: (32, 32, 8, 3)},
+    ("fwd", "half", 64): {90: (128, 64, 8, 3), 80: (64, 64, 4, 3)},
+    ("fwd", "half", 128): {90: (128, 64, 8, 3), 80: (64, 64, 8, 3)},
+    ("fwd", "half", 256): {90: (64, 32, 8, 3), 80: (32, 32, 4, 3)},
+    ("bwd", "half", 64): {90: (64, 32, 8, 2), 80: (64, 32, 8, 2)},
+    ("bwd", "half", 128): {90: (64, 32, 8, 2), 80: (64, 32, 8, 2)},
+    ("bwd", "half", 256): {90: (32, 32, 8, 2), 80: (32, 32, 8, 2)},
+    ("fwd", "fp32", 128): {90: (32, 16, 8, 2), 80: (32, 16, 8, 2)},
+    ("fwd", "fp32", 256): {90: (16, 16, 8, 2), 80: (16, 16, 8, 2)},
+    ("bwd", "fp32", 128): {90: (16, 16, 8, 1), 80: (16, 16, 8, 1)},
+    ("bwd", "fp32", 256): {90: (16, 16, 8, 1), 80: (16, 16, 8, 1)},
+}
+
+
+def _tiles(q: torch.Tensor, backward: bool) -> dict:
+    """Launch parameters for q's head dim, dtype and GPU."""
+    D = q.shape[-1]
     BLOCK_D = max(16, next_pow2(D))
     if interpreting():
-        return 32, 32, BLOCK_D, 1
-    block = 64 if BLOCK_D <= 128 else 32
-    return block, block, BLOCK_D, 4
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=BLOCK_D, **launch_options(1))
+    kind = "fp32" if q.dtype == torch.float32 else "half"
+    bound = next(b for b in (32, 64, 128, 256) if BLOCK_D <= b and (kind == "half" or b > 64))
+    by_arch = _TILES[("bwd" if backward else "fwd", kind, bound)]
+    block_m, block_n, warps, stages = by_arch[90 if target_arch(q) >= 90 else 80]
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=BLOCK_D, **launch_options(warps, stages))
 
 
 def _prepare(q, k, v, key_weight, key_mask):
@@ -182,12 +208,11 @@ def soft_mask_attention_forward_triton(q, k, v, key_weight, key_mask, causal: bo
     q, k, v, km, strides = _prepare(q, k, v, key_weight, key_mask)
     out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    BLOCK_M, BLOCK_N, BLOCK_D, warps = _blocks(D)
+    tiles = _tiles(q, backward=False)
     with device_guard(q):
-        _fwd_kernel[(B * H, triton.cdiv(N, BLOCK_M))](
+        _fwd_kernel[(B * H, triton.cdiv(N, tiles["BLOCK_M"]))](
             q, k, v, key_weight, km, out, lse, H, H // k.shape[1], N, D, scale, *strides,
-            CAUSAL=causal, HAS_KEY_MASK=key_mask is not None, PRECISION=dot_precision(q.dtype),
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=warps,
+            CAUSAL=causal, HAS_KEY_MASK=key_mask is not None, PRECISION=dot_precision(q.dtype), **tiles,
         )
     return out, lse
 
@@ -203,13 +228,12 @@ def soft_mask_attention_backward_triton(grad_out, q, k, v, key_weight, key_mask,
     dk = torch.empty((B, Hkv, N, D), dtype=k.dtype, device=q.device)
     dv = torch.empty((B, Hkv, N, D), dtype=v.dtype, device=q.device)
     dw_per_kv_head = torch.empty((B, Hkv, N), dtype=torch.float32, device=q.device)
-    BLOCK_M, BLOCK_N, BLOCK_D, warps = _blocks(D)
     flags = dict(CAUSAL=causal, HAS_KEY_MASK=key_mask is not None, PRECISION=dot_precision(q.dtype),
-                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=warps)
+                 **_tiles(q, backward=True))
     with device_guard(q):
-        _bwd_dkdv_kernel[(B * Hkv, triton.cdiv(N, BLOCK_N))](
+        _bwd_dkdv_kernel[(B * Hkv, triton.cdiv(N, flags["BLOCK_N"]))](
             q, k, v, key_weight, km, do, lse, delta, dk, dv, dw_per_kv_head, H, Hkv, H // Hkv, N, D, scale, *strides, **flags)
-        _bwd_dq_kernel[(B * H, triton.cdiv(N, BLOCK_M))](
+        _bwd_dq_kernel[(B * H, triton.cdiv(N, flags["BLOCK_M"]))](
             q, k, v, key_weight, km, do, lse, delta, dq, H, H // Hkv, N, D, scale, *strides, **flags)
     dw = dw_per_kv_head.sum(dim=1).to(key_weight.dtype)
     return dq, dk, dv, dw

@@ -263,21 +263,37 @@ def print_table(rows: list[dict], device: str) -> None:
         print(f"{name:<40} {row['provider']:<18} {row['p50']:>10.3f} {speed:>9} {row['gbps']:>8.1f} {row['pct_copy_bw']:>6.1f}%")
 
 
-def write_results(args: argparse.Namespace, machine: dict, extra: dict, rows: list[dict], kind: str) -> None:
+def select(args: argparse.Namespace, cases: list, visual: Callable = lambda c: c.visual) -> list:
+    """The cases that --visual, --batch and --keep (where the keep ratio matters) let through."""
+    return [
+        c for c in cases
+        if (not args.visual or visual(c) in args.visual)
+        and (not args.batch or c.batch in args.batch)
+        and (not args.keep or getattr(c, "op", None) == "glimpse_scores" or not hasattr(c, "keep_ratio")
+             or any(abs(c.keep_ratio - k) < 1e-9 for k in args.keep))
+    ]
+
+
+def write_results(args: argparse.Namespace, machine: dict, extra: dict, rows: list[dict], kind: str, quiet: bool = False) -> None:
     """JSON to --json, else bench/results/<device>/<date>-<sha>[-e2e][-smoke].json."""
     out = args.json or Path(__file__).resolve().parent / "results" / str(machine["device_slug"]) / (
         f"{machine['timestamp'][:10]}-{str(machine['git_sha'])[:8]}{kind}{'-smoke' if args.smoke else ''}.json"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": {**machine, **extra}, "results": rows}, indent=1))
-    print(f"\nwrote {out}")
+    if not quiet:
+        print(f"\nwrote {out}")
 
 
-def run_each(cases: list, run_case: Callable, device: str, budget: float, progress: Progress) -> list[dict]:
-    """run_case(case, device, budget, progress) for each end-to-end case, in order."""
+def run_each(cases: list, run_case: Callable, device: str, budget: float, progress: Progress,
+             save: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """run_case(case, device, budget, progress) for each end-to-end case, in order; ``save``
+    gets the rows so far after each case."""
     rows: list[dict] = []
     for case in cases:
         rows += run_case(case, device, budget, progress)
+        if save is not None:
+            save(rows)
         if device == "cuda":
             torch.cuda.empty_cache()  # the case's model is gone; give its memory back before the next one
     return rows
@@ -295,12 +311,13 @@ def gate_exit_code(rows: list[dict]) -> int:
 def run_e2e_hf(args: argparse.Namespace, device: str, budget: float) -> int:
     from e2e_hf import hf_cases, print_hf_table, run_hf_case
 
-    cases = hf_cases(device, args.smoke)
+    cases = select(args, hf_cases(device, args.smoke))
     machine = machine_info(device)
     print(f"glimpse-ops HF end-to-end bench on {machine['device']} (torch {machine['torch']}, git {str(machine['git_sha'])[:10]}): "
           f"{len(cases)} cases, 3 providers")
     progress = Progress(3 * len(cases))
-    rows = run_each(cases, run_hf_case, device, budget, progress)
+    rows = run_each(cases, run_hf_case, device, budget, progress,
+                    lambda done: write_results(args, machine, {"partial": True}, done, "-e2e-hf", quiet=True))
     print_hf_table(rows)
     write_results(args, machine, {}, rows, "-e2e-hf")
     return gate_exit_code(rows)
@@ -309,13 +326,15 @@ def run_e2e_hf(args: argparse.Namespace, device: str, budget: float) -> int:
 def run_e2e(args: argparse.Namespace, device: str, budget: float) -> int:
     if args.hf:
         return run_e2e_hf(args, device, budget)
-    cases, training = e2e_cases(device, args.smoke), train_cases(device, args.smoke)
+    cases, training = select(args, e2e_cases(device, args.smoke)), select(args, train_cases(device, args.smoke))
     machine = machine_info(device)
     print(f"glimpse-ops end-to-end bench on {machine['device']} (torch {machine['torch']}, git {str(machine['git_sha'])[:10]}): "
           f"{len(cases)} inference cases, {len(training)} training cases, 3 providers each")
     progress = Progress(3 * (len(cases) + len(training)))
-    rows = run_each(cases, run_e2e_case, device, budget, progress)
-    train_rows = run_each(training, run_train_case, device, budget, progress)
+    rows = run_each(cases, run_e2e_case, device, budget, progress,
+                    lambda done: write_results(args, machine, {"partial": True}, done, "-e2e", quiet=True))
+    train_rows = run_each(training, run_train_case, device, budget, progress,
+                          lambda done: write_results(args, machine, {"partial": True}, rows + done, "-e2e", quiet=True))
     print_e2e_table(rows)
     print_train_table(train_rows)
     rows += train_rows
@@ -333,7 +352,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--providers", nargs="*", default=list(PROVIDERS), choices=PROVIDERS)
     parser.add_argument("--max-input-gib", type=float, default=None, help="skip cases whose inputs exceed this (default: 1/6 of RAM on CPU, 1/3 of GPU memory)")
     parser.add_argument("--budget", type=float, default=None, help="seconds of timing per provider (default 0.3 CPU, 1.0 GPU)")
-    parser.add_argument("--json", type=Path, default=None, help="where to write the results (default bench/results/<device>/...)")
+    parser.add_argument("--visual", type=int, nargs="*", help="only cases with these visual-token counts (attention: N)")
+    parser.add_argument("--batch", type=int, nargs="*", help="only cases with these batch sizes")
+    parser.add_argument("--keep", type=float, nargs="*", help="only kernel cases with these keep ratios (e.g. 0.074)")
+    parser.add_argument("--json", type=Path, default=None, help="where to write the results (default bench/results/<device>/...); "
+                        "rewritten after every case, so a run cut short keeps what it measured")
     args = parser.parse_args(argv)
 
     device = args.device
@@ -349,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--hf goes with --e2e")
     if args.e2e:
         return run_e2e(args, device, budget)
-    cases = [c for c in all_cases(args.smoke) if not args.ops or c.op in args.ops]
+    cases = select(args, [c for c in all_cases(args.smoke) if not args.ops or c.op in args.ops])
     runnable = [c for c in cases if c.input_bytes() <= limit]
     skipped = [c for c in cases if c.input_bytes() > limit]
     machine = machine_info(device)
@@ -360,15 +383,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"measured copy bandwidth: {copy_gbs:.1f} GB/s")
     wanted = set(args.providers)
     attention = [c for c in attention_cases(args.smoke, device) if not args.ops or c.op in args.ops]
+    attention = select(args, attention, visual=lambda c: c.n)
     attention = [c for c in attention if c.input_bytes() <= limit]
     progress = Progress(sum(len(providers_for(c, device, wanted)) for c in runnable) + sum(len(attention_providers(device, c.n)) for c in attention))
     rows: list[dict] = []
     for case in runnable:
         rows += run_case(case, device, wanted, budget, copy_gbs, progress)
         torch._dynamo.reset()
+        write_results(args, machine, {"copy_gbs": copy_gbs, "partial": True}, rows, "", quiet=True)
     gates: dict = {}
     for case in attention:
         rows += run_attention_case(case, device, budget, progress, gates)
+        write_results(args, machine, {"copy_gbs": copy_gbs, "partial": True}, rows, "", quiet=True)
     rows += [{"case": c.as_dict(), "name": c.name(), "provider": "-", "error": "skipped: inputs exceed the memory limit"} for c in skipped]
     print_table(rows, device)
     write_results(args, machine, {"copy_gbs": copy_gbs}, rows, "")

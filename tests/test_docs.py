@@ -22,6 +22,15 @@ def test_ci_runs_the_readme_test_command():
     assert any("python bench/run.py" in c for c in commands)
 
 
+def test_ci_runs_the_readme_gpu_install_command():
+    """The GPU install line is what CI runs on the GPU machines' stack (torch 2.11 + cu130)."""
+    gpu_install = next(c.strip() for c in code_blocks("bash") if "--no-deps" in c)
+    ci = (ROOT / ".ci" / "run").read_text()
+    marker = "# --- README GPU install command: keep identical to README.md ---"
+    assert marker in ci
+    assert ci.split(marker, 1)[1].strip().splitlines()[0].strip() == gpu_install
+
+
 def test_readme_example_runs():
     example = code_blocks("python")[0]
     namespace: dict = {}

@@ -31,7 +31,9 @@ SKIP_CUDA = "set GLIMPSE_BUILD_CUDA=0 to build without the CUDA kernels (the Tri
 
 
 def cuda_sources(root: str = ROOT) -> list[str]:
-    found = glob.glob(os.path.join(root, "csrc", "cuda", "*.cu")) + glob.glob(os.path.join(root, "csrc", "cuda", "*.cpp"))
+    found = glob.glob(os.path.join(root, "csrc", "cuda", "*.cu")) + glob.glob(
+        os.path.join(root, "csrc", "cuda", "*.cpp")
+    )
     return sorted(os.path.relpath(path, root) for path in found)
 
 
@@ -46,8 +48,13 @@ def toolkit_root(nvcc: str) -> str | None:
     """The toolkit folder an nvcc really runs from (``nvcc --dryrun`` prints it as TOP), so a
     wrapper script on PATH (e.g. /usr/local/bin/nvcc) does not make /usr/local the toolkit."""
     try:
-        printed = subprocess.run([nvcc, "--dryrun", "-E", "-x", "cu", "-", "-o", os.devnull], stdin=subprocess.DEVNULL,
-                                 capture_output=True, text=True, timeout=60)
+        printed = subprocess.run(
+            [nvcc, "--dryrun", "-E", "-x", "cu", "-", "-o", os.devnull],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     match = re.search(r"^#\$ TOP=(.+)$", printed.stdout + printed.stderr, re.MULTILINE)
@@ -102,8 +109,10 @@ def _extensions():
         return cpu_only
     if not gpu_sources:
         if mode == "1":
-            raise SystemExit("GLIMPSE_BUILD_CUDA=1, but csrc/cuda/ holds no CUDA source: the GPU kernels are Triton "
-                             "(glimpse_ops.triton_kernels) and there is no CUDA extension to build")
+            raise SystemExit(
+                "GLIMPSE_BUILD_CUDA=1, but csrc/cuda/ holds no CUDA source: the GPU kernels are Triton "
+                "(glimpse_ops.triton_kernels) and there is no CUDA extension to build"
+            )
         return cpu_only
     problem = _cuda_build_problem()
     if problem is not None:

@@ -17,10 +17,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from timing import gate_failed, measure
 
 import glimpse_ops as g
 from glimpse_ops.reference import soft_mask_attention_reference
-from timing import gate_failed, measure
 
 HEADS, KV_HEADS, HEAD_DIM = 28, 4, 128
 GATE_N = 256
@@ -62,8 +62,12 @@ def make_attention_inputs(n: int, batch: int, dtype: torch.dtype, device: str) -
         return torch.randn(*shape, device=device, dtype=dtype)
 
     w = torch.rand(batch, n, device=device) * 0.9 + 0.1  # > 0: the peers take log w
-    return {"q": randn(batch, HEADS, n, HEAD_DIM), "k": randn(batch, KV_HEADS, n, HEAD_DIM),
-            "v": randn(batch, KV_HEADS, n, HEAD_DIM), "w": w.to(dtype)}
+    return {
+        "q": randn(batch, HEADS, n, HEAD_DIM),
+        "k": randn(batch, KV_HEADS, n, HEAD_DIM),
+        "v": randn(batch, KV_HEADS, n, HEAD_DIM),
+        "w": w.to(dtype),
+    }
 
 
 def _repeat(t: torch.Tensor) -> torch.Tensor:
@@ -84,7 +88,11 @@ def attention_providers(device: str, n: int) -> dict[str, Callable[[dict], torch
 
     def sdpa_efficient_mask(x):
         mask = _causal_log_weight(x["w"], x["q"].shape[2])
-        backends = [torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION] if device == "cuda" else [torch.nn.attention.SDPBackend.MATH]
+        backends = (
+            [torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION]
+            if device == "cuda"
+            else [torch.nn.attention.SDPBackend.MATH]
+        )
         with torch.nn.attention.sdpa_kernel(backends):
             return F.scaled_dot_product_attention(x["q"], _repeat(x["k"]), _repeat(x["v"]), attn_mask=mask, scale=scale)
 
@@ -102,7 +110,9 @@ def attention_providers(device: str, n: int) -> dict[str, Callable[[dict], torch
             def add_log_weight(score, b, h, q_idx, kv_idx):
                 return score + log_w[b, kv_idx]
 
-            return flex_attention(q, k, v, score_mod=add_log_weight, block_mask=block_mask, scale=scale, enable_gqa=True)
+            return flex_attention(
+                q, k, v, score_mod=add_log_weight, block_mask=block_mask, scale=scale, enable_gqa=True
+            )
 
         compiled = torch.compile(flex_step, dynamic=False)
         masks: dict[int, object] = {}
@@ -110,14 +120,20 @@ def attention_providers(device: str, n: int) -> dict[str, Callable[[dict], torch
         def flex_captured(x):
             size = x["q"].shape[2]
             if size not in masks:
-                masks[size] = create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx <= q_idx, None, None, size, size, device=device)
+                masks[size] = create_block_mask(
+                    lambda b, h, q_idx, kv_idx: kv_idx <= q_idx, None, None, size, size, device=device
+                )
             return compiled(x["q"], x["k"], x["v"], x["w"], masks[size])
 
         providers["flex_captured_weight"] = flex_captured
     if "triton" in g.available_backends("soft_mask_attention", device) and device == "cuda":
-        providers["triton"] = lambda x: g.soft_mask_attention(x["q"], x["k"], x["v"], x["w"], None, True, scale, backend="triton")
+        providers["triton"] = lambda x: g.soft_mask_attention(
+            x["q"], x["k"], x["v"], x["w"], None, True, scale, backend="triton"
+        )
     if n <= 1024:
-        providers["reference"] = lambda x: g.soft_mask_attention(x["q"], x["k"], x["v"], x["w"], None, True, scale, backend="reference")
+        providers["reference"] = lambda x: g.soft_mask_attention(
+            x["q"], x["k"], x["v"], x["w"], None, True, scale, backend="reference"
+        )
     return providers
 
 
@@ -165,11 +181,13 @@ def run_attention_case(case: AttentionCase, device: str, budget_s: float, progre
                 gate_failed(row, note, progress)
                 rows.append(row)
                 continue
-            if case.mode == "fwd":
-                step = lambda: fn(x)  # noqa: E731
-            else:
-                grad = torch.randn_like(x["q"])
-                step = lambda: torch.autograd.grad(fn(x), [x["q"], x["k"], x["v"], x["w"]], grad, allow_unused=True)  # noqa: E731
+            grad = torch.randn_like(x["q"])
+
+            def step(fn=fn, grad=grad):
+                if case.mode == "fwd":
+                    return fn(x)
+                return torch.autograd.grad(fn(x), [x["q"], x["k"], x["v"], x["w"]], grad, allow_unused=True)
+
             with torch.no_grad() if case.mode == "fwd" else torch.enable_grad():
                 row.update(measure(step, device, budget_s))
             row["tflops"] = case.flops() / (row["p50"] * 1e-3) / 1e12

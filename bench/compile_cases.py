@@ -57,8 +57,14 @@ def _kernels():
     )
 
     return dict(
-        scores=glimpse_scores, columns=attention_column_scores, select=select_tokens, index=keep_index,
-        gather=gather_tokens, compact=compact_kv, prune=prune_kv, glimpse_prune=glimpse_prune,
+        scores=glimpse_scores,
+        columns=attention_column_scores,
+        select=select_tokens,
+        index=keep_index,
+        gather=gather_tokens,
+        compact=compact_kv,
+        prune=prune_kv,
+        glimpse_prune=glimpse_prune,
         soft=soft_mask_attention,
     )
 
@@ -85,7 +91,9 @@ def scoring_cases(m: Model, dtype: torch.dtype, S: int, B: int, G: int, every_fl
             out = k.glimpse_scores_triton(q, keys, key_mask, 0.1, mode)
             k.glimpse_scores_backward_triton(out, q, keys, key_mask, 0.1, mode, out)
 
-        cases.append((f"glimpse_scores fwd+bwd {m.name} {_name(dtype)} S={S} B={B} G={G} mode={mode} mask={masked}", fwd_bwd))
+        cases.append(
+            (f"glimpse_scores fwd+bwd {m.name} {_name(dtype)} S={S} B={B} G={G} mode={mode} mask={masked}", fwd_bwd)
+        )
     return cases
 
 
@@ -102,24 +110,46 @@ def selection_cases(m: Model, dtype: torch.dtype, S: int, B: int, every_flag: bo
     tag = f"{m.name} {_name(dtype)} S={S} B={B}"
     cases = []
     for threshold, per_row in [(None, None), (0.5, caps)] + ([(0.5, None), (None, caps)] if every_flag else []):
-        cases.append((f"select_tokens {tag} threshold={threshold} per_row={per_row is not None}",
-                      lambda t=threshold, c=per_row: k["select"].select_tokens_triton(scores, cand, t, kept, 1, c)))
+        cases.append(
+            (
+                f"select_tokens {tag} threshold={threshold} per_row={per_row is not None}",
+                lambda t=threshold, c=per_row: k["select"].select_tokens_triton(scores, cand, t, kept, 1, c),
+            )
+        )
     for left in (True, False) if every_flag else (True,):
-        cases.append((f"keep_index {tag} left={left}", lambda left=left: k["index"].keep_index_triton(cand, max_len, left)))
+        cases.append(
+            (f"keep_index {tag} left={left}", lambda left=left: k["index"].keep_index_triton(cand, max_len, left))
+        )
     gathered = [(m.hidden, dtype)] + ([(1, torch.bool), (3, torch.int64)] if every_flag else [])
     for inner, what in gathered:
         x = _e(B, S, dtype=what) if inner == 1 else _e(B, S, inner, dtype=what)
-        cases.append((f"gather_tokens {tag} inner={inner} {_name(what)}",
-                      lambda x=x: k["gather"].gather_tokens_triton(x, index, 0)))
+        cases.append(
+            (
+                f"gather_tokens {tag} inner={inner} {_name(what)}",
+                lambda x=x: k["gather"].gather_tokens_triton(x, index, 0),
+            )
+        )
     if every_flag:
         positions = _e(3, B, S, dtype=torch.int64).permute(1, 2, 0)  # M-RoPE ids through a view
-        cases.append((f"gather_tokens {tag} positions view", lambda: k["gather"].gather_tokens_triton(positions, index, 1)))
+        cases.append(
+            (f"gather_tokens {tag} positions view", lambda: k["gather"].gather_tokens_triton(positions, index, 1))
+        )
     cases.append((f"compact_kv {tag}", lambda: k["compact"].compact_kv_triton(keys, keys, index)))
-    cases.append((f"prune_kv {tag}", lambda: k["prune"].prune_kv_triton(scores, cand, keys, keys, None, kept, 1, None,
-                                                                         max_len, True)))
+    cases.append(
+        (
+            f"prune_kv {tag}",
+            lambda: k["prune"].prune_kv_triton(scores, cand, keys, keys, None, kept, 1, None, max_len, True),
+        )
+    )
     q = _e(B, m.heads, 8, m.head_dim, dtype=dtype)
-    cases.append((f"glimpse_prune {tag} G=8", lambda: k["glimpse_prune"].glimpse_prune_triton(
-        q, keys, keys, cand, cand, 1, 0.1, None, kept, 1, None, max_len, True)))
+    cases.append(
+        (
+            f"glimpse_prune {tag} G=8",
+            lambda: k["glimpse_prune"].glimpse_prune_triton(
+                q, keys, keys, cand, cand, 1, 0.1, None, kept, 1, None, max_len, True
+            ),
+        )
+    )
     return cases
 
 
@@ -134,8 +164,12 @@ def attention_cases(m: Model, dtype: torch.dtype, N: int, B: int, every_flag: bo
     for causal, masked in [(c, mk) for c in (True, False) for mk in (True, False)] if every_flag else [(True, True)]:
         km = mask if masked else None
         tag = f"{m.name} {_name(dtype)} N={N} B={B} causal={causal} masks={masked}"
-        cases.append((f"attention_column_scores {tag}",
-                      lambda c=causal, km=km: k["columns"].attention_column_scores_triton(q, kv, km, km, c, 0.1)))
+        cases.append(
+            (
+                f"attention_column_scores {tag}",
+                lambda c=causal, km=km: k["columns"].attention_column_scores_triton(q, kv, km, km, c, 0.1),
+            )
+        )
 
         def soft(c=causal, km=km):
             out, lse = k["soft"].soft_mask_attention_forward_triton(q, kv, kv, weight, km, c, 0.1)
@@ -181,7 +215,9 @@ def gate_cases(quick: bool = False) -> list[Case]:
             for G in (1, 8):
                 cases += scoring_cases(wide, dtype, 4099, 1, G, every_flag=False)
             cases += attention_cases(wide, dtype, 4099, 1, every_flag=False)
-            cases += [c for c in selection_cases(wide, dtype, 4099, 1, every_flag=False) if c[0].startswith("compact_kv")]
+            cases += [
+                c for c in selection_cases(wide, dtype, 4099, 1, every_flag=False) if c[0].startswith("compact_kv")
+            ]
     for D in (16, 32, 96, 256):  # fp32 at every BLOCK_D too
         wide = Model(f"hd{D}", BASE.heads, BASE.kv_heads, D, BASE.hidden)
         cases += scoring_cases(wide, torch.float32, 4099, 1, 8, every_flag=False)

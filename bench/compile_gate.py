@@ -149,8 +149,12 @@ def ptxas_usage(cubin: bytes) -> dict[str, int]:
     import hashlib
 
     usage = resource_usage(cubin)
-    found = {"registers": usage["REG"], "stack": usage["STACK"], "spill_stores": usage["STACK"] + usage["LOCAL"],
-             "spill_loads": usage["STACK"] + usage["LOCAL"]}
+    found = {
+        "registers": usage["REG"],
+        "stack": usage["STACK"],
+        "spill_stores": usage["STACK"] + usage["LOCAL"],
+        "spill_loads": usage["STACK"] + usage["LOCAL"],
+    }
     found.update(_PTXAS_LOGS.get(hashlib.sha256(cubin).hexdigest(), {}))
     return found
 
@@ -162,8 +166,15 @@ def install_stub_driver(arch: int, torch_device) -> None:
 
     class _Utils:
         def get_device_properties(self, device):
-            return {"max_shared_mem": SMEM_PER_BLOCK[arch], "multiprocessor_count": 132, "max_num_regs": REGS_PER_SM,
-                    "warpSize": 32, "sm_clock_rate": 1, "mem_clock_rate": 1, "mem_bus_width": 1}
+            return {
+                "max_shared_mem": SMEM_PER_BLOCK[arch],
+                "multiprocessor_count": 132,
+                "max_num_regs": REGS_PER_SM,
+                "warpSize": 32,
+                "sm_clock_rate": 1,
+                "mem_clock_rate": 1,
+                "mem_bus_width": 1,
+            }
 
         def load_binary(self, name, kernel, shared, device):
             return None, None, 0, 0, 1024
@@ -174,7 +185,7 @@ def install_stub_driver(arch: int, torch_device) -> None:
     class StubDriver:
         def __init__(self):
             self.utils = _Utils()
-            self.launcher_cls = lambda src, metadata: (lambda *args, **kwargs: None)
+            self.launcher_cls = lambda src, metadata: lambda *args, **kwargs: None
 
         @staticmethod
         def is_active():
@@ -213,9 +224,8 @@ def jit_kernels() -> dict[str, object]:
     import importlib
     import pkgutil
 
-    from triton.runtime.jit import JITFunction
-
     import glimpse_ops.triton_kernels as package
+    from triton.runtime.jit import JITFunction
 
     found = {}
     for info in pkgutil.iter_modules(package.__path__):
@@ -275,16 +285,27 @@ def run_worker(arch: int, quick: bool, only: str | None = None) -> ArchReport:
                 seen.add(id(kernel))
                 usage = ptxas_usage(kernel.asm["cubin"])
                 meta = kernel.metadata
-                report.variants.append(Variant(
-                    kernel=name, case=label, num_warps=meta.num_warps, num_stages=meta.num_stages,
-                    constants=_constants(kernel), shared=meta.shared,
-                    occupancy=occupancy(usage["registers"], meta.num_warps, meta.shared, arch), **usage,
-                ))
+                report.variants.append(
+                    Variant(
+                        kernel=name,
+                        case=label,
+                        num_warps=meta.num_warps,
+                        num_stages=meta.num_stages,
+                        constants=_constants(kernel),
+                        shared=meta.shared,
+                        occupancy=occupancy(usage["registers"], meta.num_warps, meta.shared, arch),
+                        **usage,
+                    )
+                )
         op = label.split(" ")[0]
         report.op_seconds[op] = round(report.op_seconds.get(op, 0.0) + time.perf_counter() - began, 1)
         if number % 20 == 0 or number == len(cases):
-            print(f"  {ARCHES[arch]}: {number}/{len(cases)} cases, {len(report.variants)} variants, "
-                  f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+            print(
+                f"  {ARCHES[arch]}: {number}/{len(cases)} cases, {len(report.variants)} variants, "
+                f"{time.perf_counter() - start:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
     if only is None:  # a filtered run need not reach every kernel
         report.never_compiled = sorted(name for name, fn in kernels.items() if not compiled(fn))
     report.seconds = time.perf_counter() - start
@@ -301,12 +322,16 @@ def problems(report: ArchReport) -> list[str]:
     found += [f"{report.name}: {name} was never compiled by any case" for name in report.never_compiled]
     for v in report.variants:
         if v.spill_stores or v.spill_loads:
-            found.append(f"{report.name}: {v.kernel} spills ({v.registers} registers, {v.spill_stores} B spill stores, "
-                         f"{v.spill_loads} B spill loads) in {v.case} [{v.constants} warps={v.num_warps} "
-                         f"stages={v.num_stages}]")
+            found.append(
+                f"{report.name}: {v.kernel} spills ({v.registers} registers, {v.spill_stores} B spill stores, "
+                f"{v.spill_loads} B spill loads) in {v.case} [{v.constants} warps={v.num_warps} "
+                f"stages={v.num_stages}]"
+            )
         if v.shared > SMEM_PER_BLOCK[report.arch]:
-            found.append(f"{report.name}: {v.kernel} uses {v.shared} B shared memory (limit "
-                         f"{SMEM_PER_BLOCK[report.arch]}) in {v.case}")
+            found.append(
+                f"{report.name}: {v.kernel} uses {v.shared} B shared memory (limit "
+                f"{SMEM_PER_BLOCK[report.arch]}) in {v.case}"
+            )
     return found
 
 
@@ -316,22 +341,32 @@ def summarize(report: ArchReport) -> list[dict]:
     for kernel in sorted({v.kernel for v in report.variants}):
         mine = [v for v in report.variants if v.kernel == kernel]
         worst = max(mine, key=lambda v: (v.registers, -v.occupancy))
-        rows.append({
-            "kernel": kernel, "variants": len(mine), "max_registers": max(v.registers for v in mine),
-            "max_spill": max(v.spill_stores + v.spill_loads for v in mine), "max_stack": max(v.stack for v in mine),
-            "max_shared": max(v.shared for v in mine), "min_occupancy": min(v.occupancy for v in mine),
-            "worst": f"{worst.constants} warps={worst.num_warps}",
-        })
+        rows.append(
+            {
+                "kernel": kernel,
+                "variants": len(mine),
+                "max_registers": max(v.registers for v in mine),
+                "max_spill": max(v.spill_stores + v.spill_loads for v in mine),
+                "max_stack": max(v.stack for v in mine),
+                "max_shared": max(v.shared for v in mine),
+                "min_occupancy": min(v.occupancy for v in mine),
+                "worst": f"{worst.constants} warps={worst.num_warps}",
+            }
+        )
     return rows
 
 
 def print_table(report: ArchReport) -> None:
     print(f"\n{report.name} (Triton {report.triton}, {len(report.variants)} variants, {report.seconds:.0f} s)")
-    print(f"  {'kernel':<44} {'variants':>8} {'max regs':>8} {'max spill':>9} {'max stack':>9} {'max smem':>9} "
-          f"{'min occ':>7}")
+    print(
+        f"  {'kernel':<44} {'variants':>8} {'max regs':>8} {'max spill':>9} {'max stack':>9} {'max smem':>9} "
+        f"{'min occ':>7}"
+    )
     for row in summarize(report):
-        print(f"  {row['kernel']:<44} {row['variants']:>8} {row['max_registers']:>8} {row['max_spill']:>8}B "
-              f"{row['max_stack']:>8}B {row['max_shared'] / 1024:>7.1f}K {row['min_occupancy']:>7.0%}")
+        print(
+            f"  {row['kernel']:<44} {row['variants']:>8} {row['max_registers']:>8} {row['max_spill']:>8}B "
+            f"{row['max_stack']:>8}B {row['max_shared'] / 1024:>7.1f}K {row['min_occupancy']:>7.0%}"
+        )
 
 
 def run_arch_subprocess(arch: int, quick: bool, only: str | None) -> ArchReport:
@@ -346,8 +381,12 @@ def run_arch_subprocess(arch: int, quick: bool, only: str | None) -> ArchReport:
         env["TRITON_CACHE_DIR"] = str(Path(tmp) / "triton-cache")  # compile everything: ptxas logs come with it
         proc = subprocess.run(cmd, env=env)
         if proc.returncode != 0 or not out.exists():
-            return ArchReport(arch=arch, name=ARCHES[arch], triton="?",
-                              failures=[f"the compile worker exited with status {proc.returncode}"])
+            return ArchReport(
+                arch=arch,
+                name=ARCHES[arch],
+                triton="?",
+                failures=[f"the compile worker exited with status {proc.returncode}"],
+            )
         data = json.loads(out.read_text())
         data["variants"] = [Variant(**v) for v in data["variants"]]
         return ArchReport(**data)
@@ -355,8 +394,13 @@ def run_arch_subprocess(arch: int, quick: bool, only: str | None) -> ArchReport:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", type=int, action="append", choices=sorted(ARCHES),
-                        help="compute capability x10 (repeatable; default 90 and 80)")
+    parser.add_argument(
+        "--arch",
+        type=int,
+        action="append",
+        choices=sorted(ARCHES),
+        help="compute capability x10 (repeatable; default 90 and 80)",
+    )
     parser.add_argument("--quick", action="store_true", help="only the Qwen2.5-VL-7B geometry")
     parser.add_argument("--only", help="only the cases whose label matches this regex (for development)")
     parser.add_argument("--json", help="write the table and every variant here")
@@ -381,20 +425,33 @@ def main(argv: list[str] | None = None) -> int:
         import triton
 
         payload = {
-            "triton": triton.__version__, "python": platform.python_version(), "quick": args.quick,
-            "limits": {ARCHES[a]: {"shared_per_block": SMEM_PER_BLOCK[a], "registers_per_sm": REGS_PER_SM} for a in arches},
+            "triton": triton.__version__,
+            "python": platform.python_version(),
+            "quick": args.quick,
+            "limits": {
+                ARCHES[a]: {"shared_per_block": SMEM_PER_BLOCK[a], "registers_per_sm": REGS_PER_SM} for a in arches
+            },
             "variant_fields": list(Variant.__dataclass_fields__),
-            "arches": {r.name: {"seconds": round(r.seconds, 1), "op_seconds": r.op_seconds, "kernels": summarize(r),
-                                "failures": r.failures, "never_compiled": r.never_compiled,
-                                "variants": [list(asdict(v).values()) for v in r.variants]}
-                       for r in reports},
+            "arches": {
+                r.name: {
+                    "seconds": round(r.seconds, 1),
+                    "op_seconds": r.op_seconds,
+                    "kernels": summarize(r),
+                    "failures": r.failures,
+                    "never_compiled": r.never_compiled,
+                    "variants": [list(asdict(v).values()) for v in r.variants],
+                }
+                for r in reports
+            },
             "problems": found,
         }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         # One line per variant: arrays of plain values are folded onto a single line.
-        text = re.sub(r"\[\n\s+([^\[\]{}]*?)\n\s*\]",
-                      lambda m: "[" + " ".join(line.strip() for line in m[1].splitlines()) + "]",
-                      json.dumps(payload, indent=1))
+        text = re.sub(
+            r"\[\n\s+([^\[\]{}]*?)\n\s*\]",
+            lambda m: "[" + " ".join(line.strip() for line in m[1].splitlines()) + "]",
+            json.dumps(payload, indent=1),
+        )
         Path(args.json).write_text(text + "\n")
         print(f"\nwrote {args.json}")
     if found:

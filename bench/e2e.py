@@ -29,13 +29,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-from torch import Tensor
-
 import peers
-from timing import peak_mib, sync, time_ms
-
+import torch
 import torch.nn.functional as F
+from timing import peak_mib, sync, time_ms
+from torch import Tensor
 
 from glimpse_ops.lvlm import LVLM, ATPPruner, GlimpsePruner, LVLMConfig, qwen2_5_vl_7b_shapes
 from glimpse_ops.lvlm.decoder import attention_mask
@@ -50,8 +48,21 @@ TEXT_TOKENS = 256
 def small_config() -> LVLMConfig:
     """The CPU stand-in: Qwen-like structure (GQA 4:1, pruning at ~2/3 depth), small widths."""
     return LVLMConfig(
-        image_size=64, patch=2, vit_dim=64, vit_layers=2, vit_heads=2, vit_window=False, hidden=256, layers=9,
-        heads=8, kv_heads=2, head_dim=32, ffn=704, vocab=1024, prune_layer=6, vip_width=64,
+        image_size=64,
+        patch=2,
+        vit_dim=64,
+        vit_layers=2,
+        vit_heads=2,
+        vit_window=False,
+        hidden=256,
+        layers=9,
+        heads=8,
+        kv_heads=2,
+        head_dim=32,
+        ffn=704,
+        vocab=1024,
+        prune_layer=6,
+        vip_width=64,
     )
 
 
@@ -65,7 +76,8 @@ class E2ECase:
     decode_steps: int
 
     def name(self) -> str:
-        return f"e2e {self.preset} {self.visual // 1024 if self.visual >= 1024 else self.visual}{'k' if self.visual >= 1024 else ''} B={self.batch}"
+        size = f"{self.visual // 1024}k" if self.visual >= 1024 else str(self.visual)
+        return f"e2e {self.preset} {size} B={self.batch}"
 
     def config(self) -> LVLMConfig:
         base = qwen2_5_vl_7b_shapes() if self.preset == "qwen2_5_vl_7b_shapes" else small_config()
@@ -73,14 +85,24 @@ class E2ECase:
         return dataclasses.replace(base, image_size=grid * 2 * base.patch)
 
     def as_dict(self) -> dict:
-        return {"preset": self.preset, "visual": self.visual, "batch": self.batch, "dtype": str(self.dtype).removeprefix("torch."),
-                "text": self.text, "decode_steps": self.decode_steps, "keep_ratio": KEEP_RATIO}
+        return {
+            "preset": self.preset,
+            "visual": self.visual,
+            "batch": self.batch,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "text": self.text,
+            "decode_steps": self.decode_steps,
+            "keep_ratio": KEEP_RATIO,
+        }
 
 
 def e2e_cases(device: str, smoke: bool) -> list[E2ECase]:
     if device == "cuda":
         grid = [(4096, 1), (4096, 8), (16384, 1), (16384, 8)]
-        return [E2ECase("qwen2_5_vl_7b_shapes", v, b, torch.bfloat16, TEXT_TOKENS, 32) for v, b in grid[: 1 if smoke else None]]
+        return [
+            E2ECase("qwen2_5_vl_7b_shapes", v, b, torch.bfloat16, TEXT_TOKENS, 32)
+            for v, b in grid[: 1 if smoke else None]
+        ]
     grid = [(256, 1), (256, 4), (1024, 1), (1024, 4)]
     return [E2ECase("small", v, b, torch.float32, 64, 8) for v, b in grid[: 1 if smoke else None]]
 
@@ -123,11 +145,19 @@ class EagerGlimpsePrune:
             out = torch.full((B, longest, *x.shape[2:]), pad, dtype=x.dtype, device=x.device)
             for b in range(B):
                 kept = x[b, :S][keep[b]]
-                out[b, longest - kept.shape[0]:] = kept
+                out[b, longest - kept.shape[0] :] = kept
             return out
 
-        return Compacted(take(prefix.hidden, 0.0), take(prefix.positions, 0), take(prefix.valid, False),
-                         take(prefix.visual, False), list(zip(new_keys, new_values)), index, lengths, keep)
+        return Compacted(
+            take(prefix.hidden, 0.0),
+            take(prefix.positions, 0),
+            take(prefix.valid, False),
+            take(prefix.visual, False),
+            list(zip(new_keys, new_values)),
+            index,
+            lengths,
+            keep,
+        )
 
 
 def _build_model(config: LVLMConfig, device: str, dtype: torch.dtype) -> LVLM:
@@ -136,7 +166,9 @@ def _build_model(config: LVLMConfig, device: str, dtype: torch.dtype) -> LVLM:
         return LVLM(config).to(dtype)
 
 
-def _decode_tokens_per_s(prefill: Callable[[], tuple], model: LVLM, steps: int, batch: int, device: str, reps: int) -> float:
+def _decode_tokens_per_s(
+    prefill: Callable[[], tuple], model: LVLM, steps: int, batch: int, device: str, reps: int
+) -> float:
     rates = []
     for _ in range(reps):
         logits, state = prefill()[:2]
@@ -176,9 +208,14 @@ def run_e2e_case(case: E2ECase, device: str, budget_s: float, progress: Progress
         prefills: dict[str, Callable[[], tuple]] = {
             "unpruned": lambda: model.prefill(images, ids, mask),
             "glimpse_ops": lambda: pruner.prefill(model, images, ids, mask),
-            "eager": lambda: finish_compacted(model, eager.prune_prefix(model, pruner.glimpse_prefix(model, images, ids, mask))),
+            "eager": lambda: finish_compacted(
+                model, eager.prune_prefix(model, pruner.glimpse_prefix(model, images, ids, mask))
+            ),
         }
-        overheads = {"glimpse_ops": lambda: pruner.prune_prefix(model, prefix), "eager": lambda: eager.prune_prefix(model, prefix)}
+        overheads = {
+            "glimpse_ops": lambda: pruner.prune_prefix(model, prefix),
+            "eager": lambda: eager.prune_prefix(model, prefix),
+        }
         for name, prefill in prefills.items():
             row = {**base, "provider": name, "check": note if name != "unpruned" else "-"}
             if name == "eager" and not ok:
@@ -214,8 +251,10 @@ def run_e2e_case(case: E2ECase, device: str, budget_s: float, progress: Progress
 
 
 def print_e2e_table(rows: list[dict]) -> None:
-    header = (f"{'case':<36} {'provider':<12} {'prefill ms':>10} {'vs eager':>8} {'decode tok/s':>12} {'vs full':>8} "
-              f"{'KV MiB':>8} {'KV share':>8} {'overhead':>9} {'peak MiB':>9}")
+    header = (
+        f"{'case':<36} {'provider':<12} {'prefill ms':>10} {'vs eager':>8} {'decode tok/s':>12} {'vs full':>8} "
+        f"{'KV MiB':>8} {'KV share':>8} {'overhead':>9} {'peak MiB':>9}"
+    )
     print("\n" + header + "\n" + "-" * len(header))
     last = None
     for row in rows:
@@ -226,14 +265,19 @@ def print_e2e_table(rows: list[dict]) -> None:
             continue
         overhead = f"{100 * row['overhead_share']:.1f}%" if "overhead_share" in row else "-"
         peak = f"{row['peak_mib']:.0f}" if row.get("peak_mib") is not None else "-"
-        print(f"{name:<36} {row['provider']:<12} {row['prefill_ms']:>10.2f} {row.get('prefill_vs_eager', 0):>7.2f}x "
-              f"{row['decode_tok_s']:>12.1f} {row['decode_vs_unpruned']:>7.2f}x {row['kv_cache_mib']:>8.2f} "
-              f"{100 * row['kv_cache_share']:>7.1f}% {overhead:>9} {peak:>9}")
+        print(
+            f"{name:<36} {row['provider']:<12} {row['prefill_ms']:>10.2f} {row.get('prefill_vs_eager', 0):>7.2f}x "
+            f"{row['decode_tok_s']:>12.1f} {row['decode_vs_unpruned']:>7.2f}x {row['kv_cache_mib']:>8.2f} "
+            f"{100 * row['kv_cache_share']:>7.1f}% {overhead:>9} {peak:>9}"
+        )
 
 
 def train_cases(device: str, smoke: bool) -> list[E2ECase]:
     if device == "cuda":
-        return [E2ECase("qwen2_5_vl_7b_shapes", v, 1, torch.bfloat16, TEXT_TOKENS, 0) for v in (4096, 16384)[: 1 if smoke else None]]
+        return [
+            E2ECase("qwen2_5_vl_7b_shapes", v, 1, torch.bfloat16, TEXT_TOKENS, 0)
+            for v in (4096, 16384)[: 1 if smoke else None]
+        ]
     return [E2ECase("small", v, 1, torch.float32, 64, 0) for v in (256, 1024)[: 1 if smoke else None]]
 
 
@@ -265,14 +309,20 @@ def run_train_case(case: E2ECase, device: str, budget_s: float, progress: Progre
             for p in params:
                 p.grad = None
             F.cross_entropy(forward(), answers).backward()
+
         return run
 
     steps = {
         "unmasked": step(lambda: model(images, ids, mask)),
         "atp_soft_mask": step(lambda: atp.soft_forward(model, images, ids, mask)[0]),
-        "atp_sdpa_dense_mask": step(lambda: atp.soft_forward(model, images, ids, mask, soft_attention=sdpa_dense_soft_mask)[0]),
+        "atp_sdpa_dense_mask": step(
+            lambda: atp.soft_forward(model, images, ids, mask, soft_attention=sdpa_dense_soft_mask)[0]
+        ),
     }
-    base = {"case": {**case.as_dict(), "kind": "train_step", "atp_layers": list(layers)}, "name": case.name().replace("e2e", "train")}
+    base = {
+        "case": {**case.as_dict(), "kind": "train_step", "atp_layers": list(layers)},
+        "name": case.name().replace("e2e", "train"),
+    }
     with torch.no_grad():
         ours = atp.soft_forward(model, images, ids, mask)[0]
         peer = atp.soft_forward(model, images, ids, mask, soft_attention=sdpa_dense_soft_mask)[0]

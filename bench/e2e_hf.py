@@ -23,11 +23,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-from torch import Tensor
-
 import peers
+import torch
 from timing import peak_mib, sync, time_ms
+from torch import Tensor
 
 from glimpse_ops.hf import apply_glimpse_prune
 from glimpse_ops.hf.glimpse_prune import GlimpsePruneHandle, _Prefill
@@ -51,8 +50,16 @@ class HFCase:
         return f"hf qwen2_5_vl {self.preset} {size} B={self.batch}"
 
     def as_dict(self) -> dict:
-        return {"preset": self.preset, "visual": self.visual, "batch": self.batch, "dtype": str(self.dtype).removeprefix("torch."),
-                "text": self.text, "decode_steps": self.decode_steps, "keep_ratio": KEEP_RATIO, "kind": "hf"}
+        return {
+            "preset": self.preset,
+            "visual": self.visual,
+            "batch": self.batch,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "text": self.text,
+            "decode_steps": self.decode_steps,
+            "keep_ratio": KEEP_RATIO,
+            "kind": "hf",
+        }
 
 
 def hf_cases(device: str, smoke: bool) -> list[HFCase]:
@@ -65,18 +72,49 @@ def build_model(case: HFCase, device: str):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     if case.preset == "7b_shapes":
-        text = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                    num_key_value_heads=4, rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6})
-        vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
-                      fullatt_block_indexes=[7, 15, 23, 31])
+        text = dict(
+            vocab_size=152064,
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6},
+        )
+        vision = dict(
+            depth=32,
+            hidden_size=1280,
+            intermediate_size=3420,
+            num_heads=16,
+            out_hidden_size=3584,
+            fullatt_block_indexes=[7, 15, 23, 31],
+        )
     else:
-        text = dict(vocab_size=152064, hidden_size=256, intermediate_size=704, num_hidden_layers=9, num_attention_heads=8,
-                    num_key_value_heads=2, rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 1e6})
-        vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=256, fullatt_block_indexes=[1])
+        text = dict(
+            vocab_size=152064,
+            hidden_size=256,
+            intermediate_size=704,
+            num_hidden_layers=9,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 1e6},
+        )
+        vision = dict(
+            depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=256, fullatt_block_indexes=[1]
+        )
     config = Qwen2_5_VLConfig(
         text_config={**text, "max_position_embeddings": 32768},
-        vision_config={**vision, "patch_size": 14, "temporal_patch_size": 2, "spatial_merge_size": 2, "window_size": 112},
-        image_token_id=IMAGE, video_token_id=151656, vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
+        vision_config={
+            **vision,
+            "patch_size": 14,
+            "temporal_patch_size": 2,
+            "spatial_merge_size": 2,
+            "window_size": 112,
+        },
+        image_token_id=IMAGE,
+        video_token_id=151656,
+        vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
     )
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
@@ -146,8 +184,13 @@ def run_hf_case(case: HFCase, device: str, budget_s: float, progress: Progress) 
     reference: dict = {}
     for name, handle_class in patches.items():
         row = {**base, "provider": name, "layer": layer}
-        handle = None if handle_class is None else apply_glimpse_prune(
-            model, layer=layer, threshold=None, max_keep_ratio=KEEP_RATIO, _handle_class=handle_class)
+        handle = (
+            None
+            if handle_class is None
+            else apply_glimpse_prune(
+                model, layer=layer, threshold=None, max_keep_ratio=KEEP_RATIO, _handle_class=handle_class
+            )
+        )
         try:
             with torch.no_grad():
                 prefill = lambda: model(**inputs, use_cache=True, logits_to_keep=1)  # noqa: E731
@@ -159,7 +202,9 @@ def run_hf_case(case: HFCase, device: str, budget_s: float, progress: Progress) 
                     same_shape = index.shape == reference["index"].shape
                     mismatch = float((index != reference["index"]).float().mean()) if same_shape else 1.0
                     diff = (reference["logits"].float() - out.logits[:, -1].float()).abs().max().item()
-                    row["check"] = f"kept positions differing from glimpse_ops: {mismatch:.2%}; max |logit diff| {diff:.2e}"
+                    row["check"] = (
+                        f"kept positions differing from glimpse_ops: {mismatch:.2%}; max |logit diff| {diff:.2e}"
+                    )
                     # bf16 scores may order near-ties differently; more than 1% is a bug
                     if mismatch > (0.0 if case.dtype == torch.float32 else 0.01):
                         row["error"] = f"failed the correctness gate: {row['check']}"
@@ -205,8 +250,11 @@ def _decode_rate(model, inputs: dict, case: HFCase, prefill_ms: float, device: s
 
 
 def print_hf_table(rows: list[dict]) -> None:
-    header = (f"{'case':<34} {'provider':<12} {'prefill ms':>10} {'vs eager':>8} {'vs stock':>8} {'0..K ms':>9} {'0..K x':>7} "
-              f"{'decode tok/s':>12} {'KV share':>8} {'peak MiB':>9}")
+    header = (
+        f"{'case':<34} {'provider':<12} {'prefill ms':>10} {'vs eager':>8} {'vs stock':>8} "
+        f"{'0..K ms':>9} {'0..K x':>7} "
+        f"{'decode tok/s':>12} {'KV share':>8} {'peak MiB':>9}"
+    )
     print("\n" + header + "\n" + "-" * len(header))
     last = None
     for row in rows:
@@ -216,6 +264,9 @@ def print_hf_table(rows: list[dict]) -> None:
             print(f"{name:<34} {row['provider']:<12} {row.get('error', 'skipped')[:80]}")
             continue
         peak = f"{row['peak_mib']:.0f}" if row.get("peak_mib") is not None else "-"
-        print(f"{name:<34} {row['provider']:<12} {row['prefill_ms']:>10.2f} {row.get('prefill_vs_eager_patch', 0):>7.2f}x "
-              f"{row.get('prefill_vs_unpatched', 0):>7.2f}x {row['layers_0_to_k_ms']:>9.2f} {row.get('layers_0_to_k_vs_unpatched', 0):>6.2f}x "
-              f"{row['decode_tok_s']:>12.1f} {100 * row.get('kv_cache_share', 0):>7.1f}% {peak:>9}")
+        print(
+            f"{name:<34} {row['provider']:<12} {row['prefill_ms']:>10.2f} "
+            f"{row.get('prefill_vs_eager_patch', 0):>7.2f}x {row.get('prefill_vs_unpatched', 0):>7.2f}x "
+            f"{row['layers_0_to_k_ms']:>9.2f} {row.get('layers_0_to_k_vs_unpatched', 0):>6.2f}x "
+            f"{row['decode_tok_s']:>12.1f} {100 * row.get('kv_cache_share', 0):>7.1f}% {peak:>9}"
+        )

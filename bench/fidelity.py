@@ -28,11 +28,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from glimpse_ops.progress import Progress  # noqa: E402
-
-from glimpse_ops.lvlm import LVLM, ATPPruner, GlimpsePruner, GlimpseTopK, RandomPruner, evaluate, tiny, train_atp, train_glimpse, train_lvlm  # noqa: E402
+from glimpse_ops.lvlm import (
+    LVLM,
+    ATPPruner,
+    GlimpsePruner,
+    GlimpseTopK,
+    RandomPruner,
+    evaluate,
+    tiny,
+    train_atp,
+    train_glimpse,
+    train_lvlm,
+)  # noqa: E402
 from glimpse_ops.lvlm.checkpoint import save_trained  # noqa: E402
-
+from glimpse_ops.progress import Progress  # noqa: E402
 
 ATP_TARGETS = (0.25, 0.11)  # kept fractions the budget loss aims at (the second lands near 12-14%)
 
@@ -44,9 +53,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save", type=Path, default=None, help="save the trained LVLM and GlimpsePruner here")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep-ratio", type=float, default=0.10, help="GlimpsePrune's cap on the kept fraction")
-    parser.add_argument("--steps", type=int, nargs=3, metavar=("LVLM", "GLIMPSE", "SAMPLES"), default=None,
-                        help="override the training steps and evaluation samples")
-    parser.add_argument("--atp-steps", type=int, default=None, help="ATP training steps per budget (default 400, --quick 200)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        nargs=3,
+        metavar=("LVLM", "GLIMPSE", "SAMPLES"),
+        default=None,
+        help="override the training steps and evaluation samples",
+    )
+    parser.add_argument(
+        "--atp-steps", type=int, default=None, help="ATP training steps per budget (default 400, --quick 200)"
+    )
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -85,10 +102,18 @@ def main(argv: list[str] | None = None) -> int:
         target = fraction * config.visual_tokens
         atp = ATPPruner(model, stage)
         train_atp(model, atp, atp_steps, target, seed=args.seed + 2, progress=progress.step)
-        methods.append({"name": "atp", "target_kept_fraction": fraction, "stage_layers": list(stage), **evaluate(model, atp.eval(), samples)})
+        methods.append(
+            {
+                "name": "atp",
+                "target_kept_fraction": fraction,
+                "stage_layers": list(stage),
+                **evaluate(model, atp.eval(), samples),
+            }
+        )
         progress.step(f"atp {fraction:.0%}")
     result = {
-        "task": f"shape of the cell of the named color, {config.grid}x{config.grid} grid ({config.visual_tokens} visual tokens)",
+        "task": f"shape of the cell of the named color, {config.grid}x{config.grid} grid "
+        f"({config.visual_tokens} visual tokens)",
         "baseline_accuracy": baseline["accuracy"],
         "methods": methods,
         "budget_tokens": budget,
@@ -104,13 +129,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label:<14} {m['kept_fraction']:>7.1%} {m['accuracy']:>9.3f} {share:>11.1%}")
     for m in methods:
         if "kept_per_layer" in m:
-            print(f"{m['name']} (target {m['target_kept_fraction']:.0%}) kept per layer: "
-                  + " ".join(f"{x:.0%}" for x in m["kept_per_layer"]))
+            print(
+                f"{m['name']} (target {m['target_kept_fraction']:.0%}) kept per layer: "
+                + " ".join(f"{x:.0%}" for x in m["kept_per_layer"])
+            )
     met = glimpse["kept_fraction"] <= 0.10 + 1e-9 and glimpse["accuracy"] >= 0.99 * baseline["accuracy"]
-    atp_met = any(m["name"] == "atp" and m["kept_fraction"] <= 0.25 + 1e-9 and m["accuracy"] >= 0.98 * baseline["accuracy"]
-                  for m in methods)
+    atp_met = any(
+        m["name"] == "atp" and m["kept_fraction"] <= 0.25 + 1e-9 and m["accuracy"] >= 0.98 * baseline["accuracy"]
+        for m in methods
+    )
     print(f"GlimpsePrune target (>= 99% of baseline with <= 10% kept): {'met' if met else 'not met'}")
-    print(f"ATP target (>= 98% of baseline with <= 25% kept): {'met' if atp_met else 'not met'}; took {result['seconds']:.0f}s")
+    print(
+        f"ATP target (>= 98% of baseline with <= 25% kept): {'met' if atp_met else 'not met'}; "
+        f"took {result['seconds']:.0f}s"
+    )
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1))

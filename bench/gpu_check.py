@@ -77,8 +77,9 @@ def run_boxed(command: list[str], log: Path, timeout_s: float, env: dict | None 
     with open(log, "w") as out:
         out.write("$ " + " ".join(command) + "\n")
         out.flush()
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True
+        )
         try:
             code = proc.wait(timeout=timeout_s)
             status = "passed" if code == 0 else f"failed (exit {code})"
@@ -130,19 +131,63 @@ def stage_commands(stage: str, args: argparse.Namespace, out: Path) -> list[tupl
         return [("env", [PY, "-m", "glimpse_ops.env"])]
     if stage == "tests":
         if dry:  # the CUDA tests skip on CPU; one interpreter file shows the plumbing works
-            return [("pytest", [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py",
-                                "tests/test_keep_index.py", "-m", "cuda or triton_interpreter"])]
+            return [
+                (
+                    "pytest",
+                    [
+                        PY,
+                        "-m",
+                        "pytest",
+                        "-q",
+                        "-p",
+                        "no:cacheprovider",
+                        "tests/test_cuda.py",
+                        "tests/test_keep_index.py",
+                        "-m",
+                        "cuda or triton_interpreter",
+                    ],
+                )
+            ]
         parallel = ["-n", "4"] if importlib.util.find_spec("xdist") else []  # Triton's disk cache is shared
-        return [("pytest", [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", "--maxfail", "20",
-                            *parallel, "--junitxml", str(out / "tests.xml"), "tests"])]
+        return [
+            (
+                "pytest",
+                [
+                    PY,
+                    "-m",
+                    "pytest",
+                    "-q",
+                    "-p",
+                    "no:cacheprovider",
+                    "-m",
+                    "cuda",
+                    "--maxfail",
+                    "20",
+                    *parallel,
+                    "--junitxml",
+                    str(out / "tests.xml"),
+                    "tests",
+                ],
+            )
+        ]
     if stage == "sanitizer":
         return sanitizer_commands(dry, out)
     if stage == "kernels":
         sizes = ["--visual", "1024"] if dry else ["--visual", "4096", "16384"]
         providers = ["--providers", "eager", "reference", "native", "copy"] if dry else []  # no compile in CI
-        return [("run.py", bench + ["--ops", "glimpse_scores", "select_index", "compact_kv", "prune_kv", "glimpse_prune"]
-                 + sizes + ["--batch", "1"] + ([] if dry else ["8"]) + ["--keep", "0.074"] + providers
-                 + ["--json", str(out / "kernels.json")])]
+        return [
+            (
+                "run.py",
+                bench
+                + ["--ops", "glimpse_scores", "select_index", "compact_kv", "prune_kv", "glimpse_prune"]
+                + sizes
+                + ["--batch", "1"]
+                + ([] if dry else ["8"])
+                + ["--keep", "0.074"]
+                + providers
+                + ["--json", str(out / "kernels.json")],
+            )
+        ]
     if stage == "attention":
         sizes = [] if dry else ["--visual", "4096", "16384", "--batch", "1"]
         return [("run.py", bench + ["--ops", "soft_mask_attention"] + sizes + ["--json", str(out / "attention.json")])]
@@ -159,7 +204,9 @@ def run_stage(stage: Stage, args: argparse.Namespace, out: Path, deadline: float
     if args.dry_run and stage.name == "build":
         return StageResult(stage.name, "skipped", detail="dry run: the package is already installed")
     if left < stage.min_s:
-        return StageResult(stage.name, "skipped", detail=f"budget: {left:.0f} s left, the stage needs at least {stage.min_s:.0f} s")
+        return StageResult(
+            stage.name, "skipped", detail=f"budget: {left:.0f} s left, the stage needs at least {stage.min_s:.0f} s"
+        )
     box = min(stage.cap_s * args.scale, left)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if args.dry_run:
@@ -200,9 +247,12 @@ def _load(path: Path) -> dict | None:
 
 def kernel_lines(data: dict) -> list[str]:
     copy = data["machine"].get("copy_gbs")
-    lines = [f"Measured copy bandwidth: {copy:.0f} GB/s (read + write)." if copy else "",
-             "", "| case | provider | p50 ms | vs eager | vs reference+compile | GB/s | % copy |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Measured copy bandwidth: {copy:.0f} GB/s (read + write)." if copy else "",
+        "",
+        "| case | provider | p50 ms | vs eager | vs reference+compile | GB/s | % copy |",
+        "|---|---|---|---|---|---|---|",
+    ]
     rows = [r for r in data["results"] if "tflops" not in r]
     compiled = {r["name"]: r["p50"] for r in rows if r["provider"] == "reference+compile" and "p50" in r}
     for r in rows:
@@ -211,14 +261,19 @@ def kernel_lines(data: dict) -> list[str]:
             continue
         vs_eager = f"{r['speedup_vs_eager']:.2f}x" if "speedup_vs_eager" in r else "-"
         vs_compile = f"{compiled[r['name']] / r['p50']:.2f}x" if r["name"] in compiled else "-"
-        lines.append(f"| {r['name']} | {r['provider']} | {r['p50']:.3f} | {vs_eager} | {vs_compile} | "
-                     f"{r.get('gbps', 0):.0f} | {r.get('pct_copy_bw', 0):.0f}% |")
+        lines.append(
+            f"| {r['name']} | {r['provider']} | {r['p50']:.3f} | {vs_eager} | {vs_compile} | "
+            f"{r.get('gbps', 0):.0f} | {r.get('pct_copy_bw', 0):.0f}% |"
+        )
     return lines
 
 
 def attention_lines(data: dict, matrix_tflops: float | None) -> list[str]:
-    lines = ["", "| case | provider | p50 ms | time / SDPA unmasked | TFLOP/s | % of bf16 matrix rate | peak extra MiB |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        "| case | provider | p50 ms | time / SDPA unmasked | TFLOP/s | % of bf16 matrix rate | peak extra MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in data["results"]:
         if "tflops" not in r and "p50" in r:
             continue
@@ -226,8 +281,10 @@ def attention_lines(data: dict, matrix_tflops: float | None) -> list[str]:
             lines.append(f"| {r['name']} | {r['provider']} | {r.get('error', 'skipped')[:80]} | | | | |")
             continue
         rate = f"{100 * r['tflops'] / matrix_tflops:.0f}%" if matrix_tflops else "-"
-        lines.append(f"| {r['name']} | {r['provider']} | {r['p50']:.3f} | {r.get('time_vs_sdpa_unmasked', 0):.2f} | "
-                     f"{r['tflops']:.0f} | {rate} | {r.get('peak_extra_mib', 0):.0f} |")
+        lines.append(
+            f"| {r['name']} | {r['provider']} | {r['p50']:.3f} | {r.get('time_vs_sdpa_unmasked', 0):.2f} | "
+            f"{r['tflops']:.0f} | {rate} | {r.get('peak_extra_mib', 0):.0f} |"
+        )
     return lines
 
 
@@ -262,10 +319,18 @@ def measure_ceilings(dry_run: bool) -> dict:
 
 
 def write_summary(out: Path, results: list[StageResult], ceilings: dict, args: argparse.Namespace, wall: float) -> str:
-    lines = [f"# glimpse-ops GPU check{' (dry run: CPU, interpreter, tiny sizes)' if args.dry_run else ''}", "",
-             f"Budget {args.budget_min:.1f} min, used {wall / 60:.1f} min. Ceilings: "
-             + (", ".join(f"{k} {v:.0f}" if isinstance(v, float) else f"{k} {v}" for k, v in ceilings.items()) or "none measured"),
-             "", "| stage | status | seconds | detail |", "|---|---|---|---|"]
+    lines = [
+        f"# glimpse-ops GPU check{' (dry run: CPU, interpreter, tiny sizes)' if args.dry_run else ''}",
+        "",
+        f"Budget {args.budget_min:.1f} min, used {wall / 60:.1f} min. Ceilings: "
+        + (
+            ", ".join(f"{k} {v:.0f}" if isinstance(v, float) else f"{k} {v}" for k, v in ceilings.items())
+            or "none measured"
+        ),
+        "",
+        "| stage | status | seconds | detail |",
+        "|---|---|---|---|",
+    ]
     for r in results:
         detail = r.detail.strip().splitlines()[0][:160] if r.detail.strip() else ""
         lines.append(f"| {r.name} | {r.status} | {r.seconds:.0f} | {detail} |")
@@ -286,9 +351,13 @@ def write_summary(out: Path, results: list[StageResult], ceilings: dict, args: a
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu-check")), help="output folder (default $OUT)")
+    parser.add_argument(
+        "--out", type=Path, default=Path(os.environ.get("OUT", "gpu-check")), help="output folder (default $OUT)"
+    )
     parser.add_argument("--budget-min", type=float, default=8.0, help="wall-clock budget for everything (default 8)")
-    parser.add_argument("--dry-run", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny sizes: checks the script itself")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny sizes: checks the script itself"
+    )
     parser.add_argument("--only", nargs="*", choices=[s.name for s in STAGES], help="run only these stages")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's cap (e.g. 0.5 for a rerun)")
     args = parser.parse_args(argv)
@@ -299,14 +368,19 @@ def main(argv: list[str] | None = None) -> int:
     for stage in STAGES:
         result = run_stage(stage, args, args.out, deadline)
         results.append(result)
-        print(f"[gpu_check] {stage.name:<10} {result.status:<18} {result.seconds:6.0f} s  "
-              f"{result.detail.strip().splitlines()[0][:100] if result.detail.strip() else ''}", flush=True)
+        print(
+            f"[gpu_check] {stage.name:<10} {result.status:<18} {result.seconds:6.0f} s  "
+            f"{result.detail.strip().splitlines()[0][:100] if result.detail.strip() else ''}",
+            flush=True,
+        )
         if stage.name == "build" and result.status.startswith(("failed", "timed")):
             print("[gpu_check] the build failed: nothing else can run", flush=True)
             break
     ceilings = measure_ceilings(args.dry_run) if time.monotonic() < deadline + 10 else {}
     summary = write_summary(args.out, results, ceilings, args, time.monotonic() - start)
-    (args.out / "check.json").write_text(json.dumps({"stages": [asdict(r) for r in results], "ceilings": ceilings}, indent=1))
+    (args.out / "check.json").write_text(
+        json.dumps({"stages": [asdict(r) for r in results], "ceilings": ceilings}, indent=1)
+    )
     print(summary)
     bad = [r for r in results if r.status.startswith(("failed", "timed"))]
     return 1 if bad else 0

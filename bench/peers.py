@@ -57,7 +57,9 @@ def eager_keep_index(keep: Tensor) -> Tensor:
     return eager_compact([], [], keep)[2]
 
 
-def eager_compact_by_index(keys: list[Tensor], values: list[Tensor], index: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+def eager_compact_by_index(
+    keys: list[Tensor], values: list[Tensor], index: Tensor
+) -> tuple[list[Tensor], list[Tensor]]:
     """kvpress-style per-layer gather of an index (pads -1 zeroed): 2 ops per tensor."""
     B, L = index.shape
     pad = (index < 0)[:, None, :, None]

@@ -33,14 +33,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import peers  # noqa: E402
-from e2e import e2e_cases, print_e2e_table, print_train_table, run_e2e_case, run_train_case, train_cases  # noqa: E402
 from attention import attention_cases, attention_providers, run_attention_case  # noqa: E402
+from e2e import e2e_cases, print_e2e_table, print_train_table, run_e2e_case, run_train_case, train_cases  # noqa: E402
 from registry import COMPACTED_LAYERS, SCORE_LAYER, Case, all_cases, make_inputs  # noqa: E402
 from timing import copy_bandwidth_gbs, gate_failed, machine_info, measure  # noqa: E402
 
 import glimpse_ops as g  # noqa: E402
-from glimpse_ops.progress import Progress  # noqa: E402
 from glimpse_ops import reference as ref  # noqa: E402
+from glimpse_ops.progress import Progress  # noqa: E402
 
 PROVIDERS = ("eager", "reference", "reference+compile", "native", "triton", "copy")
 REQUIRED_OP = {
@@ -55,7 +55,9 @@ REQUIRED_OP = {
 def _reference_fn(case: Case) -> Callable[[dict], dict]:
     """The op's reference as a function of the inputs, returning comparable outputs."""
     if case.op == "glimpse_scores":
-        return lambda x: {"probs": ref.glimpse_scores_reference(x["q"], x["keys"][0], x["key_mask"], x["scale"], "probs")}
+        return lambda x: {
+            "probs": ref.glimpse_scores_reference(x["q"], x["keys"][0], x["key_mask"], x["scale"], "probs")
+        }
     if case.op == "select_index":
 
         def select_index(x):
@@ -73,14 +75,27 @@ def _reference_fn(case: Case) -> Callable[[dict], dict]:
     if case.op == "prune_kv":
 
         def prune(x):
-            k, v, index, _, _ = ref.prune_kv_reference(x["scores"], x["candidates"], x["keys"], x["values"], None, case.max_keep, 0, case.max_len, "left")
+            k, v, index, _, _ = ref.prune_kv_reference(
+                x["scores"], x["candidates"], x["keys"], x["values"], None, case.max_keep, 0, case.max_len, "left"
+            )
             return {"kv": k + v, "index": index}
 
         return prune
 
     def glimpse(x):
         k, v, index, _, scores = ref.glimpse_prune_reference(
-            x["q"], x["keys"], x["values"], x["key_mask"], x["candidates"], SCORE_LAYER, x["scale"], None, case.max_keep, 0, case.max_len, "left"
+            x["q"],
+            x["keys"],
+            x["values"],
+            x["key_mask"],
+            x["candidates"],
+            SCORE_LAYER,
+            x["scale"],
+            None,
+            case.max_keep,
+            0,
+            case.max_len,
+            "left",
         )
         return {"kv": k + v, "index": index, "scores": scores}
 
@@ -90,7 +105,9 @@ def _reference_fn(case: Case) -> Callable[[dict], dict]:
 def _library_fn(case: Case, backend: str) -> Callable[[dict], dict]:
     """The library op on one backend, with max_len given (no host sync)."""
     if case.op == "glimpse_scores":
-        return lambda x: {"probs": g.glimpse_scores(x["q"], x["keys"][0], x["key_mask"], x["scale"], "probs", backend=backend)}
+        return lambda x: {
+            "probs": g.glimpse_scores(x["q"], x["keys"][0], x["key_mask"], x["scale"], "probs", backend=backend)
+        }
     if case.op == "select_index":
 
         def select_index(x):
@@ -108,14 +125,37 @@ def _library_fn(case: Case, backend: str) -> Callable[[dict], dict]:
     if case.op == "prune_kv":
 
         def prune(x):
-            k, v, index, _, _ = g.prune_kv(x["scores"], x["candidates"], x["keys"], x["values"], None, case.max_keep, 0, case.max_len, "left", backend=backend)
+            k, v, index, _, _ = g.prune_kv(
+                x["scores"],
+                x["candidates"],
+                x["keys"],
+                x["values"],
+                None,
+                case.max_keep,
+                0,
+                case.max_len,
+                "left",
+                backend=backend,
+            )
             return {"kv": k + v, "index": index}
 
         return prune
 
     def glimpse(x):
         k, v, index, _, scores = g.glimpse_prune(
-            x["q"], x["keys"], x["values"], x["key_mask"], x["candidates"], SCORE_LAYER, x["scale"], None, case.max_keep, 0, case.max_len, "left", backend=backend
+            x["q"],
+            x["keys"],
+            x["values"],
+            x["key_mask"],
+            x["candidates"],
+            SCORE_LAYER,
+            x["scale"],
+            None,
+            case.max_keep,
+            0,
+            case.max_len,
+            "left",
+            backend=backend,
         )
         return {"kv": k + v, "index": index, "scores": scores}
 
@@ -126,7 +166,9 @@ def _eager_fn(case: Case) -> Callable[[dict], dict]:
     if case.op == "glimpse_scores":
         return lambda x: {"probs": peers.eager_glimpse_scores(x["q"], x["keys"][0], x["key_mask"], x["scale"])}
     if case.op == "select_index":
-        return lambda x: {"index": peers.eager_keep_index(peers.eager_select(x["scores"], x["candidates"], case.max_keep))}
+        return lambda x: {
+            "index": peers.eager_keep_index(peers.eager_select(x["scores"], x["candidates"], case.max_keep))
+        }
     if case.op == "compact_kv":
 
         def compact(x):
@@ -143,7 +185,9 @@ def _eager_fn(case: Case) -> Callable[[dict], dict]:
         return prune
 
     def glimpse(x):
-        k, v, index, scores = peers.eager_glimpse_prune(x["q"], x["keys"], x["values"], x["key_mask"], x["candidates"], SCORE_LAYER, x["scale"], case.max_keep)
+        k, v, index, scores = peers.eager_glimpse_prune(
+            x["q"], x["keys"], x["values"], x["key_mask"], x["candidates"], SCORE_LAYER, x["scale"], case.max_keep
+        )
         return {"kv": k + v, "index": index, "scores": scores}
 
     return glimpse
@@ -212,7 +256,9 @@ def providers_for(case: Case, device: str, wanted: set[str]) -> dict[str, Callab
     return {name: fn for name, fn in out.items() if name in wanted}
 
 
-def run_case(case: Case, device: str, wanted: set[str], budget_s: float, copy_gbs: float, progress: Progress) -> list[dict]:
+def run_case(
+    case: Case, device: str, wanted: set[str], budget_s: float, copy_gbs: float, progress: Progress
+) -> list[dict]:
     torch.manual_seed(0)
     inputs = make_inputs(case, device)
     if case.op == "compact_kv":
@@ -230,7 +276,7 @@ def run_case(case: Case, device: str, wanted: set[str], budget_s: float, copy_gb
                     gate_failed(row, note, progress)
                     rows.append(row)
                     continue
-            row.update(measure(lambda: fn(inputs), device, budget_s))
+            row.update(measure(lambda fn=fn: fn(inputs), device, budget_s))
             row["gbps"] = case.moved_bytes() / (row["p50"] * 1e-3) / 1e9
             row["pct_copy_bw"] = 100 * row["gbps"] / copy_gbs
         except Exception as exc:  # a provider that crashes is reported, the run goes on
@@ -257,24 +303,37 @@ def print_table(rows: list[dict], device: str) -> None:
             continue
         if "tflops" in row:
             memory = f" {row['peak_extra_mib']:>9.0f} MiB" if "peak_extra_mib" in row else ""
-            print(f"{name:<40} {row['provider']:<18} {row['p50']:>10.3f} {row.get('time_vs_sdpa_unmasked', 0):>8.2f}t {row['tflops']:>8.1f} TFLOP/s{memory}")
+            print(
+                f"{name:<40} {row['provider']:<18} {row['p50']:>10.3f} {row.get('time_vs_sdpa_unmasked', 0):>8.2f}t "
+                f"{row['tflops']:>8.1f} TFLOP/s{memory}"
+            )
             continue
         speed = f"{row['speedup_vs_eager']:.2f}x" if "speedup_vs_eager" in row else "-"
-        print(f"{name:<40} {row['provider']:<18} {row['p50']:>10.3f} {speed:>9} {row['gbps']:>8.1f} {row['pct_copy_bw']:>6.1f}%")
+        print(
+            f"{name:<40} {row['provider']:<18} {row['p50']:>10.3f} {speed:>9} {row['gbps']:>8.1f} "
+            f"{row['pct_copy_bw']:>6.1f}%"
+        )
 
 
 def select(args: argparse.Namespace, cases: list, visual: Callable = lambda c: c.visual) -> list:
     """The cases that --visual, --batch and --keep (where the keep ratio matters) let through."""
     return [
-        c for c in cases
+        c
+        for c in cases
         if (not args.visual or visual(c) in args.visual)
         and (not args.batch or c.batch in args.batch)
-        and (not args.keep or getattr(c, "op", None) == "glimpse_scores" or not hasattr(c, "keep_ratio")
-             or any(abs(c.keep_ratio - k) < 1e-9 for k in args.keep))
+        and (
+            not args.keep
+            or getattr(c, "op", None) == "glimpse_scores"
+            or not hasattr(c, "keep_ratio")
+            or any(abs(c.keep_ratio - k) < 1e-9 for k in args.keep)
+        )
     ]
 
 
-def write_results(args: argparse.Namespace, machine: dict, extra: dict, rows: list[dict], kind: str, quiet: bool = False) -> None:
+def write_results(
+    args: argparse.Namespace, machine: dict, extra: dict, rows: list[dict], kind: str, quiet: bool = False
+) -> None:
     """JSON to --json, else bench/results/<device>/<date>-<sha>[-e2e][-smoke].json."""
     out = args.json or Path(__file__).resolve().parent / "results" / str(machine["device_slug"]) / (
         f"{machine['timestamp'][:10]}-{str(machine['git_sha'])[:8]}{kind}{'-smoke' if args.smoke else ''}.json"
@@ -285,8 +344,14 @@ def write_results(args: argparse.Namespace, machine: dict, extra: dict, rows: li
         print(f"\nwrote {out}")
 
 
-def run_each(cases: list, run_case: Callable, device: str, budget: float, progress: Progress,
-             save: Callable[[list[dict]], None] | None = None) -> list[dict]:
+def run_each(
+    cases: list,
+    run_case: Callable,
+    device: str,
+    budget: float,
+    progress: Progress,
+    save: Callable[[list[dict]], None] | None = None,
+) -> list[dict]:
     """run_case(case, device, budget, progress) for each end-to-end case, in order; ``save``
     gets the rows so far after each case."""
     rows: list[dict] = []
@@ -313,11 +378,20 @@ def run_e2e_hf(args: argparse.Namespace, device: str, budget: float) -> int:
 
     cases = select(args, hf_cases(device, args.smoke))
     machine = machine_info(device)
-    print(f"glimpse-ops HF end-to-end bench on {machine['device']} (torch {machine['torch']}, git {str(machine['git_sha'])[:10]}): "
-          f"{len(cases)} cases, 3 providers")
+    print(
+        f"glimpse-ops HF end-to-end bench on {machine['device']} (torch {machine['torch']}, "
+        f"git {str(machine['git_sha'])[:10]}): "
+        f"{len(cases)} cases, 3 providers"
+    )
     progress = Progress(3 * len(cases))
-    rows = run_each(cases, run_hf_case, device, budget, progress,
-                    lambda done: write_results(args, machine, {"partial": True}, done, "-e2e-hf", quiet=True))
+    rows = run_each(
+        cases,
+        run_hf_case,
+        device,
+        budget,
+        progress,
+        lambda done: write_results(args, machine, {"partial": True}, done, "-e2e-hf", quiet=True),
+    )
     print_hf_table(rows)
     write_results(args, machine, {}, rows, "-e2e-hf")
     return gate_exit_code(rows)
@@ -328,13 +402,28 @@ def run_e2e(args: argparse.Namespace, device: str, budget: float) -> int:
         return run_e2e_hf(args, device, budget)
     cases, training = select(args, e2e_cases(device, args.smoke)), select(args, train_cases(device, args.smoke))
     machine = machine_info(device)
-    print(f"glimpse-ops end-to-end bench on {machine['device']} (torch {machine['torch']}, git {str(machine['git_sha'])[:10]}): "
-          f"{len(cases)} inference cases, {len(training)} training cases, 3 providers each")
+    print(
+        f"glimpse-ops end-to-end bench on {machine['device']} (torch {machine['torch']}, "
+        f"git {str(machine['git_sha'])[:10]}): "
+        f"{len(cases)} inference cases, {len(training)} training cases, 3 providers each"
+    )
     progress = Progress(3 * (len(cases) + len(training)))
-    rows = run_each(cases, run_e2e_case, device, budget, progress,
-                    lambda done: write_results(args, machine, {"partial": True}, done, "-e2e", quiet=True))
-    train_rows = run_each(training, run_train_case, device, budget, progress,
-                          lambda done: write_results(args, machine, {"partial": True}, rows + done, "-e2e", quiet=True))
+    rows = run_each(
+        cases,
+        run_e2e_case,
+        device,
+        budget,
+        progress,
+        lambda done: write_results(args, machine, {"partial": True}, done, "-e2e", quiet=True),
+    )
+    train_rows = run_each(
+        training,
+        run_train_case,
+        device,
+        budget,
+        progress,
+        lambda done: write_results(args, machine, {"partial": True}, rows + done, "-e2e", quiet=True),
+    )
     print_e2e_table(rows)
     print_train_table(train_rows)
     rows += train_rows
@@ -345,18 +434,42 @@ def run_e2e(args: argparse.Namespace, device: str, budget: float) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="only the 4k-visual-token, B=1, 10%%-kept cases")
-    parser.add_argument("--e2e", action="store_true", help="the end-to-end LVLM cases instead of the op cases (bench/e2e.py)")
-    parser.add_argument("--hf", action="store_true", help="with --e2e: the HF Qwen2.5-VL cases instead (bench/e2e_hf.py; needs transformers)")
+    parser.add_argument(
+        "--e2e", action="store_true", help="the end-to-end LVLM cases instead of the op cases (bench/e2e.py)"
+    )
+    parser.add_argument(
+        "--hf",
+        action="store_true",
+        help="with --e2e: the HF Qwen2.5-VL cases instead (bench/e2e_hf.py; needs transformers)",
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--ops", nargs="*", help="only these ops (glimpse_scores select_index compact_kv prune_kv glimpse_prune soft_mask_attention)")
+    parser.add_argument(
+        "--ops",
+        nargs="*",
+        help="only these ops (glimpse_scores select_index compact_kv prune_kv glimpse_prune soft_mask_attention)",
+    )
     parser.add_argument("--providers", nargs="*", default=list(PROVIDERS), choices=PROVIDERS)
-    parser.add_argument("--max-input-gib", type=float, default=None, help="skip cases whose inputs exceed this (default: 1/6 of RAM on CPU, 1/3 of GPU memory)")
-    parser.add_argument("--budget", type=float, default=None, help="seconds of timing per provider (default 0.3 CPU, 1.0 GPU)")
-    parser.add_argument("--visual", type=int, nargs="*", help="only cases with these visual-token counts (attention: N)")
+    parser.add_argument(
+        "--max-input-gib",
+        type=float,
+        default=None,
+        help="skip cases whose inputs exceed this (default: 1/6 of RAM on CPU, 1/3 of GPU memory)",
+    )
+    parser.add_argument(
+        "--budget", type=float, default=None, help="seconds of timing per provider (default 0.3 CPU, 1.0 GPU)"
+    )
+    parser.add_argument(
+        "--visual", type=int, nargs="*", help="only cases with these visual-token counts (attention: N)"
+    )
     parser.add_argument("--batch", type=int, nargs="*", help="only cases with these batch sizes")
     parser.add_argument("--keep", type=float, nargs="*", help="only kernel cases with these keep ratios (e.g. 0.074)")
-    parser.add_argument("--json", type=Path, default=None, help="where to write the results (default bench/results/<device>/...); "
-                        "rewritten after every case, so a run cut short keeps what it measured")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="where to write the results (default bench/results/<device>/...); "
+        "rewritten after every case, so a run cut short keeps what it measured",
+    )
     args = parser.parse_args(argv)
 
     device = args.device
@@ -376,16 +489,24 @@ def main(argv: list[str] | None = None) -> int:
     runnable = [c for c in cases if c.input_bytes() <= limit]
     skipped = [c for c in cases if c.input_bytes() > limit]
     machine = machine_info(device)
-    print(f"glimpse-ops bench on {machine['device']} (torch {machine['torch']}, triton {machine['triton']}, git {str(machine['git_sha'])[:10]})")
-    print(f"{len(runnable)} cases, {len(skipped)} skipped as larger than {limit / 2**30:.1f} GiB of inputs; "
-          f"Qwen2.5-VL-7B geometry, {COMPACTED_LAYERS} compacted layers, bf16")
+    print(
+        f"glimpse-ops bench on {machine['device']} (torch {machine['torch']}, triton {machine['triton']}, "
+        f"git {str(machine['git_sha'])[:10]})"
+    )
+    print(
+        f"{len(runnable)} cases, {len(skipped)} skipped as larger than {limit / 2**30:.1f} GiB of inputs; "
+        f"Qwen2.5-VL-7B geometry, {COMPACTED_LAYERS} compacted layers, bf16"
+    )
     copy_gbs = copy_bandwidth_gbs(device)
     print(f"measured copy bandwidth: {copy_gbs:.1f} GB/s")
     wanted = set(args.providers)
     attention = [c for c in attention_cases(args.smoke, device) if not args.ops or c.op in args.ops]
     attention = select(args, attention, visual=lambda c: c.n)
     attention = [c for c in attention if c.input_bytes() <= limit]
-    progress = Progress(sum(len(providers_for(c, device, wanted)) for c in runnable) + sum(len(attention_providers(device, c.n)) for c in attention))
+    progress = Progress(
+        sum(len(providers_for(c, device, wanted)) for c in runnable)
+        + sum(len(attention_providers(device, c.n)) for c in attention)
+    )
     rows: list[dict] = []
     for case in runnable:
         rows += run_case(case, device, wanted, budget, copy_gbs, progress)
@@ -395,7 +516,10 @@ def main(argv: list[str] | None = None) -> int:
     for case in attention:
         rows += run_attention_case(case, device, budget, progress, gates)
         write_results(args, machine, {"copy_gbs": copy_gbs, "partial": True}, rows, "", quiet=True)
-    rows += [{"case": c.as_dict(), "name": c.name(), "provider": "-", "error": "skipped: inputs exceed the memory limit"} for c in skipped]
+    rows += [
+        {"case": c.as_dict(), "name": c.name(), "provider": "-", "error": "skipped: inputs exceed the memory limit"}
+        for c in skipped
+    ]
     print_table(rows, device)
     write_results(args, machine, {"copy_gbs": copy_gbs}, rows, "")
     return gate_exit_code(rows)

@@ -55,8 +55,12 @@ def run_all(device: str, S: int = 577) -> list[str]:
 
     qa = randn(B, H, S, D)
     columns = g.attention_column_scores(qa, keys[1], key_mask, key_mask, causal=True, backend=backend)
-    check("attention_column_scores", columns,
-          ref.attention_column_scores_reference(qa, keys[1], key_mask, key_mask, True, None), atol=5e-2)
+    check(
+        "attention_column_scores",
+        columns,
+        ref.attention_column_scores_reference(qa, keys[1], key_mask, key_mask, True, None),
+        atol=5e-2,
+    )
 
     keep = g.select_tokens(scores, candidates, max_keep=cap, min_keep=1, backend=backend)
     check("select_tokens", keep, ref.select_tokens_reference(scores, candidates, None, cap, 1), atol=0)
@@ -68,10 +72,21 @@ def run_all(device: str, S: int = 577) -> list[str]:
     check("compact_kv", new_k[2], ref.compact_kv_reference(keys, values, index)[0][2], atol=0)
     pruned = g.prune_kv(scores, candidates, keys, values, max_keep=cap, min_keep=1, max_len=max_len, backend=backend)
     check("prune_kv", pruned[2], index, atol=0)
-    glimpse = g.glimpse_prune(q.detach(), keys, values, key_mask, candidates, score_layer=1, max_keep=cap, min_keep=1,
-                              max_len=max_len, backend=backend)
-    want = ref.glimpse_prune_reference(q.detach(), keys, values, key_mask, candidates, 1, None, None, cap, 1,
-                                       max_len, "left")
+    glimpse = g.glimpse_prune(
+        q.detach(),
+        keys,
+        values,
+        key_mask,
+        candidates,
+        score_layer=1,
+        max_keep=cap,
+        min_keep=1,
+        max_len=max_len,
+        backend=backend,
+    )
+    want = ref.glimpse_prune_reference(
+        q.detach(), keys, values, key_mask, candidates, 1, None, None, cap, 1, max_len, "left"
+    )
     check("glimpse_prune", glimpse[4], want[4])
 
     qs, ks, vs = randn(B, H, S, D, grad=True), randn(B, Hkv, S, D, grad=True), randn(B, Hkv, S, D, grad=True)

@@ -108,12 +108,17 @@ def git_state() -> dict[str, object]:
         except (OSError, subprocess.CalledProcessError):
             return ""
 
-    return {"sha": run("rev-parse", "HEAD") or "unknown", "dirty": bool(run("status", "--porcelain", "--untracked-files=no"))}
+    return {
+        "sha": run("rev-parse", "HEAD") or "unknown",
+        "dirty": bool(run("status", "--porcelain", "--untracked-files=no")),
+    }
 
 
 def machine_info(device: str) -> dict[str, object]:
     info: dict[str, object] = {
-        "device": torch.cuda.get_device_name(0) if device == "cuda" else f"{platform.processor() or platform.machine()} CPU",
+        "device": torch.cuda.get_device_name(0)
+        if device == "cuda"
+        else f"{platform.processor() or platform.machine()} CPU",
         "device_slug": device_slug(device),
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,

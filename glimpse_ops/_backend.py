@@ -13,7 +13,7 @@ import importlib
 import importlib.util
 import os
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -39,7 +39,7 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@lru_cache(maxsize=None)
+@cache
 def triton_status() -> tuple[bool, str]:
     """(importable, reason if not)."""
     try:
@@ -49,7 +49,7 @@ def triton_status() -> tuple[bool, str]:
     return True, ""
 
 
-@lru_cache(maxsize=None)
+@cache
 def native_cuda_built() -> bool:
     """True when the extension was compiled with its CUDA kernels."""
     return HAS_NATIVE and bool(torch.ops.glimpse._native_has_cuda())
@@ -119,9 +119,7 @@ class OpBackends:
                 )
             why = self.unavailable_reason(backend, device.type)
             if why is not None:
-                raise RuntimeError(
-                    f"glimpse.{self.op}: backend {backend!r} is not available on {device.type}: {why}"
-                )
+                raise RuntimeError(f"glimpse.{self.op}: backend {backend!r} is not available on {device.type}: {why}")
             return backend
         order = self.auto_cuda if device.type == "cuda" else self.auto_cpu
         for candidate in order:

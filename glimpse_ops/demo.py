@@ -74,7 +74,12 @@ def render(examples: list[Example], grid: int):
     canvas = Image.new("RGB", (width, title_h + side + text_h + margin), "white")
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
-    draw.text((margin, 8), "GlimpsePrune on the reference LVLM: kept visual tokens outlined, pruned ones dimmed", fill="black", font=font)
+    draw.text(
+        (margin, 8),
+        "GlimpsePrune on the reference LVLM: kept visual tokens outlined, pruned ones dimmed",
+        fill="black",
+        font=font,
+    )
     for i, ex in enumerate(examples):
         x0, y0 = margin + i * (side + margin), title_h
         pixels = (ex.image.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
@@ -89,8 +94,11 @@ def render(examples: list[Example], grid: int):
         for cell in range(grid * grid):
             if ex.kept[cell]:
                 r, c = divmod(cell, grid)
-                draw.rectangle((x0 + c * CELL_PX, y0 + r * CELL_PX, x0 + (c + 1) * CELL_PX - 1, y0 + (r + 1) * CELL_PX - 1),
-                               outline=(255, 200, 0), width=4)
+                draw.rectangle(
+                    (x0 + c * CELL_PX, y0 + r * CELL_PX, x0 + (c + 1) * CELL_PX - 1, y0 + (r + 1) * CELL_PX - 1),
+                    outline=(255, 200, 0),
+                    width=4,
+                )
         lines = [
             ex.question,
             f"answer: {ex.truth}",
@@ -106,9 +114,17 @@ def render(examples: list[Example], grid: int):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="the PNG to write")
-    parser.add_argument("--weights", type=Path, default=None, help="a checkpoint from bench/fidelity.py --save (skips training)")
-    parser.add_argument("--steps", type=int, nargs=2, metavar=("LVLM", "GLIMPSE"), default=(1500, 3000),
-                        help="training steps when no --weights are given")
+    parser.add_argument(
+        "--weights", type=Path, default=None, help="a checkpoint from bench/fidelity.py --save (skips training)"
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        nargs=2,
+        metavar=("LVLM", "GLIMPSE"),
+        default=(1500, 3000),
+        help="training steps when no --weights are given",
+    )
     parser.add_argument("--samples", type=int, default=4, help="examples in the picture")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

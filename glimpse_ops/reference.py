@@ -2,8 +2,8 @@
 
 Each function computes in fp32 (scores, softmax, accumulations) and favours clarity over
 speed. Kernels are tested against these functions; never change one to match a kernel.
-fp64 inputs are computed in fp64 (for gradient checks). Inputs are assumed to be validated already (the op routers do that); these functions do
-not check shapes or dtypes.
+fp64 inputs are computed in fp64 (for gradient checks). Inputs are assumed to be validated
+already (the op routers do that); these functions do not check shapes or dtypes.
 
 Notation: B batch, S sequence positions, H query heads, Hkv KV heads (head h reads KV head
 ``h // (H // Hkv)``), G glimpse query rows, D head dim, Lmax compacted length.
@@ -228,9 +228,7 @@ def select_tokens_reference(
     return ~cand | (ranks < n_keep[:, None])
 
 
-def keep_index_reference(
-    keep: Tensor, max_len: int | None = None, padding_side: str = "left"
-) -> tuple[Tensor, Tensor]:
+def keep_index_reference(keep: Tensor, max_len: int | None = None, padding_side: str = "left") -> tuple[Tensor, Tensor]:
     """Order-preserving positions of the kept tokens of each row.
 
     keep bool [B, S]. Returns (index int64 [B, Lmax], lengths int64 [B]). Lmax is max_len if
@@ -271,9 +269,7 @@ def gather_tokens_reference(x: Tensor, index: Tensor, pad_value: float | int | b
     return out.masked_fill(pad, pad_value)
 
 
-def compact_kv_reference(
-    keys: list[Tensor], values: list[Tensor], index: Tensor
-) -> tuple[list[Tensor], list[Tensor]]:
+def compact_kv_reference(keys: list[Tensor], values: list[Tensor], index: Tensor) -> tuple[list[Tensor], list[Tensor]]:
     """Gather every layer's K and V along S: [B, Hkv, S, D] -> [B, Hkv, Lmax, D], pads zero."""
 
     def compact(t: Tensor) -> Tensor:

@@ -16,7 +16,6 @@ import os
 import pytest
 import torch
 
-import glimpse_ops
 from glimpse_ops._backend import REGISTRY
 
 TOLERANCES = {
@@ -69,7 +68,9 @@ def seed(request):
     return value
 
 
-def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None, scale: float = 1.0) -> None:
+def assert_close(
+    name: str, actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None, scale: float = 1.0
+) -> None:
     """allclose with the dtype's tolerance (times ``scale``) and a diff that says where."""
     atol, rtol = TOLERANCES[dtype or expected.dtype]
     atol, rtol = atol * scale, rtol * scale

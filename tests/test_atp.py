@@ -7,8 +7,8 @@ import dataclasses
 
 import pytest
 import torch
-
 from conftest import assert_close
+
 from glimpse_ops.lvlm import LVLM, ATPPruner, make_batch, tiny, train_atp
 from glimpse_ops.lvlm.atp import answer_and_budget_loss, spatial_scores
 from glimpse_ops.lvlm.model import positions_from_mask
@@ -60,7 +60,9 @@ def test_batch_with_unequal_keeps_equals_single_runs(two_stages):
     logits, _, info = atp.prefill(model, data.images, data.input_ids, data.attention_mask)
     for b in range(4):
         rows = data.attention_mask[b]
-        one, _, one_info = atp.prefill(model, data.images[b : b + 1], data.input_ids[b : b + 1, rows], data.attention_mask[b : b + 1, rows])
+        one, _, one_info = atp.prefill(
+            model, data.images[b : b + 1], data.input_ids[b : b + 1, rows], data.attention_mask[b : b + 1, rows]
+        )
         assert_close(f"logits[{b}]", logits[b], one[0], torch.float32, scale=10)
         assert int(one_info["kept_visual"][0]) == int(info["kept_visual"][b])
 
@@ -73,8 +75,15 @@ def test_decoding_on_the_pruned_caches(two_stages):
     before = [k.shape[2] for k, _ in state.caches]
     ids = model.generate(data.images, data.input_ids, data.attention_mask, 3, pruner=atp)
     assert ids.shape == (4, 3)
-    sampled = model.generate(data.images, data.input_ids, data.attention_mask, 3, do_sample=True,
-                             generator=torch.Generator().manual_seed(0), pruner=atp)
+    sampled = model.generate(
+        data.images,
+        data.input_ids,
+        data.attention_mask,
+        3,
+        do_sample=True,
+        generator=torch.Generator().manual_seed(0),
+        pruner=atp,
+    )
     assert sampled.shape == (4, 3)
     model.decode_step(ids[:, 0], state)
     assert [k.shape[2] for k, _ in state.caches] == [n + 1 for n in before]
@@ -83,11 +92,15 @@ def test_decoding_on_the_pruned_caches(two_stages):
 def test_thresholds_receive_gradients_from_the_answer_loss(two_stages):
     model, atp, data = two_stages
     model.requires_grad_(False)
-    loss, _ = answer_and_budget_loss(model, atp, data.images, data.input_ids, data.attention_mask, data.answers, 4.0, 0.0)
+    loss, _ = answer_and_budget_loss(
+        model, atp, data.images, data.input_ids, data.attention_mask, data.answers, 4.0, 0.0
+    )
     loss.backward()
     for name, stage in atp.stages.items():
         grad = stage.mlp[2].weight.grad
-        assert grad is not None and bool(grad.abs().sum() > 0), f"stage {name} got no gradient through soft_mask_attention"
+        assert grad is not None and bool(grad.abs().sum() > 0), (
+            f"stage {name} got no gradient through soft_mask_attention"
+        )
 
 
 def test_budget_loss_moves_the_kept_count_toward_its_target(seed):

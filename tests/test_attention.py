@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import assert_close, backend_device_params, dtypes_for, non_contiguous
+
 from glimpse_ops import attention_column_scores, compact_kv, gather_tokens, keep_index, soft_mask_attention
 from glimpse_ops.reference import (
     attention_column_scores_reference,
@@ -57,7 +57,11 @@ def test_column_scores_backends_match_reference(bd, seed, size, causal):
     backend, device = bd
     # O(S^2) work: the Triton interpreter gets smaller odd sizes than compiled backends.
     interpreted = backend == "triton" and device == "cpu"
-    sizes = {"one": (1, 4, 4), "mid": (129 if interpreted else 577, 8, 2), "large": (257 if interpreted else 1031, 7, 1)}
+    sizes = {
+        "one": (1, 4, 4),
+        "mid": (129 if interpreted else 577, 8, 2),
+        "large": (257 if interpreted else 1031, 7, 1),
+    }
     seq, heads, kv_heads = sizes[size]
     for dtype in dtypes_for(backend, device):
         q, k, _ = qkv(2, heads, kv_heads, seq, 64, dtype, device)

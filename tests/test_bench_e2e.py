@@ -18,7 +18,14 @@ def test_e2e_smoke_run_reports_every_provider(tmp_path):
     out = tmp_path / "e2e.json"
     assert run.main(["--e2e", "--smoke", "--device", "cpu", "--budget", "0.05", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["results"]
-    assert [r["provider"] for r in rows] == ["unpruned", "glimpse_ops", "eager", "unmasked", "atp_soft_mask", "atp_sdpa_dense_mask"]
+    assert [r["provider"] for r in rows] == [
+        "unpruned",
+        "glimpse_ops",
+        "eager",
+        "unmasked",
+        "atp_soft_mask",
+        "atp_sdpa_dense_mask",
+    ]
     assert all("error" not in r for r in rows), rows
     train, rows = rows[3:], rows[:3]
     assert all(r["step_ms"] > 0 and r["case"]["kind"] == "train_step" for r in train)

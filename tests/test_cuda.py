@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_close, assert_equal, random_keep_scores
 
 import glimpse_ops as g
 from glimpse_ops import reference as ref
-
-from conftest import assert_close, assert_equal, random_keep_scores
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -62,8 +61,17 @@ def test_prune_kv_graph_replay(dtype, seed):
     static = _inputs(dtype)
 
     def prune(x):
-        return g.prune_kv(x["scores"], x["candidates"], x["keys"], x["values"], max_keep=max_keep, min_keep=1,
-                          max_len=max_len, padding_side="left", backend="triton")
+        return g.prune_kv(
+            x["scores"],
+            x["candidates"],
+            x["keys"],
+            x["values"],
+            max_keep=max_keep,
+            min_keep=1,
+            max_len=max_len,
+            padding_side="left",
+            backend="triton",
+        )
 
     graph, out = _capture(prune, static)
     for _ in range(3):  # each replay on new values in the captured buffers
@@ -71,8 +79,9 @@ def test_prune_kv_graph_replay(dtype, seed):
         _refill(static, fresh)
         graph.replay()
         torch.cuda.synchronize()
-        want = ref.prune_kv_reference(fresh["scores"], fresh["candidates"], fresh["keys"], fresh["values"], None,
-                                      max_keep, 1, max_len, "left")
+        want = ref.prune_kv_reference(
+            fresh["scores"], fresh["candidates"], fresh["keys"], fresh["values"], None, max_keep, 1, max_len, "left"
+        )
         assert_equal("index", out[2], want[2])
         assert_equal("lengths", out[3], want[3])
         for got_t, want_t in zip(out[0] + out[1], want[0] + want[1]):
@@ -85,8 +94,19 @@ def test_glimpse_prune_graph_replay(dtype, seed):
     static = _inputs(dtype)
 
     def prune(x):
-        return g.glimpse_prune(x["q"], x["keys"], x["values"], x["key_mask"], x["candidates"], score_layer=2,
-                               max_keep=max_keep, min_keep=1, max_len=max_len, padding_side="left", backend="triton")
+        return g.glimpse_prune(
+            x["q"],
+            x["keys"],
+            x["values"],
+            x["key_mask"],
+            x["candidates"],
+            score_layer=2,
+            max_keep=max_keep,
+            min_keep=1,
+            max_len=max_len,
+            padding_side="left",
+            backend="triton",
+        )
 
     graph, out = _capture(prune, static)
     for _ in range(3):
@@ -94,8 +114,20 @@ def test_glimpse_prune_graph_replay(dtype, seed):
         _refill(static, fresh)
         graph.replay()
         torch.cuda.synchronize()
-        want = ref.glimpse_prune_reference(fresh["q"], fresh["keys"], fresh["values"], fresh["key_mask"],
-                                           fresh["candidates"], 2, None, None, max_keep, 1, max_len, "left")
+        want = ref.glimpse_prune_reference(
+            fresh["q"],
+            fresh["keys"],
+            fresh["values"],
+            fresh["key_mask"],
+            fresh["candidates"],
+            2,
+            None,
+            None,
+            max_keep,
+            1,
+            max_len,
+            "left",
+        )
         assert_close("scores", out[4], want[4])
         assert_equal("lengths", out[3], want[3])
         # Scores of near-equal tokens may rank differently in half precision: compare the kept
@@ -110,8 +142,9 @@ def test_inductor_compiles_static_prune_path(seed):
 
     def prune(q, keys, values, hidden, candidates):
         scores = g.glimpse_scores(q, keys[1], normalize="probs").mean(dim=(1, 2))
-        new_k, new_v, index, lengths, keep = g.prune_kv(scores, candidates, keys, values, max_keep=64, min_keep=1,
-                                                        max_len=S - 500 + 64)
+        new_k, new_v, index, lengths, keep = g.prune_kv(
+            scores, candidates, keys, values, max_keep=64, min_keep=1, max_len=S - 500 + 64
+        )
         return new_k, new_v, g.gather_tokens(hidden, index), lengths
 
     torch._dynamo.reset()

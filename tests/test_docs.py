@@ -54,9 +54,14 @@ def test_readme_hf_example_runs_on_a_tiny_model(capsys):
     from glimpse_ops.hf import testing
 
     example = code_blocks("python")[1]
-    pruning = example[example.index("with glimpse_ops.hf.glimpse_prune"):]
+    pruning = example[example.index("with glimpse_ops.hf.glimpse_prune") :]
     namespace = {"model": testing.tiny_qwen2_5_vl(), "inputs": testing.qwen_inputs(batch=2, text_lengths=[2, 3])}
-    exec(compile("import glimpse_ops.hf\n" + pruning.replace("max_new_tokens=64", "max_new_tokens=2"), "README.md", "exec"), namespace)
+    exec(
+        compile(
+            "import glimpse_ops.hf\n" + pruning.replace("max_new_tokens=64", "max_new_tokens=2"), "README.md", "exec"
+        ),
+        namespace,
+    )
     assert namespace["out"].shape[0] == 2
     assert "tensor([2, 2])" in capsys.readouterr().out
 
@@ -70,7 +75,11 @@ def test_readme_predictor_example_runs_on_a_tiny_model(tmp_path):
     model = testing.tiny_qwen2_5_vl()
     path = tmp_path / "predictor.safetensors"
     GlimpsePredictor.for_model(model, 3, (1, 0), width=32, cond=32, fuse_heads=2).save(path)
-    example = code_blocks("python")[2].replace("/models/GlimpsePrune-Qwen2.5-VL-7B", str(path)).replace("max_new_tokens=64", "max_new_tokens=2")
+    example = (
+        code_blocks("python")[2]
+        .replace("/models/GlimpsePrune-Qwen2.5-VL-7B", str(path))
+        .replace("max_new_tokens=64", "max_new_tokens=2")
+    )
     namespace = {"model": model, "inputs": testing.qwen_inputs(batch=2, text_lengths=[2, 3])}
     exec(compile("import glimpse_ops.hf\n" + example, "README.md", "exec"), namespace)
     assert namespace["out"].shape[0] == 2
@@ -82,7 +91,10 @@ def test_readme_training_example_runs_on_a_tiny_model(tmp_path):
     from glimpse_ops.hf import testing
 
     example = code_blocks("python")[3]
-    example = example.replace("score_layer=18, vit_layers=(31, 23, 15, 7)", "score_layer=3, vit_layers=(1, 0), width=32, cond=32, fuse_heads=2")
+    example = example.replace(
+        "score_layer=18, vit_layers=(31, 23, 15, 7)",
+        "score_layer=3, vit_layers=(1, 0), width=32, cond=32, fuse_heads=2",
+    )
     example = example.replace('"glimpse.safetensors"', repr(str(tmp_path / "glimpse.safetensors")))
     namespace = {"model": testing.tiny_qwen2_5_vl(), "batches": [testing.qwen_training_batch()]}
     exec(compile("import glimpse_ops.hf\n" + example, "README.md", "exec"), namespace)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_equal, backend_device_params, dtypes_for, non_contiguous, random_keep_scores
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_equal, backend_device_params, dtypes_for, non_contiguous, random_keep_scores
 from glimpse_ops import compact_kv, compact_kv_into, gather_tokens, keep_index, prune_kv
 from glimpse_ops.reference import (
     compact_kv_reference,
@@ -57,10 +57,14 @@ def test_gather_tokens_position_ids_view_and_noncontiguous(bd, seed):
     assert_equal("positions", got, want)
     hidden = non_contiguous(torch.randn(2, 577, 64, device=device))
     before = hidden.clone()
-    assert_equal("hidden", gather_tokens(hidden, index, 0.0, backend=backend), gather_tokens_reference(hidden, index, 0.0))
+    assert_equal(
+        "hidden", gather_tokens(hidden, index, 0.0, backend=backend), gather_tokens_reference(hidden, index, 0.0)
+    )
     assert torch.equal(hidden, before)
     mask2d = torch.rand(2, 577, device=device) < 0.5
-    assert_equal("mask", gather_tokens(mask2d, index, False, backend=backend), gather_tokens_reference(mask2d, index, False))
+    assert_equal(
+        "mask", gather_tokens(mask2d, index, False, backend=backend), gather_tokens_reference(mask2d, index, False)
+    )
 
 
 @pytest.mark.parametrize("bd", COMPACT)
@@ -121,7 +125,13 @@ def test_prune_kv_matches_reference(bd, seed, seq, max_len):
 
 
 @settings(max_examples=40, deadline=None)
-@given(data=st.data(), batch=st.integers(1, 3), seq=st.integers(1, 30), n_layers=st.integers(1, 3), side=st.sampled_from(["left", "right"]))
+@given(
+    data=st.data(),
+    batch=st.integers(1, 3),
+    seq=st.integers(1, 30),
+    n_layers=st.integers(1, 3),
+    side=st.sampled_from(["left", "right"]),
+)
 def test_property_compact_kv_matches_reference(data, batch, seq, n_layers, side):
     flags = data.draw(st.lists(st.booleans(), min_size=batch * seq, max_size=batch * seq))
     keep = torch.tensor(flags).view(batch, seq)
@@ -129,7 +139,9 @@ def test_property_compact_kv_matches_reference(data, batch, seq, n_layers, side)
     keys, values = kv_layers(n_layers, batch, 2, seq, 8, torch.float32, "cpu")
     want_k, want_v = compact_kv_reference(keys, values, index)
     for backend, device in (p.values[0] for p in COMPACT):
-        got_k, got_v = compact_kv([k.to(device) for k in keys], [v.to(device) for v in values], index.to(device), backend=backend)
+        got_k, got_v = compact_kv(
+            [k.to(device) for k in keys], [v.to(device) for v in values], index.to(device), backend=backend
+        )
         for a, b in zip(got_k + got_v, want_k + want_v):
             assert_equal(f"kv[{backend}]", a, b.to(device))
     # pad slots are zero, kept slots are the source rows

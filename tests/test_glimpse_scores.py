@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import assert_close, assert_equal, backend_device_params, dtypes_for, non_contiguous
+
 from glimpse_ops import glimpse_prune, glimpse_scores
 from glimpse_ops.reference import (
     compact_kv_reference,
@@ -108,9 +108,23 @@ def test_glimpse_prune_consistent_with_reference(bd, seed, seq, max_len, padding
     cand = torch.rand(3, seq, device=device) < 0.9
     caps = torch.tensor([max(seq // 10, 1), max(seq // 4, 1), 0], device=device)
     got_k, got_v, index, lengths, scores = glimpse_prune(
-        q, keys, values, mask, cand, 0, None, 1.0 / seq if seq > 1 else None, caps, 1, max_len, padding_side, backend=backend
+        q,
+        keys,
+        values,
+        mask,
+        cand,
+        0,
+        None,
+        1.0 / seq if seq > 1 else None,
+        caps,
+        1,
+        max_len,
+        padding_side,
+        backend=backend,
     )
-    want = glimpse_prune_reference(q, keys, values, mask, cand, 0, None, 1.0 / seq if seq > 1 else None, caps, 1, max_len, padding_side)
+    want = glimpse_prune_reference(
+        q, keys, values, mask, cand, 0, None, 1.0 / seq if seq > 1 else None, caps, 1, max_len, padding_side
+    )
     assert_close("scores", scores, want[4], torch.float32, scale=10)
     # Selection must be exactly the spec applied to the scores the op returned.
     keep = select_tokens_reference(scores, cand & mask, 1.0 / seq if seq > 1 else None, caps, 1) & mask

@@ -24,7 +24,11 @@ ptxas info    : Used 255 registers, used 1 barriers, 600 bytes cmem[0]
 
 def test_parse_ptxas_log_reads_spills_and_registers():
     assert compile_gate.parse_ptxas_log(PTXAS_LOG) == {
-        "registers": 255, "stack": 448, "spill_stores": 436, "spill_loads": 412}
+        "registers": 255,
+        "stack": 448,
+        "spill_stores": 436,
+        "spill_loads": 412,
+    }
 
 
 def test_occupancy_follows_registers_warps_and_shared_memory():
@@ -35,8 +39,19 @@ def test_occupancy_follows_registers_warps_and_shared_memory():
 
 
 def _variant(**changes) -> compile_gate.Variant:
-    base = dict(kernel="k._kernel", case="case", num_warps=4, num_stages=3, constants="BLOCK=64", registers=128,
-                spill_stores=0, spill_loads=0, stack=0, shared=1024, occupancy=0.25)
+    base = dict(
+        kernel="k._kernel",
+        case="case",
+        num_warps=4,
+        num_stages=3,
+        constants="BLOCK=64",
+        registers=128,
+        spill_stores=0,
+        spill_loads=0,
+        stack=0,
+        shared=1024,
+        occupancy=0.25,
+    )
     return compile_gate.Variant(**{**base, **changes})
 
 
@@ -61,15 +76,28 @@ def test_every_kernel_is_launched_by_some_gate_case():
     import compile_cases
 
     labels = " ".join(label for label, _ in compile_cases.gate_cases(quick=True))
-    for op in ("glimpse_scores", "attention_column_scores", "select_tokens", "keep_index", "gather_tokens",
-               "compact_kv", "prune_kv", "glimpse_prune", "soft_mask_attention"):
+    for op in (
+        "glimpse_scores",
+        "attention_column_scores",
+        "select_tokens",
+        "keep_index",
+        "gather_tokens",
+        "compact_kv",
+        "prune_kv",
+        "glimpse_prune",
+        "soft_mask_attention",
+    ):
         assert op in labels, op
     assert len(names) >= 14
 
 
 def test_time_box_kills_the_whole_process_group(tmp_path):
-    command = [sys.executable, "-c", "import subprocess, sys, time; "
-               "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"]
+    command = [
+        sys.executable,
+        "-c",
+        "import subprocess, sys, time; "
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)",
+    ]
     start = time.monotonic()
     status, seconds, _ = gpu_check.run_boxed(command, tmp_path / "log", timeout_s=1.5)
     assert status == "timed out"

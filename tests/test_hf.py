@@ -36,7 +36,10 @@ def _generate(model, x, n=4):
 
 def test_importing_the_package_does_not_import_transformers():
     code = "import sys, glimpse_ops, glimpse_ops.hf; print('transformers' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+        == "False"
+    )
 
 
 def test_keep_everything_matches_the_stock_model_and_remove_restores_it(family):
@@ -63,7 +66,12 @@ def test_scores_and_compacted_caches_match_explicit_references(family):
     K = 3
     captured = {}
     layer = adapter.layers[K]
-    hooks = [layer.register_forward_pre_hook(lambda m, a, k: captured.update(h=a[0] if a else k["hidden_states"], pe=k["position_embeddings"]), with_kwargs=True)]
+    hooks = [
+        layer.register_forward_pre_hook(
+            lambda m, a, k: captured.update(h=a[0] if a else k["hidden_states"], pe=k["position_embeddings"]),
+            with_kwargs=True,
+        )
+    ]
     with torch.no_grad():
         stock = model(**x, use_cache=True)
     for h in hooks:
@@ -104,14 +112,18 @@ def test_decoding_continues_at_the_original_positions(family):
     x = inputs(batch=2, text_lengths=[3, 6], seed=seed)
     adapter = hf.adapters.adapter_for(model)
     seen = []
-    hook = adapter.text_model.register_forward_pre_hook(lambda m, a, k: seen.append(k.get("position_ids")), with_kwargs=True)
+    hook = adapter.text_model.register_forward_pre_hook(
+        lambda m, a, k: seen.append(k.get("position_ids")), with_kwargs=True
+    )
     _generate(model, x, 3)
     stock = [p.clone() for p in seen[1:]]
     seen.clear()
     with hf.glimpse_prune(model, max_keep_ratio=0.25):
         _generate(model, x, 3)
     hook.remove()
-    assert len(seen) == 3 and all(torch.equal(a, b) for a, b in zip(seen[1:], stock)), "decode positions = original last + 1, ..."
+    assert len(seen) == 3 and all(torch.equal(a, b) for a, b in zip(seen[1:], stock)), (
+        "decode positions = original last + 1, ..."
+    )
 
 
 def test_batch_with_unequal_keeps_equals_single_runs(family):
@@ -126,15 +138,22 @@ def test_batch_with_unequal_keeps_equals_single_runs(family):
     # in padded vs unpadded runs cannot flip a token) at which their keep counts differ.
     ranked = scores[visual].sort().values
     n = len(ranked)
-    candidates = [((ranked[i + 1] - ranked[i]).item(), (ranked[i] + ranked[i + 1]).item() / 2) for i in range(n // 4, 3 * n // 4)]
-    threshold = next(t for gap, t in sorted(candidates, reverse=True)
-                     if int((scores[0][visual[0]] > t).sum()) != int((scores[1][visual[1]] > t).sum()))
+    candidates = [
+        ((ranked[i + 1] - ranked[i]).item(), (ranked[i] + ranked[i + 1]).item() / 2) for i in range(n // 4, 3 * n // 4)
+    ]
+    threshold = next(
+        t
+        for gap, t in sorted(candidates, reverse=True)
+        if int((scores[0][visual[0]] > t).sum()) != int((scores[1][visual[1]] > t).sum())
+    )
     with hf.glimpse_prune(model, threshold=threshold, max_keep_ratio=1.0, min_keep=1) as handle:
         batch = _scored_generate(model, x)
         kept = handle.last_kept_visual.tolist()
         for b in range(2):
             rows = x["attention_mask"][b].bool()
-            one = dict(x, input_ids=x["input_ids"][b : b + 1, rows], attention_mask=x["attention_mask"][b : b + 1, rows])
+            one = dict(
+                x, input_ids=x["input_ids"][b : b + 1, rows], attention_mask=x["attention_mask"][b : b + 1, rows]
+            )
             if "mm_token_type_ids" in x:
                 one["mm_token_type_ids"] = x["mm_token_type_ids"][b : b + 1, rows]
             n_pix = x["pixel_values"].shape[0] // 2
@@ -155,7 +174,9 @@ def test_batch_with_unequal_keeps_equals_single_runs(family):
 
 def _scored_generate(model, x, n=4):
     with torch.no_grad():
-        return model.generate(**x, max_new_tokens=n, min_new_tokens=n, do_sample=False, output_scores=True, return_dict_in_generate=True)
+        return model.generate(
+            **x, max_new_tokens=n, min_new_tokens=n, do_sample=False, output_scores=True, return_dict_in_generate=True
+        )
 
 
 def test_sampling_runs_on_a_patched_model():

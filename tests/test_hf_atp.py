@@ -11,7 +11,10 @@ from glimpse_ops import hf  # noqa: E402
 from glimpse_ops.hf import testing  # noqa: E402
 from glimpse_ops.hf.atp import apply_atp, spatial_scores  # noqa: E402
 
-FAMILIES = {"qwen2_5_vl": (testing.tiny_qwen2_5_vl, testing.qwen_inputs), "llava": (testing.tiny_llava, testing.llava_inputs)}
+FAMILIES = {
+    "qwen2_5_vl": (testing.tiny_qwen2_5_vl, testing.qwen_inputs),
+    "llava": (testing.tiny_llava, testing.llava_inputs),
+}
 STAGES = (2, 4)
 
 
@@ -76,7 +79,9 @@ def test_thresholds_get_gradients_and_the_budget_moves_the_kept_count(seed):
     loss = torch.nn.functional.cross_entropy(logits, torch.tensor([5, 7]))
     loss.backward()
     for name, stage in handle.stages.items():
-        assert bool(stage.mlp[2].weight.grad.abs().sum() > 0), f"stage {name} got no gradient through soft_mask_attention"
+        assert bool(stage.mlp[2].weight.grad.abs().sum() > 0), (
+            f"stage {name} got no gradient through soft_mask_attention"
+        )
     opt = torch.optim.Adam(handle.parameters(), lr=3e-2)
     with torch.no_grad():
         model(**x)

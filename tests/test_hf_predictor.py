@@ -28,9 +28,14 @@ def setup(seed):
 def _single(x: dict, b: int) -> dict:
     rows = x["attention_mask"][b].bool()
     n_pix = x["pixel_values"].shape[0] // x["input_ids"].shape[0]
-    return dict(x, input_ids=x["input_ids"][b : b + 1, rows], attention_mask=x["attention_mask"][b : b + 1, rows],
-                mm_token_type_ids=x["mm_token_type_ids"][b : b + 1, rows], pixel_values=x["pixel_values"][b * n_pix : (b + 1) * n_pix],
-                image_grid_thw=x["image_grid_thw"][b : b + 1])
+    return dict(
+        x,
+        input_ids=x["input_ids"][b : b + 1, rows],
+        attention_mask=x["attention_mask"][b : b + 1, rows],
+        mm_token_type_ids=x["mm_token_type_ids"][b : b + 1, rows],
+        pixel_values=x["pixel_values"][b * n_pix : (b + 1) * n_pix],
+        image_grid_thw=x["image_grid_thw"][b : b + 1],
+    )
 
 
 def test_keep_everything_with_a_predictor_matches_the_stock_model(setup):
@@ -101,7 +106,11 @@ def test_save_and_load_round_trip(setup, tmp_path):
 
 def _release_modules(model, n_le_rows: int, width: int, cond: int, levels: int) -> dict:
     """A state dict with the public GlimpsePrune release's names and shapes (random values)."""
-    d, heads, vit = model.config.text_config.hidden_size, model.config.text_config.num_attention_heads, model.config.vision_config.hidden_size
+    d, heads, vit = (
+        model.config.text_config.hidden_size,
+        model.config.text_config.num_attention_heads,
+        model.config.vision_config.hidden_size,
+    )
     g = torch.Generator().manual_seed(0)
 
     def r(*shape):
@@ -109,27 +118,51 @@ def _release_modules(model, n_le_rows: int, width: int, cond: int, levels: int) 
 
     fuser = {"attn_in_proj.weight": r(width, heads), "attn_in_proj.bias": r(width)}
     for i in range(levels):
-        fuser |= {f"cond_in_projs.{i}.weight": r(cond, vit), f"cond_in_projs.{i}.bias": r(cond),
-                  f"layers.{i}.norm1.weight": 1 + r(width), f"layers.{i}.norm2.weight": 1 + r(width),
-                  f"layers.{i}.attn.q_proj.weight": r(width + cond, width + cond), f"layers.{i}.attn.k_proj.weight": r(width + cond, width + cond),
-                  f"layers.{i}.attn.v_proj.weight": r(width, width), f"layers.{i}.attn.o_proj.weight": r(width, width),
-                  f"layers.{i}.mlp.gate_proj.weight": r(2 * width, width), f"layers.{i}.mlp.gate_proj.bias": r(2 * width),
-                  f"layers.{i}.mlp.up_proj.weight": r(2 * width, width), f"layers.{i}.mlp.up_proj.bias": r(2 * width),
-                  f"layers.{i}.mlp.down_proj.weight": r(width, 2 * width), f"layers.{i}.mlp.down_proj.bias": r(width)}
+        fuser |= {
+            f"cond_in_projs.{i}.weight": r(cond, vit),
+            f"cond_in_projs.{i}.bias": r(cond),
+            f"layers.{i}.norm1.weight": 1 + r(width),
+            f"layers.{i}.norm2.weight": 1 + r(width),
+            f"layers.{i}.attn.q_proj.weight": r(width + cond, width + cond),
+            f"layers.{i}.attn.k_proj.weight": r(width + cond, width + cond),
+            f"layers.{i}.attn.v_proj.weight": r(width, width),
+            f"layers.{i}.attn.o_proj.weight": r(width, width),
+            f"layers.{i}.mlp.gate_proj.weight": r(2 * width, width),
+            f"layers.{i}.mlp.gate_proj.bias": r(2 * width),
+            f"layers.{i}.mlp.up_proj.weight": r(2 * width, width),
+            f"layers.{i}.mlp.up_proj.bias": r(2 * width),
+            f"layers.{i}.mlp.down_proj.weight": r(width, 2 * width),
+            f"layers.{i}.mlp.down_proj.bias": r(width),
+        }
     qk_head_dim = (width + cond) // SIZES["fuse_heads"]
-    fuser |= {f"attn_out_projs.{levels - 1}.weight": r(1, width), f"attn_out_projs.{levels - 1}.bias": r(1),
-              "rotary_pos_emb.inv_freq": torch.rand(qk_head_dim // 4)}  # a buffer some versions save: ignored
-    return {"attn_fuser": fuser, "learnable_embeddings": r(n_le_rows, 1, d),
-            "le_proj": {"weight": r(d, d), "bias": r(d)}, "le_norm": {"weight": 1 + r(d)}}
+    fuser |= {
+        f"attn_out_projs.{levels - 1}.weight": r(1, width),
+        f"attn_out_projs.{levels - 1}.bias": r(1),
+        "rotary_pos_emb.inv_freq": torch.rand(qk_head_dim // 4),
+    }  # a buffer some versions save: ignored
+    return {
+        "attn_fuser": fuser,
+        "learnable_embeddings": r(n_le_rows, 1, d),
+        "le_proj": {"weight": r(d, d), "bias": r(d)},
+        "le_norm": {"weight": 1 + r(d)},
+    }
 
 
 def test_the_release_format_loads_and_prunes(tmp_path):
     model = testing.tiny_qwen2_5_vl()
     modules = _release_modules(model, n_le_rows=6, width=32, cond=32, levels=2)
-    (tmp_path / "config.json").write_text(json.dumps({
-        "selected_layers": [K], "selected_visual_layers": list(VIT_LEVELS), "attn_fuse_size": 32, "visual_cond_size": 32,
-        "attn_fuse_num_heads": 2, "reduce_threshold": 0.5,
-    }))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "selected_layers": [K],
+                "selected_visual_layers": list(VIT_LEVELS),
+                "attn_fuse_size": 32,
+                "visual_cond_size": 32,
+                "attn_fuse_num_heads": 2,
+                "reduce_threshold": 0.5,
+            }
+        )
+    )
     torch.save(modules, tmp_path / "new_modules_gp.pt")
     predictor = GlimpsePredictor.from_release(tmp_path, model)
     assert torch.equal(predictor.vip.layers[1].attn.q_proj.weight, modules["attn_fuser"]["layers.1.attn.q_proj.weight"])
@@ -164,4 +197,6 @@ def test_window_index_matches_transformers():
         pytest.skip("this transformers version keeps the window index on the ViT")
     for grid, window, patch in ([[1, 8, 8], [1, 12, 20]], 8, 2), ([[1, 64, 36]], 112, 14), ([[1, 4, 4]], 112, 14):
         grid = torch.tensor(grid)
-        assert torch.equal(window_index(grid, 2, window, patch), vision_utils.get_vision_window_index(grid, 2, window, patch)[0])
+        assert torch.equal(
+            window_index(grid, 2, window, patch), vision_utils.get_vision_window_index(grid, 2, window, patch)[0]
+        )

@@ -26,8 +26,12 @@ def test_weights_of_one_reproduce_the_stock_model(setup):
     _, info = glimpse_training_loss(model, predictor, batch, 0.1, force_weight=1.0)
     S, A = batch["input_ids"].shape[1], batch["answer_ids"].shape[1]
     ids = torch.cat([batch["input_ids"], batch["answer_ids"]], dim=1)
-    full = dict(batch, input_ids=ids, attention_mask=torch.cat([batch["attention_mask"], torch.ones_like(batch["answer_ids"])], dim=1),
-                mm_token_type_ids=torch.cat([batch["mm_token_type_ids"], torch.zeros_like(batch["answer_ids"])], dim=1))
+    full = dict(
+        batch,
+        input_ids=ids,
+        attention_mask=torch.cat([batch["attention_mask"], torch.ones_like(batch["answer_ids"])], dim=1),
+        mm_token_type_ids=torch.cat([batch["mm_token_type_ids"], torch.zeros_like(batch["answer_ids"])], dim=1),
+    )
     del full["answer_ids"]
     with torch.no_grad():
         want = model(**full).logits[:, S - 1 : S - 1 + A]
@@ -39,7 +43,12 @@ def test_the_answer_loss_reaches_the_glimpse_and_the_vip(setup):
     model.requires_grad_(False)
     loss, _ = glimpse_training_loss(model, predictor, batch, 0.1, budget_weight=0.0)
     loss.backward()
-    for name in ("glimpse.learnable_embeddings", "glimpse.le_proj.weight", "vip.attn_in_proj.weight", "vip.cond_in_projs.0.weight"):
+    for name in (
+        "glimpse.learnable_embeddings",
+        "glimpse.le_proj.weight",
+        "vip.attn_in_proj.weight",
+        "vip.cond_in_projs.0.weight",
+    ):
         grad = dict(predictor.named_parameters())[name].grad
         assert grad is not None and bool(grad.abs().sum() > 0), name
     assert all(p.grad is None for p in model.parameters()), "the LM stays frozen"
@@ -51,7 +60,9 @@ def test_training_moves_the_kept_fraction_and_saves_a_usable_predictor(setup, tm
         before = glimpse_training_loss(model, predictor, batch, 0.05)[1]["kept_fraction"].item()
     lines = []
     path = tmp_path / "glimpse.safetensors"
-    train_glimpse(model, predictor, [batch] * 12, keep_ratio=0.05, lr=3e-3, budget_weight=1.0, save_to=path, progress=lines.append)
+    train_glimpse(
+        model, predictor, [batch] * 12, keep_ratio=0.05, lr=3e-3, budget_weight=1.0, save_to=path, progress=lines.append
+    )
     with torch.no_grad():
         after = glimpse_training_loss(model, predictor, batch, 0.05)[1]["kept_fraction"].item()
     assert abs(after - 0.05) < 0.6 * abs(before - 0.05), (before, after)

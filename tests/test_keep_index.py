@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_equal, backend_device_params, non_contiguous
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_equal, backend_device_params, non_contiguous
 from glimpse_ops import keep_index
 from glimpse_ops.reference import keep_index_reference
 
@@ -46,7 +46,9 @@ def test_row_longer_than_max_len_raises_on_cpu(bd):
     backend, device = bd
     keep = torch.ones(2, 10, dtype=torch.bool)
     keep[1, :4] = False
-    with pytest.raises(ValueError, match=r"glimpse.keep_index: every row must keep at most max_len=8 tokens, got 10 in row 0"):
+    with pytest.raises(
+        ValueError, match=r"glimpse.keep_index: every row must keep at most max_len=8 tokens, got 10 in row 0"
+    ):
         keep_index(keep, 8, backend=backend)
 
 
@@ -61,7 +63,13 @@ def test_non_contiguous_keep(bd, seed):
 
 
 @settings(max_examples=60, deadline=None)
-@given(data=st.data(), batch=st.integers(1, 4), seq=st.integers(1, 50), side=st.sampled_from(["left", "right"]), slack=st.integers(0, 3))
+@given(
+    data=st.data(),
+    batch=st.integers(1, 4),
+    seq=st.integers(1, 50),
+    side=st.sampled_from(["left", "right"]),
+    slack=st.integers(0, 3),
+)
 def test_property_positions_are_the_kept_tokens_in_order(data, batch, seq, side, slack):
     flags = data.draw(st.lists(st.booleans(), min_size=batch * seq, max_size=batch * seq))
     keep = torch.tensor(flags).view(batch, seq)

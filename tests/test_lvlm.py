@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import assert_close
+
 from glimpse_ops.lvlm import LVLM, GlimpsePruner, GlimpseTopK, RandomPruner, compact_and_finish, make_batch, tiny
 from glimpse_ops.lvlm.model import positions_from_mask
 
@@ -44,13 +44,25 @@ def test_pruned_run_equals_recomputing_on_the_kept_tokens(setup, make_pruner):
         # layers 0..K: the compacted caches hold exactly the kept tokens' keys and values
         # (the trained pruner ran them with the glimpse appended: equal up to rounding)
         for layer in range(K + 1):
-            assert_close(f"keys[{layer}]", state.caches[layer][0][b][:, slots], prefix.caches[layer][0][b][:, kept], torch.float32)
-            assert_close(f"values[{layer}]", state.caches[layer][1][b][:, slots], prefix.caches[layer][1][b][:, kept], torch.float32)
+            assert_close(
+                f"keys[{layer}]",
+                state.caches[layer][0][b][:, slots],
+                prefix.caches[layer][0][b][:, kept],
+                torch.float32,
+            )
+            assert_close(
+                f"values[{layer}]",
+                state.caches[layer][1][b][:, slots],
+                prefix.caches[layer][1][b][:, kept],
+                torch.float32,
+            )
         # layers K+1..: from scratch on only the kept tokens, one sample, no padding
         h = prefix.hidden[b : b + 1, kept]
         positions = prefix.positions[b : b + 1, kept]
         valid = torch.ones_like(positions, dtype=torch.bool)
-        h, _, _ = model.decoder.run_layers(h, positions, valid, [None] * (model.config.layers - K - 1), K + 1, model.config.layers)
+        h, _, _ = model.decoder.run_layers(
+            h, positions, valid, [None] * (model.config.layers - K - 1), K + 1, model.config.layers
+        )
         assert_close(f"logits[{b}]", logits[b], model.decoder.logits(h[:, -1])[0], torch.float32, scale=10)
     last = positions_from_mask(data.attention_mask)[:, -1]
     assert torch.equal(state.next_position, last + 1), "decoding continues at the original last position + 1"
@@ -92,7 +104,9 @@ def test_batch_with_unequal_keeps_equals_single_runs(setup):
 @torch.no_grad()
 def test_random_pruner_keeps_its_budget(setup):
     model, data = setup
-    _, state, info = RandomPruner(5, torch.Generator().manual_seed(0)).prefill(model, data.images, data.input_ids, data.attention_mask)
+    _, state, info = RandomPruner(5, torch.Generator().manual_seed(0)).prefill(
+        model, data.images, data.input_ids, data.attention_mask
+    )
     assert info["kept_visual"].tolist() == [5, 5, 5]
     full = model.prefill(data.images, data.input_ids, data.attention_mask)[1]
     assert state.cache_bytes() < full.cache_bytes()

@@ -33,7 +33,8 @@ def test_source_checkout_maps_its_own_triton_kernels():
     """Run from the checkout (its root first on sys.path), the kernels come from this checkout."""
     done = _python(
         "import glimpse_ops, glimpse_ops.triton_kernels.compact_kv as m; print(m.__file__)",
-        cwd=ROOT, extra_path=[str(ROOT)],
+        cwd=ROOT,
+        extra_path=[str(ROOT)],
     )
     assert done.returncode == 0, done.stderr
     assert Path(done.stdout.strip()).resolve() == (ROOT / "triton_kernels" / "compact_kv.py").resolve()
@@ -45,8 +46,11 @@ def test_repository_root_does_not_shadow_upstream_triton_kernels(tmp_path):
     upstream = tmp_path / "site" / "triton_kernels"
     upstream.mkdir(parents=True)
     (upstream / "__init__.py").write_text("UPSTREAM = True\n")
-    done = _python("import triton_kernels; print(getattr(triton_kernels, 'UPSTREAM', False))",
-                   cwd=ROOT, extra_path=[str(ROOT), str(tmp_path / "site")])
+    done = _python(
+        "import triton_kernels; print(getattr(triton_kernels, 'UPSTREAM', False))",
+        cwd=ROOT,
+        extra_path=[str(ROOT), str(tmp_path / "site")],
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "True"
     assert not (ROOT / "triton_kernels" / "__init__.py").exists()
@@ -114,8 +118,11 @@ def test_setup_finds_the_cuda_runtime_like_torch(tmp_path):
     assert setup.cudart_link(str(tmp_path / "nothing"), [str(tmp_path / "empty")]) is None
 
 
-@pytest.mark.skipif(not Path("/usr/local/bin/nvcc").exists() and not any(
-    (Path(p) / "nvcc").exists() for p in os.environ.get("PATH", "").split(os.pathsep)), reason="no nvcc")
+@pytest.mark.skipif(
+    not Path("/usr/local/bin/nvcc").exists()
+    and not any((Path(p) / "nvcc").exists() for p in os.environ.get("PATH", "").split(os.pathsep)),
+    reason="no nvcc",
+)
 def test_setup_reads_the_toolkit_root_through_an_nvcc_wrapper():
     import shutil
 

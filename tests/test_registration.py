@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DEVICES, backend_device_params
 
 import glimpse_ops as g
-from conftest import DEVICES, backend_device_params
 from glimpse_ops.reference import keep_index_reference
 
 
@@ -25,12 +25,19 @@ def samples(op: str, device: str, requires_grad: bool):
     values = [torch.randn(B, Hkv, S, D, device=device) for _ in range(2)]
     if op == "glimpse_scores":
         q, k = torch.randn(B, H, 2, D, **rg), torch.randn(B, Hkv, S, D, **rg)
-        return [((q, k, mask, None, "probs"), {}), ((q, k, None, 0.5, "logits"), {}), ((q, k, mask, None, "log_probs"), {})]
+        return [
+            ((q, k, mask, None, "probs"), {}),
+            ((q, k, None, 0.5, "logits"), {}),
+            ((q, k, mask, None, "log_probs"), {}),
+        ]
     if op == "attention_column_scores":
         q, k = torch.randn(B, H, S, D, device=device), torch.randn(B, Hkv, S, D, device=device)
         return [((q, k, keep, mask, True, None), {}), ((q, k, None, None, False, 0.3), {})]
     if op == "select_tokens":
-        return [((scores, mask, 0.5, 3, 1, None), {}), ((scores, None, None, 0, 0, torch.tensor([2, 4], device=device)), {})]
+        return [
+            ((scores, mask, 0.5, 3, 1, None), {}),
+            ((scores, None, None, 0, 0, torch.tensor([2, 4], device=device)), {}),
+        ]
     if op == "keep_index":
         return [((keep, S, "left"), {}), ((keep, None, "right"), {})]
     if op == "gather_tokens":
@@ -41,10 +48,16 @@ def samples(op: str, device: str, requires_grad: bool):
         outs = [torch.empty(B, Hkv, S, D, device=device) for _ in range(4)]
         return [((keys, values, index, outs[:2], outs[2:]), {})]
     if op == "prune_kv":
-        return [((scores, mask, keys, values, 0.5, 3, 1, S, "left", None), {}), ((scores, None, keys, values, None, 4, 0, None, "right", None), {})]
+        return [
+            ((scores, mask, keys, values, 0.5, 3, 1, S, "left", None), {}),
+            ((scores, None, keys, values, None, 4, 0, None, "right", None), {}),
+        ]
     if op == "glimpse_prune":
         q = torch.randn(B, H, 1, D, device=device)
-        return [((q, keys, values, mask, keep, 1, None, None, 3, 1, S, "left", None), {}), ((q, keys, values, None, None, 0, None, 0.05, 0, 0, None, "right", None), {})]
+        return [
+            ((q, keys, values, mask, keep, 1, None, None, 3, 1, S, "left", None), {}),
+            ((q, keys, values, None, None, 0, None, 0.05, 0, 0, None, "right", None), {}),
+        ]
     if op == "soft_mask_attention":
         q = torch.randn(B, H, S, D, **rg)
         k, v = torch.randn(B, Hkv, S, D, **rg), torch.randn(B, Hkv, S, D, **rg)
@@ -64,7 +77,7 @@ CASES = [
 @pytest.mark.parametrize("op,bd", CASES)
 def test_opcheck(op, bd, seed):
     backend, device = bd
-    for requires_grad in ([False, True] if op in DIFFERENTIABLE else [False]):
+    for requires_grad in [False, True] if op in DIFFERENTIABLE else [False]:
         for args, kwargs in samples(op, device, requires_grad):
             torch.library.opcheck(getattr(torch.ops.glimpse, op).default, args, {**kwargs, "backend": backend})
 

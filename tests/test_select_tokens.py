@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_equal, backend_device_params, non_contiguous, random_keep_scores
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_equal, backend_device_params, non_contiguous, random_keep_scores
 from glimpse_ops import select_tokens
 from glimpse_ops.reference import select_tokens_reference
 

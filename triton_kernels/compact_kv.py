@@ -16,7 +16,12 @@ import triton.language as tl
 
 from ._utils import device_guard, interpreting, next_pow2, warp_options
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float64: tl.float64}
+_TL_DTYPES = {
+    torch.float32: tl.float32,
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float64: tl.float64,
+}
 _TABLES: OrderedDict = OrderedDict()
 _TABLE_CACHE_SIZE = 64
 _CAPTURED_TABLES: dict = {}  # tables uploaded while a CUDA graph was captured: kept for good
@@ -57,8 +62,16 @@ def _device_table(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 @triton.jit
 def _compact_kv_kernel(
-    table_ptr, out_table_ptr, index_ptr, B, Hkv, L, D,
-    DTYPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    table_ptr,
+    out_table_ptr,
+    index_ptr,
+    B,
+    Hkv,
+    L,
+    D,
+    DTYPE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)  # (tensor, b, head)
     tensor, b, head = pid // (B * Hkv), (pid // Hkv) % B, pid % Hkv
@@ -72,7 +85,8 @@ def _compact_kv_kernel(
     in_d = offs_d[None, :] < D
     rows = tl.load(
         src + b * stride_b + head * stride_h + source[:, None] * stride_s + offs_d[None, :],
-        mask=(source[:, None] >= 0) & in_d, other=0.0,
+        mask=(source[:, None] >= 0) & in_d,
+        other=0.0,
     )
     dst = tl.load(out_table_ptr + tensor * 4).to(tl.pointer_type(DTYPE))
     out = dst + ((b * Hkv + head) * L + slots[:, None]) * D + offs_d[None, :]  # contiguous outputs
@@ -100,7 +114,16 @@ def compact_kv_triton(keys, values, index, out_keys=None, out_values=None):
         BLOCK_T = max(1, min(256 if interpreting() else 64, 8192 // BLOCK_D))
         with device_guard(index):
             _compact_kv_kernel[(len(sources) * B * Hkv, triton.cdiv(L, BLOCK_T))](
-                _device_table(sources), _device_table(outputs), index.contiguous(), B, Hkv, L, D,
-                DTYPE=_TL_DTYPES[sources[0].dtype], BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, **warp_options(BLOCK_T * BLOCK_D),
+                _device_table(sources),
+                _device_table(outputs),
+                index.contiguous(),
+                B,
+                Hkv,
+                L,
+                D,
+                DTYPE=_TL_DTYPES[sources[0].dtype],
+                BLOCK_T=BLOCK_T,
+                BLOCK_D=BLOCK_D,
+                **warp_options(BLOCK_T * BLOCK_D),
             )
     return list(out_keys), list(out_values)

@@ -10,7 +10,9 @@ from ._utils import device_guard, interpreting, next_pow2, warp_options
 
 
 @triton.jit
-def _gather_tokens_kernel(x_ptr, index_ptr, out_ptr, pad_value, S, L, ROWS, INNER, BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr):
+def _gather_tokens_kernel(
+    x_ptr, index_ptr, out_ptr, pad_value, S, L, ROWS, INNER, BLOCK_T: tl.constexpr, BLOCK_I: tl.constexpr
+):
     """Rows are output tokens flattened as b * L + t; ROWS = B * L."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
@@ -42,5 +44,17 @@ def gather_tokens_triton(x, index, pad_value):
     block_t = max(1, min(tile // block_i, next_pow2(B * L)))
     grid = (triton.cdiv(B * L, block_t), triton.cdiv(inner, block_i))
     with device_guard(x):
-        _gather_tokens_kernel[grid](src, index.contiguous(), dst, pad, S, L, B * L, inner, BLOCK_T=block_t, BLOCK_I=block_i, **warp_options(block_t * block_i))
+        _gather_tokens_kernel[grid](
+            src,
+            index.contiguous(),
+            dst,
+            pad,
+            S,
+            L,
+            B * L,
+            inner,
+            BLOCK_T=block_t,
+            BLOCK_I=block_i,
+            **warp_options(block_t * block_i),
+        )
     return out

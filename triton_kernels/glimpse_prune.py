@@ -10,7 +10,21 @@ from .keep_index import keep_index_triton
 from .select_tokens import select_tokens_triton
 
 
-def glimpse_prune_triton(q, keys, values, key_mask, candidate_mask, score_layer, scale, threshold, max_keep, min_keep, max_keep_per_row, max_len, left_padding):
+def glimpse_prune_triton(
+    q,
+    keys,
+    values,
+    key_mask,
+    candidate_mask,
+    score_layer,
+    scale,
+    threshold,
+    max_keep,
+    min_keep,
+    max_keep_per_row,
+    max_len,
+    left_padding,
+):
     scores = glimpse_scores_triton(q, keys[score_layer], key_mask, scale, PROBS).mean(dim=(1, 2))
     keep = select_tokens_triton(scores, candidate_mask & key_mask, threshold, max_keep, min_keep, max_keep_per_row)
     keep &= key_mask  # padding is never kept

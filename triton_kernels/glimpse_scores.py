@@ -20,7 +20,9 @@ LOGITS, PROBS, LOG_PROBS = 0, 1, 2
 
 
 @triton.jit
-def _load_q_rows(q_ptr, b, kvh, G, R, D, sq_b, sq_h, sq_g, sq_d, group, d0, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _load_q_rows(
+    q_ptr, b, kvh, G, R, D, sq_b, sq_h, sq_g, sq_d, group, d0, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr
+):
     """Columns d0 .. d0 + BLOCK_D of the query rows of one KV group, [BLOCK_R, BLOCK_D]
     (row r = head offset r // G, glimpse r % G)."""
     rows = tl.arange(0, BLOCK_R)
@@ -32,13 +34,32 @@ def _load_q_rows(q_ptr, b, kvh, G, R, D, sq_b, sq_h, sq_g, sq_d, group, d0, BLOC
 
 @triton.jit
 def _glimpse_logits_kernel(
-    q_ptr, k_ptr, mask_ptr, out_ptr,
-    Hkv, G, R, S, D, scale,
-    sq_b, sq_h, sq_g, sq_d,
-    sk_b, sk_h, sk_s, sk_d,
-    sm_b, sm_s,
-    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    mask_ptr,
+    out_ptr,
+    Hkv,
+    G,
+    R,
+    S,
+    D,
+    scale,
+    sq_b,
+    sq_h,
+    sq_g,
+    sq_d,
+    sk_b,
+    sk_h,
+    sk_s,
+    sk_d,
+    sm_b,
+    sm_s,
+    HAS_MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
 ):
     """The dot runs over the head dim in BLOCK_DK-wide slices (the whole of it for fp16/bf16;
     narrower for fp32, whose FMA dots would not fit the registers otherwise)."""
@@ -53,7 +74,8 @@ def _glimpse_logits_kernel(
         q = _load_q_rows(q_ptr, b, kvh, G, R, D, sq_b, sq_h, sq_g, sq_d, group, d0, BLOCK_R, BLOCK_DK)
         k = tl.load(
             k_ptr + b * sk_b + kvh * sk_h + offs_s[:, None] * sk_s + offs_d[None, :] * sk_d,
-            mask=s_ok[:, None] & (offs_d[None, :] < D), other=0.0,
+            mask=s_ok[:, None] & (offs_d[None, :] < D),
+            other=0.0,
         )
         logits += tl.dot(q, tl.trans(k), input_precision=PRECISION)
     logits = logits * scale
@@ -117,11 +139,25 @@ def glimpse_scores_triton(q, k, key_mask, scale: float, mode: int) -> torch.Tens
     mask = key_mask if key_mask is not None else out  # unused when HAS_MASK is False
     with device_guard(q):
         _glimpse_logits_kernel[(B * Hkv, triton.cdiv(S, BLOCK_S))](
-            q, k, mask, out, Hkv, G, R, S, D, scale,
-            *q.stride(), *k.stride(),
+            q,
+            k,
+            mask,
+            out,
+            Hkv,
+            G,
+            R,
+            S,
+            D,
+            scale,
+            *q.stride(),
+            *k.stride(),
             *(key_mask.stride() if key_mask is not None else (0, 0)),
-            HAS_MASK=key_mask is not None, PRECISION=dot_precision(q.dtype),
-            BLOCK_R=BLOCK_R, BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D, BLOCK_DK=_dot_slice(q.dtype, BLOCK_D),
+            HAS_MASK=key_mask is not None,
+            PRECISION=dot_precision(q.dtype),
+            BLOCK_R=BLOCK_R,
+            BLOCK_S=BLOCK_S,
+            BLOCK_D=BLOCK_D,
+            BLOCK_DK=_dot_slice(q.dtype, BLOCK_D),
             **warp_options(BLOCK_R * BLOCK_S),
         )
         if mode != LOGITS:
@@ -136,7 +172,19 @@ def glimpse_scores_triton(q, k, key_mask, scale: float, mode: int) -> torch.Tens
 
 
 @triton.jit
-def _row_reduce_kernel(g_ptr, p_ptr, mask_ptr, c_ptr, S, rows_per_batch, sm_b, sm_s, MODE: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
+def _row_reduce_kernel(
+    g_ptr,
+    p_ptr,
+    mask_ptr,
+    c_ptr,
+    S,
+    rows_per_batch,
+    sm_b,
+    sm_s,
+    MODE: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """c[row] = sum_j g*p (probs) or sum_j g (log-probs), over valid keys."""
     r = tl.program_id(0).to(tl.int64)
     b = r // rows_per_batch
@@ -154,7 +202,23 @@ def _row_reduce_kernel(g_ptr, p_ptr, mask_ptr, c_ptr, S, rows_per_batch, sm_b, s
 
 
 @triton.jit
-def _ds_tile(g_ptr, p_ptr, c_ptr, mask_ptr, b, kvh, R, S, offs_s, sm_b, sm_s, Hkv, MODE: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_R: tl.constexpr):
+def _ds_tile(
+    g_ptr,
+    p_ptr,
+    c_ptr,
+    mask_ptr,
+    b,
+    kvh,
+    R,
+    S,
+    offs_s,
+    sm_b,
+    sm_s,
+    Hkv,
+    MODE: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
     """dL/ds for the group's rows and a key tile, [BLOCK_R, BLOCK_S] fp32 (0 at invalid keys)."""
     rows = tl.arange(0, BLOCK_R)
     row_ids = (b * Hkv + kvh) * R + rows
@@ -175,11 +239,30 @@ def _ds_tile(g_ptr, p_ptr, c_ptr, mask_ptr, b, kvh, R, S, offs_s, sm_b, sm_s, Hk
 
 @triton.jit
 def _glimpse_dk_kernel(
-    g_ptr, p_ptr, c_ptr, mask_ptr, q_ptr, dk_ptr,
-    Hkv, G, R, S, D, scale,
-    sq_b, sq_h, sq_g, sq_d, sm_b, sm_s,
-    MODE: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    g_ptr,
+    p_ptr,
+    c_ptr,
+    mask_ptr,
+    q_ptr,
+    dk_ptr,
+    Hkv,
+    G,
+    R,
+    S,
+    D,
+    scale,
+    sq_b,
+    sq_h,
+    sq_g,
+    sq_d,
+    sm_b,
+    sm_s,
+    MODE: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b, kvh = pid // Hkv, pid % Hkv
@@ -189,17 +272,41 @@ def _glimpse_dk_kernel(
     dk = tl.dot(tl.trans(ds), q, input_precision=PRECISION) * scale
     offs_d = tl.arange(0, BLOCK_D)
     base = (b * Hkv + kvh).to(tl.int64) * S * D  # dk is contiguous [B, Hkv, S, D]
-    tl.store(dk_ptr + base + offs_s[:, None] * D + offs_d[None, :], dk.to(dk_ptr.dtype.element_ty),
-             mask=(offs_s[:, None] < S) & (offs_d[None, :] < D))
+    tl.store(
+        dk_ptr + base + offs_s[:, None] * D + offs_d[None, :],
+        dk.to(dk_ptr.dtype.element_ty),
+        mask=(offs_s[:, None] < S) & (offs_d[None, :] < D),
+    )
 
 
 @triton.jit
 def _glimpse_dq_kernel(
-    g_ptr, p_ptr, c_ptr, mask_ptr, k_ptr, dq_ptr,
-    Hkv, G, R, S, D, scale, CHUNK, ROWS,
-    sk_b, sk_h, sk_s, sk_d, sm_b, sm_s,
-    MODE: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    g_ptr,
+    p_ptr,
+    c_ptr,
+    mask_ptr,
+    k_ptr,
+    dq_ptr,
+    Hkv,
+    G,
+    R,
+    S,
+    D,
+    scale,
+    CHUNK,
+    ROWS,
+    sk_b,
+    sk_h,
+    sk_s,
+    sk_d,
+    sm_b,
+    sm_s,
+    MODE: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """One program per (b, KV group, chunk of CHUNK keys, BLOCK_D head-dim columns): that
     chunk's share of dq for the group's rows, fp32, into partial sums [chunks, ROWS = B*H*G, D]
@@ -212,13 +319,17 @@ def _glimpse_dq_kernel(
     for start in range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, S), BLOCK_S):
         offs_s = start + tl.arange(0, BLOCK_S)
         ds = _ds_tile(g_ptr, p_ptr, c_ptr, mask_ptr, b, kvh, R, S, offs_s, sm_b, sm_s, Hkv, MODE, HAS_MASK, BLOCK_R)
-        k = tl.load(k_ptr + b * sk_b + kvh * sk_h + offs_s[:, None] * sk_s + offs_d[None, :] * sk_d,
-                    mask=(offs_s[:, None] < S) & (offs_d[None, :] < D), other=0.0).to(tl.float32)
+        k = tl.load(
+            k_ptr + b * sk_b + kvh * sk_h + offs_s[:, None] * sk_s + offs_d[None, :] * sk_d,
+            mask=(offs_s[:, None] < S) & (offs_d[None, :] < D),
+            other=0.0,
+        ).to(tl.float32)
         acc += tl.dot(ds, k, input_precision=PRECISION)
     rows = tl.arange(0, BLOCK_R)
     out_rows = chunk.to(tl.int64) * ROWS + (b * Hkv + kvh) * R + rows  # the group's rows are consecutive
-    tl.store(dq_ptr + out_rows[:, None] * D + offs_d[None, :], acc * scale,
-             mask=(rows[:, None] < R) & (offs_d[None, :] < D))
+    tl.store(
+        dq_ptr + out_rows[:, None] * D + offs_d[None, :], acc * scale, mask=(rows[:, None] < R) & (offs_d[None, :] < D)
+    )
 
 
 # Enough (b, group, chunk) programs to fill an H100/H200's 132 SMs twice.
@@ -250,13 +361,50 @@ def glimpse_scores_backward_triton(grad_out, q, k, key_mask, scale: float, mode:
     with device_guard(q):
         if mode != LOGITS:
             block = row_block(S)
-            _row_reduce_kernel[(B * H * G,)](grad_out, out, mask, row_sums, S, H * G, *mask_strides, MODE=mode, HAS_MASK=has_mask, BLOCK=block, **warp_options(block))
-        common = dict(MODE=mode, HAS_MASK=has_mask, PRECISION=dot_precision(q.dtype), BLOCK_R=BLOCK_R, BLOCK_S=BLOCK_S,
-                      BLOCK_D=BLOCK_D, **warp_options(BLOCK_R * BLOCK_D))
-        _glimpse_dk_kernel[(B * Hkv, triton.cdiv(S, BLOCK_S))](grad_out, out, row_sums, mask, q, dk, Hkv, G, R, S, D, scale, *q.stride(), *mask_strides, **common)
+            _row_reduce_kernel[(B * H * G,)](
+                grad_out,
+                out,
+                mask,
+                row_sums,
+                S,
+                H * G,
+                *mask_strides,
+                MODE=mode,
+                HAS_MASK=has_mask,
+                BLOCK=block,
+                **warp_options(block),
+            )
+        common = dict(
+            MODE=mode,
+            HAS_MASK=has_mask,
+            PRECISION=dot_precision(q.dtype),
+            BLOCK_R=BLOCK_R,
+            BLOCK_S=BLOCK_S,
+            BLOCK_D=BLOCK_D,
+            **warp_options(BLOCK_R * BLOCK_D),
+        )
+        _glimpse_dk_kernel[(B * Hkv, triton.cdiv(S, BLOCK_S))](
+            grad_out, out, row_sums, mask, q, dk, Hkv, G, R, S, D, scale, *q.stride(), *mask_strides, **common
+        )
         dq_cols = _dot_slice(q.dtype, BLOCK_D)
         _glimpse_dq_kernel[(B * Hkv, chunks, BLOCK_D // dq_cols)](
-            grad_out, out, row_sums, mask, k, dq_parts, Hkv, G, R, S, D, scale, chunk, B * H * G, *k.stride(), *mask_strides,
-            **{**common, "BLOCK_D": dq_cols, **warp_options(BLOCK_R * dq_cols)})
+            grad_out,
+            out,
+            row_sums,
+            mask,
+            k,
+            dq_parts,
+            Hkv,
+            G,
+            R,
+            S,
+            D,
+            scale,
+            chunk,
+            B * H * G,
+            *k.stride(),
+            *mask_strides,
+            **{**common, "BLOCK_D": dq_cols, **warp_options(BLOCK_R * dq_cols)},
+        )
     dq = dq_parts.sum(dim=0) if chunks > 1 else dq_parts[0]
     return dq.view(B, H, G, D).to(q.dtype), dk

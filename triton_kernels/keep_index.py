@@ -46,7 +46,9 @@ def keep_index_triton(keep, max_len: int | None, left_padding: bool):
     lengths = torch.empty((B,), dtype=torch.int64, device=keep.device)
     block = row_block(max(S, max_len), 2048)
     with device_guard(keep):
-        _keep_index_kernel[(B,)](keep, index, lengths, S, max_len, *keep.stride(), LEFT=left_padding, BLOCK=block, **warp_options(block))
+        _keep_index_kernel[(B,)](
+            keep, index, lengths, S, max_len, *keep.stride(), LEFT=left_padding, BLOCK=block, **warp_options(block)
+        )
     if keep.device.type == "cpu" and interpreting():  # free to check here; on GPU it would cost a sync
         check_kept_lengths(lengths, max_len)
     return index, lengths

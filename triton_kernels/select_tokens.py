@@ -35,10 +35,21 @@ def _load_block(scores_row, cand_row, start, S, ss_s, sc_s, BLOCK: tl.constexpr)
 
 @triton.jit
 def _select_tokens_kernel(
-    scores_ptr, cand_ptr, caps_ptr, keep_ptr,
-    S, threshold, max_keep, min_keep,
-    ss_b, ss_s, sc_b, sc_s,
-    HAS_THRESHOLD: tl.constexpr, HAS_CAPS: tl.constexpr, BLOCK: tl.constexpr,
+    scores_ptr,
+    cand_ptr,
+    caps_ptr,
+    keep_ptr,
+    S,
+    threshold,
+    max_keep,
+    min_keep,
+    ss_b,
+    ss_s,
+    sc_b,
+    sc_s,
+    HAS_THRESHOLD: tl.constexpr,
+    HAS_CAPS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     scores_row, cand_row = scores_ptr + b * ss_b, cand_ptr + b * sc_b
@@ -95,9 +106,19 @@ def select_tokens_triton(scores, candidate_mask, threshold, max_keep: int, min_k
     thr = float(torch.tensor(threshold, dtype=torch.float32)) if threshold is not None else 0.0
     with device_guard(scores):
         _select_tokens_kernel[(B,)](
-            scores, candidate_mask, caps, keep, S, thr, max_keep, min_keep,
-            *scores.stride(), *candidate_mask.stride(),
-            HAS_THRESHOLD=threshold is not None, HAS_CAPS=max_keep_per_row is not None,
-            BLOCK=block, **warp_options(block),
+            scores,
+            candidate_mask,
+            caps,
+            keep,
+            S,
+            thr,
+            max_keep,
+            min_keep,
+            *scores.stride(),
+            *candidate_mask.stride(),
+            HAS_THRESHOLD=threshold is not None,
+            HAS_CAPS=max_keep_per_row is not None,
+            BLOCK=block,
+            **warp_options(block),
         )
     return keep

@@ -32,15 +32,47 @@ def _key_bias(km_ptr, b, offs_n, N, skm_b, skm_n, HAS_KEY_MASK: tl.constexpr):
 @triton.jit
 def _load_rows(ptr, b, h, offs_m, N, D, s_b, s_h, s_n, BLOCK_D: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
-    return tl.load(ptr + b * s_b + h * s_h + offs_m[:, None] * s_n + offs_d[None, :],
-                   mask=(offs_m[:, None] < N) & (offs_d[None, :] < D), other=0.0)
+    return tl.load(
+        ptr + b * s_b + h * s_h + offs_m[:, None] * s_n + offs_d[None, :],
+        mask=(offs_m[:, None] < N) & (offs_d[None, :] < D),
+        other=0.0,
+    )
 
 
 @triton.jit
-def _fwd_kernel(q_ptr, k_ptr, v_ptr, w_ptr, km_ptr, out_ptr, lse_ptr, H, group, N, D, scale,
-                sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sw_b, sw_n, skm_b, skm_n,
-                CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, PRECISION: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _fwd_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    w_ptr,
+    km_ptr,
+    out_ptr,
+    lse_ptr,
+    H,
+    group,
+    N,
+    D,
+    scale,
+    sq_b,
+    sq_h,
+    sq_n,
+    sk_b,
+    sk_h,
+    sk_n,
+    sv_b,
+    sv_h,
+    sv_n,
+    sw_b,
+    sw_n,
+    skm_b,
+    skm_n,
+    CAUSAL: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     bh = tl.program_id(0)
     b, h = bh // H, bh % H
     kvh = h // group
@@ -71,17 +103,53 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, w_ptr, km_ptr, out_ptr, lse_ptr, H, group, 
     out = tl.where(live[:, None], acc / tl.where(live, total, 1.0)[:, None], 0.0)
     lse = tl.where(live, m + tl.log(tl.where(live, total, 1.0)), float("inf"))
     row = bh.to(tl.int64) * N + offs_m
-    tl.store(out_ptr + row[:, None] * D + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=(offs_m[:, None] < N) & (offs_d[None, :] < D))
+    tl.store(
+        out_ptr + row[:, None] * D + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=(offs_m[:, None] < N) & (offs_d[None, :] < D),
+    )
     tl.store(lse_ptr + row, lse, mask=offs_m < N)
 
 
 @triton.jit
-def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, w_ptr, km_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dw_ptr,
-                     H, Hkv, group, N, D, scale,
-                     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sw_b, sw_n, skm_b, skm_n,
-                     CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, PRECISION: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _bwd_dkdv_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    w_ptr,
+    km_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    dk_ptr,
+    dv_ptr,
+    dw_ptr,
+    H,
+    Hkv,
+    group,
+    N,
+    D,
+    scale,
+    sq_b,
+    sq_h,
+    sq_n,
+    sk_b,
+    sk_h,
+    sk_n,
+    sv_b,
+    sv_h,
+    sv_n,
+    sw_b,
+    sw_n,
+    skm_b,
+    skm_n,
+    CAUSAL: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """Works on transposed tiles (keys along rows: s^T = k q^T), so no register tile is
     transposed; the K, V and weight tiles stay in registers for the whole loop."""
     bk = tl.program_id(0)
@@ -102,10 +170,16 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, w_ptr, km_ptr, do_ptr, lse_ptr, delta_
         for start in range(first, N, BLOCK_M):
             offs_m = start + tl.arange(0, BLOCK_M)
             m_ok = offs_m < N
-            q_t = tl.load(q_ptr + b * sq_b + h * sq_h + offs_m[None, :] * sq_n + offs_d[:, None],
-                          mask=m_ok[None, :] & (offs_d[:, None] < D), other=0.0)  # [BLOCK_D, BLOCK_M]
-            do = tl.load(do_ptr + (row0 + offs_m)[:, None] * D + offs_d[None, :],
-                         mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+            q_t = tl.load(
+                q_ptr + b * sq_b + h * sq_h + offs_m[None, :] * sq_n + offs_d[:, None],
+                mask=m_ok[None, :] & (offs_d[:, None] < D),
+                other=0.0,
+            )  # [BLOCK_D, BLOCK_M]
+            do = tl.load(
+                do_ptr + (row0 + offs_m)[:, None] * D + offs_d[None, :],
+                mask=m_ok[:, None] & (offs_d[None, :] < D),
+                other=0.0,
+            )
             lse = tl.load(lse_ptr + row0 + offs_m, mask=m_ok, other=float("inf"))
             delta = tl.load(delta_ptr + row0 + offs_m, mask=m_ok, other=0.0)
             s_t = tl.dot(k, q_t, input_precision=PRECISION) * scale + bias[:, None]  # [BLOCK_N, BLOCK_M]
@@ -125,11 +199,41 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, w_ptr, km_ptr, do_ptr, lse_ptr, delta_
 
 
 @triton.jit
-def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, w_ptr, km_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-                   H, group, N, D, scale,
-                   sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sw_b, sw_n, skm_b, skm_n,
-                   CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _bwd_dq_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    w_ptr,
+    km_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    dq_ptr,
+    H,
+    group,
+    N,
+    D,
+    scale,
+    sq_b,
+    sq_h,
+    sq_n,
+    sk_b,
+    sk_h,
+    sk_n,
+    sv_b,
+    sv_h,
+    sv_n,
+    sw_b,
+    sw_n,
+    skm_b,
+    skm_n,
+    CAUSAL: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     bh = tl.program_id(0)
     b, h = bh // H, bh % H
     kvh = h // group
@@ -137,7 +241,9 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, w_ptr, km_ptr, do_ptr, lse_ptr, delta_pt
     offs_d = tl.arange(0, BLOCK_D)
     row = bh.to(tl.int64) * N + offs_m
     q = _load_rows(q_ptr, b, h, offs_m, N, D, sq_b, sq_h, sq_n, BLOCK_D)
-    do = tl.load(do_ptr + row[:, None] * D + offs_d[None, :], mask=(offs_m[:, None] < N) & (offs_d[None, :] < D), other=0.0)
+    do = tl.load(
+        do_ptr + row[:, None] * D + offs_d[None, :], mask=(offs_m[:, None] < N) & (offs_d[None, :] < D), other=0.0
+    )
     lse = tl.load(lse_ptr + row, mask=offs_m < N, other=float("inf"))
     delta = tl.load(delta_ptr + row, mask=offs_m < N, other=0.0)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
@@ -154,8 +260,11 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, w_ptr, km_ptr, do_ptr, lse_ptr, delta_pt
         e = tl.exp(s - lse[:, None])
         g = e * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
         dq += tl.dot((g * w[None, :]).to(k.dtype), k, input_precision=PRECISION)
-    tl.store(dq_ptr + row[:, None] * D + offs_d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
-             mask=(offs_m[:, None] < N) & (offs_d[None, :] < D))
+    tl.store(
+        dq_ptr + row[:, None] * D + offs_d[None, :],
+        (dq * scale).to(dq_ptr.dtype.element_ty),
+        mask=(offs_m[:, None] < N) & (offs_d[None, :] < D),
+    )
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per pass, input class and head-dim bound, for
@@ -194,7 +303,9 @@ def _tiles(q: torch.Tensor, backward: bool) -> dict:
 
 def _prepare(q, k, v, key_weight, key_mask):
     if q.shape[-1] > 256:
-        raise ValueError(f"glimpse.soft_mask_attention: the triton backend takes head dims up to 256, got {q.shape[-1]}")
+        raise ValueError(
+            f"glimpse.soft_mask_attention: the triton backend takes head dims up to 256, got {q.shape[-1]}"
+        )
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     km = key_mask if key_mask is not None else key_weight
     km_strides = key_mask.stride() if key_mask is not None else (0, 0)
@@ -211,8 +322,23 @@ def soft_mask_attention_forward_triton(q, k, v, key_weight, key_mask, causal: bo
     tiles = _tiles(q, backward=False)
     with device_guard(q):
         _fwd_kernel[(B * H, triton.cdiv(N, tiles["BLOCK_M"]))](
-            q, k, v, key_weight, km, out, lse, H, H // k.shape[1], N, D, scale, *strides,
-            CAUSAL=causal, HAS_KEY_MASK=key_mask is not None, PRECISION=dot_precision(q.dtype), **tiles,
+            q,
+            k,
+            v,
+            key_weight,
+            km,
+            out,
+            lse,
+            H,
+            H // k.shape[1],
+            N,
+            D,
+            scale,
+            *strides,
+            CAUSAL=causal,
+            HAS_KEY_MASK=key_mask is not None,
+            PRECISION=dot_precision(q.dtype),
+            **tiles,
         )
     return out, lse
 
@@ -228,12 +354,33 @@ def soft_mask_attention_backward_triton(grad_out, q, k, v, key_weight, key_mask,
     dk = torch.empty((B, Hkv, N, D), dtype=k.dtype, device=q.device)
     dv = torch.empty((B, Hkv, N, D), dtype=v.dtype, device=q.device)
     dw_per_kv_head = torch.empty((B, Hkv, N), dtype=torch.float32, device=q.device)
-    flags = dict(CAUSAL=causal, HAS_KEY_MASK=key_mask is not None, PRECISION=dot_precision(q.dtype),
-                 **_tiles(q, backward=True))
+    flags = dict(
+        CAUSAL=causal, HAS_KEY_MASK=key_mask is not None, PRECISION=dot_precision(q.dtype), **_tiles(q, backward=True)
+    )
     with device_guard(q):
         _bwd_dkdv_kernel[(B * Hkv, triton.cdiv(N, flags["BLOCK_N"]))](
-            q, k, v, key_weight, km, do, lse, delta, dk, dv, dw_per_kv_head, H, Hkv, H // Hkv, N, D, scale, *strides, **flags)
+            q,
+            k,
+            v,
+            key_weight,
+            km,
+            do,
+            lse,
+            delta,
+            dk,
+            dv,
+            dw_per_kv_head,
+            H,
+            Hkv,
+            H // Hkv,
+            N,
+            D,
+            scale,
+            *strides,
+            **flags,
+        )
         _bwd_dq_kernel[(B * H, triton.cdiv(N, flags["BLOCK_M"]))](
-            q, k, v, key_weight, km, do, lse, delta, dq, H, H // Hkv, N, D, scale, *strides, **flags)
+            q, k, v, key_weight, km, do, lse, delta, dq, H, H // Hkv, N, D, scale, *strides, **flags
+        )
     dw = dw_per_kv_head.sum(dim=1).to(key_weight.dtype)
     return dq, dk, dv, dw

@@ -15,4 +15,13 @@ from .glimpse_prune import GlimpsePruneHandle, apply_glimpse_prune, glimpse_prun
 from .predictor import GlimpsePredictor
 from .train import train_glimpse
 
-__all__ = ["ATPHandle", "SUPPORTED_MODEL_TYPES", "apply_atp", "GlimpsePredictor", "GlimpsePruneHandle", "apply_glimpse_prune", "glimpse_prune", "train_glimpse"]
+__all__ = [
+    "ATPHandle",
+    "SUPPORTED_MODEL_TYPES",
+    "apply_atp",
+    "GlimpsePredictor",
+    "GlimpsePruneHandle",
+    "apply_glimpse_prune",
+    "glimpse_prune",
+    "train_glimpse",
+]

@@ -46,7 +46,7 @@ def adapter_for(model: nn.Module) -> Adapter:
     text_config = config.text_config
     layers = text_model.layers
     attention = layers[0].self_attn
-    rope = getattr(sys.modules[type(attention).__module__], "apply_rotary_pos_emb")
+    rope = sys.modules[type(attention).__module__].apply_rotary_pos_emb
     heads = text_config.num_attention_heads
     head_dim = getattr(attention, "head_dim", None) or text_config.hidden_size // heads
     image_token_id = getattr(config, "image_token_id", None)

@@ -42,7 +42,9 @@ def _register_attention() -> None:
     AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
-def _atp_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask, scaling=None, **kwargs):
+def _atp_attention(
+    module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask, scaling=None, **kwargs
+):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     handle = getattr(module, _HANDLE_ATTR, None)
@@ -126,7 +128,9 @@ class ATPHandle:
             per_image = self.grid or []
         spatial_visual = torch.cat([spatial_scores(h, w) for h, w in per_image]) if per_image else torch.zeros(0)
         if spatial_visual.numel() != n:
-            raise RuntimeError(f"glimpse_ops.hf.apply_atp: {n} image tokens but the image grids give {spatial_visual.numel()}")
+            raise RuntimeError(
+                f"glimpse_ops.hf.apply_atp: {n} image tokens but the image grids give {spatial_visual.numel()}"
+            )
         spatial = torch.zeros(visual.shape, device=visual.device)
         spatial[visual] = spatial_visual.to(visual.device)
         return spatial
@@ -143,6 +147,7 @@ class ATPHandle:
             kwargs["position_embeddings"] = s.cos_sin  # the kept tokens' original positions
             kwargs["position_ids"] = None
             return args, kwargs
+
         return hook
 
     def _after_stage(self, index: int):
@@ -154,6 +159,7 @@ class ATPHandle:
             hidden = gather_tokens(hidden, s.index, 0.0)
             s.index = None
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
         return hook
 
     # --- attention ----------------------------------------------------------------------------
@@ -216,7 +222,9 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scaling) -> Tensor:
     return out.transpose(1, 2)
 
 
-def apply_atp(model: nn.Module, layers: tuple[int, ...], mode: str = "infer", stages: nn.ModuleDict | None = None) -> ATPHandle:
+def apply_atp(
+    model: nn.Module, layers: tuple[int, ...], mode: str = "infer", stages: nn.ModuleDict | None = None
+) -> ATPHandle:
     """Patch a Qwen2.5-VL / Qwen2-VL / LLaVA instance with ATP stages at the given decoder
     ``layers``. ``mode``: "train" (soft masks, differentiable) or "infer" (hard pruning).
     ``stages`` reuses trained stages (``handle.stages`` of an earlier handle). Returns a
@@ -229,12 +237,16 @@ def apply_atp(model: nn.Module, layers: tuple[int, ...], mode: str = "infer", st
     adapter = adapter_for(model)
     n_layers = len(adapter.layers)
     if not layers or list(layers) != sorted(set(layers)) or layers[0] < 0 or layers[-1] >= n_layers:
-        raise ValueError(f"glimpse_ops.hf.apply_atp: layers must be increasing decoder layers in [0, {n_layers}), got {layers}")
+        raise ValueError(
+            f"glimpse_ops.hf.apply_atp: layers must be increasing decoder layers in [0, {n_layers}), got {layers}"
+        )
     if stages is None:
         device = next(model.parameters()).device
         stages = nn.ModuleDict({str(layer): ATPStage(layer) for layer in layers}).to(device)
     elif sorted(int(k) for k in stages) != list(layers):
-        raise ValueError(f"glimpse_ops.hf.apply_atp: the given stages are for layers {sorted(int(k) for k in stages)}, not {layers}")
+        raise ValueError(
+            f"glimpse_ops.hf.apply_atp: the given stages are for layers {sorted(int(k) for k in stages)}, not {layers}"
+        )
     _register_attention()
     handle = ATPHandle(model, adapter, stages, mode, adapter.attn_implementation)
     model.set_attn_implementation({"text_config": ATTENTION_NAME})

@@ -31,8 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import gather_tokens
-from ..lvlm.decoder import attention_mask
 from .. import glimpse_prune as glimpse_prune_op
+from ..lvlm.decoder import attention_mask
 from ._compat import require_transformers
 from .adapters import Adapter, adapter_for
 
@@ -106,7 +106,9 @@ class GlimpsePruneHandle:
         hidden = output[0] if isinstance(output, tuple) else output
         cache = kwargs["past_key_values"]
         layers = [cache.layers[i] for i in range(self.layer + 1)]
-        new_keys, new_values, index, scores = self._select_and_compact(p, [lay.keys for lay in layers], [lay.values for lay in layers])
+        new_keys, new_values, index, scores = self._select_and_compact(
+            p, [lay.keys for lay in layers], [lay.values for lay in layers]
+        )
         for lay, k, v in zip(layers, new_keys, new_values):
             lay.keys, lay.values = k, v
         p.index = index
@@ -125,10 +127,22 @@ class GlimpsePruneHandle:
         head-averaged glimpse probabilities fp32 [B, S])."""
         caps = None
         if self.max_keep_ratio is not None:
-            caps = torch.ceil(p.visual.sum(dim=1).double() * self.max_keep_ratio).long().clamp(min=min(1, self.min_keep))
+            caps = (
+                torch.ceil(p.visual.sum(dim=1).double() * self.max_keep_ratio).long().clamp(min=min(1, self.min_keep))
+            )
         new_keys, new_values, index, _, scores = glimpse_prune_op(
-            p.glimpse_q, keys, values, p.valid, p.visual, self.layer,
-            None, self.threshold, 0 if caps is None else caps, self.min_keep, None, "left",
+            p.glimpse_q,
+            keys,
+            values,
+            p.valid,
+            p.visual,
+            self.layer,
+            None,
+            self.threshold,
+            0 if caps is None else caps,
+            self.min_keep,
+            None,
+            "left",
         )
         return new_keys, new_values, index, scores
 
@@ -152,7 +166,7 @@ class GlimpsePruneHandle:
             if p is not None and p.index is not None and mask_before is not None and "attention_mask" in result:
                 # The prefill was compacted: from now on the mask indexes the compacted cache.
                 grown = result["attention_mask"]
-                extra = grown[:, mask_before.shape[1]:]
+                extra = grown[:, mask_before.shape[1] :]
                 result["attention_mask"] = torch.cat([handle._compacted_valid.to(grown.dtype), extra], dim=1)
                 handle.prefill = None
             return result
@@ -222,21 +236,29 @@ def apply_glimpse_prune(
     """
     require_transformers()
     if getattr(model, _HANDLE_ATTR, None) is not None or getattr(model, "_glimpse_ops_atp_handle", None) is not None:
-        raise RuntimeError("glimpse_ops.hf.apply_glimpse_prune: the model is already patched; call remove() on its handle first")
+        raise RuntimeError(
+            "glimpse_ops.hf.apply_glimpse_prune: the model is already patched; call remove() on its handle first"
+        )
     adapter = adapter_for(model)
     if adapter.attn_implementation not in SUPPORTED_ATTENTION:
         raise ValueError(
-            f"glimpse_ops.hf.apply_glimpse_prune: attention implementation {adapter.attn_implementation!r} is not supported yet "
+            f"glimpse_ops.hf.apply_glimpse_prune: attention implementation {adapter.attn_implementation!r} "
+            "is not supported yet "
             f"(supported: {', '.join(SUPPORTED_ATTENTION)})"
         )
     if predictor is not None:
         from .predictor_hooks import PredictorPruneHandle, load_predictor
 
         if adapter.model_type != "qwen2_5_vl":
-            raise TypeError(f"glimpse_ops.hf.apply_glimpse_prune: a trained predictor needs Qwen2.5-VL, got {adapter.model_type}")
+            raise TypeError(
+                f"glimpse_ops.hf.apply_glimpse_prune: a trained predictor needs Qwen2.5-VL, got {adapter.model_type}"
+            )
         predictor = load_predictor(predictor, model)
         if layer is not None and layer != predictor.config.score_layer:
-            raise ValueError(f"glimpse_ops.hf.apply_glimpse_prune: the predictor was trained for layer {predictor.config.score_layer}, got layer={layer}")
+            raise ValueError(
+                "glimpse_ops.hf.apply_glimpse_prune: the predictor was trained for layer "
+                f"{predictor.config.score_layer}, got layer={layer}"
+            )
         layer = predictor.config.score_layer
         if threshold is None and max_keep_ratio is None:
             threshold = 0.5
@@ -260,8 +282,10 @@ def apply_glimpse_prune(
         target.self_attn.q_proj.register_forward_hook(handle._on_q_proj),
         target.register_forward_hook(handle._after_layer_k, with_kwargs=True),
     ]
-    handle.hooks += [adapter.layers[i].register_forward_pre_hook(handle._before_later_layer, with_kwargs=True)
-                     for i in range(layer + 1, n_layers)]
+    handle.hooks += [
+        adapter.layers[i].register_forward_pre_hook(handle._before_later_layer, with_kwargs=True)
+        for i in range(layer + 1, n_layers)
+    ]
     if predictor is not None:
         handle.predictor = predictor.to(next(model.parameters()).device)
         handle.attach_predictor_hooks(model)

@@ -92,10 +92,15 @@ class VisualImportancePredictor(nn.Module):
     order, raster order within each), ViT features per level (deep to shallow) [N, C_vit]
     and each image's merged grid (h, w) -> keep logits fp32 [N]."""
 
-    def __init__(self, score_channels: int, vit_dim: int, levels: int, width: int = 256, cond: int = 512, heads: int = 4) -> None:
+    def __init__(
+        self, score_channels: int, vit_dim: int, levels: int, width: int = 256, cond: int = 512, heads: int = 4
+    ) -> None:
         super().__init__()
         if (width + cond) % heads or ((width + cond) // heads) % 4:
-            raise ValueError(f"VisualImportancePredictor: (width + cond) / heads must be a multiple of 4, got {width}, {cond}, {heads}")
+            raise ValueError(
+                "VisualImportancePredictor: (width + cond) / heads must be a multiple of 4, "
+                f"got {width}, {cond}, {heads}"
+            )
         self.attn_in_proj = nn.Linear(score_channels, width)
         self.cond_in_projs = nn.ModuleList(nn.Linear(vit_dim, cond) for _ in range(levels))
         self.layers = nn.ModuleList(FuserLayer(width, cond, heads) for _ in range(levels))
@@ -104,7 +109,9 @@ class VisualImportancePredictor(nn.Module):
 
     def forward(self, scores: Tensor, vit_features: list[Tensor], grid_hw: list[tuple[int, int]]) -> Tensor:
         if len(vit_features) != len(self.layers):
-            raise ValueError(f"VisualImportancePredictor: expected {len(self.layers)} ViT levels, got {len(vit_features)}")
+            raise ValueError(
+                f"VisualImportancePredictor: expected {len(self.layers)} ViT levels, got {len(vit_features)}"
+            )
         dtype = self.attn_in_proj.weight.dtype
         x = self.attn_in_proj(scores.to(dtype))
         rope = grid_rope(grid_hw, self.qk_head_dim, x.device)
@@ -147,16 +154,22 @@ class GlimpsePredictor(nn.Module):
         super().__init__()
         self.config = config
         self.glimpse = GlimpseToken(config.hidden, config.score_layer + 1)
-        self.vip = VisualImportancePredictor(config.heads, config.vit_dim, len(config.vit_layers), config.width, config.cond, config.fuse_heads)
+        self.vip = VisualImportancePredictor(
+            config.heads, config.vit_dim, len(config.vit_layers), config.width, config.cond, config.fuse_heads
+        )
 
     @classmethod
-    def for_model(cls, model: nn.Module, score_layer: int, vit_layers: tuple[int, ...], **sizes) -> "GlimpsePredictor":
+    def for_model(cls, model: nn.Module, score_layer: int, vit_layers: tuple[int, ...], **sizes) -> GlimpsePredictor:
         """A freshly initialized predictor sized for ``model`` (a Qwen2.5-VL)."""
         text, vision = model.config.text_config, model.config.vision_config
-        return cls(PredictorConfig(score_layer, tuple(vit_layers), text.num_attention_heads, text.hidden_size, vision.hidden_size, **sizes))
+        return cls(
+            PredictorConfig(
+                score_layer, tuple(vit_layers), text.num_attention_heads, text.hidden_size, vision.hidden_size, **sizes
+            )
+        )
 
     @classmethod
-    def from_release(cls, folder: str | Path, model: nn.Module) -> "GlimpsePredictor":
+    def from_release(cls, folder: str | Path, model: nn.Module) -> GlimpsePredictor:
         """Load the public GlimpsePrune release's ``config.json`` + ``new_modules_gp.pt``."""
         folder = Path(folder)
         release = json.loads((folder / "config.json").read_text())
@@ -164,7 +177,7 @@ class GlimpsePredictor(nn.Module):
         return cls.from_release_state(release, modules, model)
 
     @classmethod
-    def from_release_state(cls, release: dict, modules: dict, model: nn.Module) -> "GlimpsePredictor":
+    def from_release_state(cls, release: dict, modules: dict, model: nn.Module) -> GlimpsePredictor:
         """The release's config keys (``selected_layers``, ``selected_visual_layers``,
         ``attn_fuse_size``, ``visual_cond_size``, ``attn_fuse_num_heads``) and its module dict
         (``attn_fuser``, ``learnable_embeddings``, ``le_proj``, ``le_norm``) -> a predictor."""
@@ -175,8 +188,12 @@ class GlimpsePredictor(nn.Module):
             if key not in modules:
                 raise ValueError(f"GlimpsePredictor: the release's modules lack {key!r} (found {sorted(modules)})")
         predictor = cls.for_model(
-            model, layers[0], tuple(release["selected_visual_layers"]), width=release.get("attn_fuse_size", 256),
-            cond=release.get("visual_cond_size", 512), fuse_heads=release.get("attn_fuse_num_heads", 4),
+            model,
+            layers[0],
+            tuple(release["selected_visual_layers"]),
+            width=release.get("attn_fuse_size", 256),
+            cond=release.get("visual_cond_size", 512),
+            fuse_heads=release.get("attn_fuse_num_heads", 4),
         )
         rows = predictor.glimpse.learnable_embeddings.shape[0]
         state = {"glimpse.learnable_embeddings": modules["learnable_embeddings"][:rows]}  # rows past K are never used
@@ -194,7 +211,7 @@ class GlimpsePredictor(nn.Module):
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path), metadata=meta)
 
     @classmethod
-    def load(cls, path: str | Path) -> "GlimpsePredictor":
+    def load(cls, path: str | Path) -> GlimpsePredictor:
         from safetensors import safe_open
         from safetensors.torch import load_file
 

@@ -37,7 +37,9 @@ class PredictorPruneHandle(GlimpsePruneHandle):
             self.hooks.append(visual.blocks[level].register_forward_hook(self._vit_tap(level)))
         self.hooks.append(self.adapter.text_model.register_forward_pre_hook(self._append_glimpse, with_kwargs=True))
         for layer in range(1, self.layer + 1):
-            self.hooks.append(self.adapter.layers[layer].register_forward_pre_hook(self._inject(layer), with_kwargs=True))
+            self.hooks.append(
+                self.adapter.layers[layer].register_forward_pre_hook(self._inject(layer), with_kwargs=True)
+            )
 
     def _on_vit(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.vit_outputs.clear()
@@ -54,6 +56,7 @@ class PredictorPruneHandle(GlimpsePruneHandle):
     def _vit_tap(self, level: int):
         def hook(module: nn.Module, args: tuple, output) -> None:
             self.vit_outputs[level] = output[0] if isinstance(output, tuple) else output
+
         return hook
 
     def _append_glimpse(self, module: nn.Module, args: tuple, kwargs: dict):
@@ -83,6 +86,7 @@ class PredictorPruneHandle(GlimpsePruneHandle):
                 return (hidden, *args[1:]), kwargs
             kwargs["hidden_states"] = hidden
             return args, kwargs
+
         return hook
 
     def visual_logits(self, p: _Prefill, keys_k: Tensor) -> Tensor:
@@ -96,8 +100,9 @@ class PredictorPruneHandle(GlimpsePruneHandle):
         encoded = 0 if self.grid_thw is None else int(self.grid_thw.prod(dim=1).sum()) // (merge * merge)
         if encoded != head_scores.shape[0] or len(self.vit_outputs) != len(self.predictor.config.vit_layers):
             raise RuntimeError(
-                f"glimpse_ops.hf: the ViT features seen ({encoded} tokens) do not match the prompt's {head_scores.shape[0]} "
-                "image tokens; with a predictor the ViT must run for this prompt (no reused or expanded encoder outputs, no beam search)"
+                f"glimpse_ops.hf: the ViT features seen ({encoded} tokens) do not match the prompt's "
+                f"{head_scores.shape[0]} image tokens; with a predictor the ViT must run for this prompt "
+                "(no reused or expanded encoder outputs, no beam search)"
             )
         order = window_index(self.grid_thw, merge, vision.window_size, vision.patch_size).to(head_scores.device)
         features = []
@@ -120,8 +125,15 @@ class PredictorPruneHandle(GlimpsePruneHandle):
         if self.max_keep_ratio is not None:  # the release's rule: at most floor(r * Nv), at least 1
             caps = torch.floor(p.visual.sum(dim=1).double() * self.max_keep_ratio).long().clamp(min=1)
         new_keys, new_values, index, _, _ = prune_kv(
-            scores, p.visual, [k[:, :, :S] for k in keys], [v[:, :, :S] for v in values], self.threshold, caps,
-            self.min_keep, None, "left",
+            scores,
+            p.visual,
+            [k[:, :, :S] for k in keys],
+            [v[:, :, :S] for v in values],
+            self.threshold,
+            caps,
+            self.min_keep,
+            None,
+            "left",
         )
         return new_keys, new_values, index, scores
 
@@ -138,4 +150,7 @@ def load_predictor(predictor, model: nn.Module) -> GlimpsePredictor:
         return GlimpsePredictor.from_release(path, model)
     if path.suffix == ".safetensors" and path.exists():
         return GlimpsePredictor.load(path)
-    raise ValueError(f"glimpse_ops.hf.apply_glimpse_prune: predictor must be a GlimpsePredictor, a .safetensors file or a release folder, got {predictor!r}")
+    raise ValueError(
+        "glimpse_ops.hf.apply_glimpse_prune: predictor must be a GlimpsePredictor, a .safetensors file or a "
+        f"release folder, got {predictor!r}"
+    )

@@ -11,8 +11,18 @@ VOCAB = 256
 IMAGE, VIDEO, VISION_START, VISION_END = 250, 251, 252, 253
 BOS, EOS, PAD = 1, 2, 0
 
-_TEXT = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=512, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+_TEXT = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    bos_token_id=BOS,
+    eos_token_id=EOS,
+    pad_token_id=PAD,
+)
 
 
 def tiny_qwen2_5_vl(attn_implementation: str = "sdpa", seed: int = 0):
@@ -22,11 +32,29 @@ def tiny_qwen2_5_vl(attn_implementation: str = "sdpa", seed: int = 0):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     config = Qwen2_5_VLConfig(
-        text_config={**_TEXT, "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}},
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=2,
-                           temporal_patch_size=2, spatial_merge_size=2, window_size=8, fullatt_block_indexes=[1]),
-        image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
-        bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
+        text_config={
+            **_TEXT,
+            "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+        },
+        vision_config=dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=64,
+            patch_size=2,
+            temporal_patch_size=2,
+            spatial_merge_size=2,
+            window_size=8,
+            fullatt_block_indexes=[1],
+        ),
+        image_token_id=IMAGE,
+        video_token_id=VIDEO,
+        vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
     )
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
@@ -40,11 +68,27 @@ def tiny_qwen2_vl(attn_implementation: str = "sdpa", seed: int = 0):
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     config = Qwen2VLConfig(
-        text_config={**_TEXT, "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}},
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=2,
-                           temporal_patch_size=2, spatial_merge_size=2),
-        image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
-        bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
+        text_config={
+            **_TEXT,
+            "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+        },
+        vision_config=dict(
+            depth=2,
+            embed_dim=32,
+            hidden_size=64,
+            num_heads=2,
+            mlp_ratio=2,
+            patch_size=2,
+            temporal_patch_size=2,
+            spatial_merge_size=2,
+        ),
+        image_token_id=IMAGE,
+        video_token_id=VIDEO,
+        vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
     )
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
@@ -58,11 +102,24 @@ def tiny_llava(attn_implementation: str = "sdpa", seed: int = 0):
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     config = LlavaConfig(
-        vision_config=dict(model_type="clip_vision_model", image_size=16, patch_size=2, hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=2, num_attention_heads=2, projection_dim=32),
+        vision_config=dict(
+            model_type="clip_vision_model",
+            image_size=16,
+            patch_size=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            projection_dim=32,
+        ),
         text_config={**_TEXT, "model_type": "llama"},
-        image_token_id=IMAGE, image_seq_length=64, vision_feature_layer=-2, vision_feature_select_strategy="default",
-        bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
+        image_token_id=IMAGE,
+        image_seq_length=64,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
     )
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
@@ -73,7 +130,7 @@ def _left_pad(rows: list[list[int]]) -> tuple[Tensor, Tensor]:
     length = max(len(r) for r in rows)
     ids = torch.full((len(rows), length), PAD, dtype=torch.long)
     for b, r in enumerate(rows):
-        ids[b, length - len(r):] = torch.tensor(r)
+        ids[b, length - len(r) :] = torch.tensor(r)
     return ids, ids != PAD
 
 
@@ -83,7 +140,10 @@ def qwen_inputs(batch: int = 1, grid: int = 8, text_lengths: list[int] | None = 
     g = torch.Generator().manual_seed(seed)
     lengths = text_lengths or [4] * batch
     n_image = grid * grid // 4
-    rows = [[BOS, VISION_START] + [IMAGE] * n_image + [VISION_END] + torch.randint(3, 200, (n,), generator=g).tolist() for n in lengths]
+    rows = [
+        [BOS, VISION_START] + [IMAGE] * n_image + [VISION_END] + torch.randint(3, 200, (n,), generator=g).tolist()
+        for n in lengths
+    ]
     ids, mask = _left_pad(rows)
     return {
         "input_ids": ids,

@@ -71,7 +71,9 @@ def _visual_keep_probs(model: nn.Module, predictor: GlimpsePredictor, prompt: di
     return result["probs"], result["visual"]
 
 
-def soft_masks(valid: Tensor, visual: Tensor, prompt_len: int, weight: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def soft_masks(
+    valid: Tensor, visual: Tensor, prompt_len: int, weight: Tensor, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
     """Additive masks [B, 1, T, T] for layers 0..K and K+1.. over prompt + answer (T tokens):
     causal, no padding keys (each row sees itself), plus log w on the visual keys for the
     answer rows (both) and for every row (layers K+1..). ``weight`` fp32 [B, T] is 1 off
@@ -88,7 +90,11 @@ def soft_masks(valid: Tensor, visual: Tensor, prompt_len: int, weight: Tensor, d
 
 
 def glimpse_training_loss(
-    model: nn.Module, predictor: GlimpsePredictor, batch: dict, keep_ratio: float, budget_weight: float = 1.0,
+    model: nn.Module,
+    predictor: GlimpsePredictor,
+    batch: dict,
+    keep_ratio: float,
+    budget_weight: float = 1.0,
     force_weight: float | None = None,
 ) -> tuple[Tensor, dict]:
     """(answer cross entropy + budget_weight * |mean w - keep_ratio|, info). ``force_weight``
@@ -107,7 +113,9 @@ def glimpse_training_loss(
     if "mm_token_type_ids" in prompt:
         inputs["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(answer)], dim=1)
     dtype = next(model.parameters()).dtype
-    early, late = soft_masks(valid, torch.cat([visual, torch.zeros_like(answer, dtype=torch.bool)], dim=1), S, weight, dtype)
+    early, late = soft_masks(
+        valid, torch.cat([visual, torch.zeros_like(answer, dtype=torch.bool)], dim=1), S, weight, dtype
+    )
     K = predictor.config.score_layer
     layers = adapter_for(model).layers
 
@@ -115,6 +123,7 @@ def glimpse_training_loss(
         def hook(module, args, kwargs):
             kwargs["attention_mask"] = early if index <= K else late
             return args, kwargs
+
         return hook
 
     hooks = [layer.register_forward_pre_hook(set_mask(i), with_kwargs=True) for i, layer in enumerate(layers)]
@@ -157,8 +166,10 @@ def train_glimpse(
             loss.backward()
             opt.step()
             if progress is not None:
-                progress(f"train_glimpse step {step + 1}: loss {loss.item():.4f} answer CE {info['answer_ce'].item():.4f} "
-                         f"kept {info['kept_fraction'].item():.1%}")
+                progress(
+                    f"train_glimpse step {step + 1}: loss {loss.item():.4f} answer CE {info['answer_ce'].item():.4f} "
+                    f"kept {info['kept_fraction'].item():.1%}"
+                )
     finally:
         for p, flag in zip(model.parameters(), frozen):
             p.requires_grad_(flag)

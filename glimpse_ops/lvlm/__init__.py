@@ -14,6 +14,22 @@ from .task import Batch, make_batch
 from .train import evaluate, train_atp, train_glimpse, train_lvlm
 
 __all__ = [
-    "ATPPruner", "ATPStage", "LVLM", "LVLMConfig", "DecodeState", "GlimpsePruner", "GlimpseTopK", "RandomPruner", "VisualImportancePredictor",
-    "Batch", "make_batch", "compact_and_finish", "evaluate", "train_atp", "train_glimpse", "train_lvlm", "tiny", "qwen2_5_vl_7b_shapes",
+    "ATPPruner",
+    "ATPStage",
+    "LVLM",
+    "LVLMConfig",
+    "DecodeState",
+    "GlimpsePruner",
+    "GlimpseTopK",
+    "RandomPruner",
+    "VisualImportancePredictor",
+    "Batch",
+    "make_batch",
+    "compact_and_finish",
+    "evaluate",
+    "train_atp",
+    "train_glimpse",
+    "train_lvlm",
+    "tiny",
+    "qwen2_5_vl_7b_shapes",
 ]

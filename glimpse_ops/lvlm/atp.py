@@ -86,7 +86,9 @@ class ATPStage(nn.Module):
         with torch.no_grad():  # start permissive: theta_r ~ 0.1, theta_s ~ 0.9
             self.mlp[2].bias.copy_(torch.tensor([math.log(0.1 / 0.9), math.log(0.9 / 0.1)]))
 
-    def forward(self, q: Tensor, k: Tensor, valid: Tensor, visual: Tensor, live: Tensor, spatial: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, q: Tensor, k: Tensor, valid: Tensor, visual: Tensor, live: Tensor, spatial: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """q [B, H, S, D], k [B, Hkv, S, D], masks bool [B, S] (``live``: visual tokens not yet
         pruned), spatial fp32 [B, S] -> (margins z fp32 [B, S], thresholds fp32 [B, 2])."""
         keys = valid & (live | ~visual)
@@ -97,7 +99,13 @@ class ATPStage(nn.Module):
         red = (p_cross + p_self) / 2
         red = red / red.amax(dim=1, keepdim=True).clamp_min(1e-20)
         stats = torch.stack(
-            [_normalized_entropy(p_cross, live), _normalized_entropy(p_self, live), p_cross.amax(dim=1), p_self.amax(dim=1)], dim=1
+            [
+                _normalized_entropy(p_cross, live),
+                _normalized_entropy(p_self, live),
+                p_cross.amax(dim=1),
+                p_self.amax(dim=1),
+            ],
+            dim=1,
         )
         theta = torch.sigmoid(self.mlp(stats))
         z = torch.maximum(red - theta[:, :1], spatial - theta[:, 1:])
@@ -131,7 +139,13 @@ class ATPPruner(nn.Module):
         return torch.where(cell >= 0, self.spatial_table[cell.clamp(min=0)], 0.0)
 
     def soft_forward(
-        self, model: LVLM, images: Tensor, input_ids: Tensor, attention_mask: Tensor, hard: bool = False, soft_attention=None
+        self,
+        model: LVLM,
+        images: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        hard: bool = False,
+        soft_attention=None,
     ):
         """Training forward: every layer from the first stage on runs ``soft_mask_attention``
         with the running weights. ``hard`` uses the 0/1 masks (z > 0) instead of sigmoid(tau z);
@@ -151,7 +165,9 @@ class ATPPruner(nn.Module):
                 z, _ = self.stages[str(index)](q, k, valid, visual, visual & (weight > 0.5), spatial)
                 mask = (z > 0).float() if hard else torch.sigmoid(TAU * z)
                 weight = weight * torch.where(visual, mask, torch.ones_like(mask))
-            out, _ = layer.attn.attend(q, k, v, None, valid, None, key_weight=weight.to(q.dtype), soft_attention=soft_attention)
+            out, _ = layer.attn.attend(
+                q, k, v, None, valid, None, key_weight=weight.to(q.dtype), soft_attention=soft_attention
+            )
             h = layer.mlp(h + out)
             kept_per_layer.append((weight * visual).sum(dim=1))
         logits = model.decoder.logits(h[:, -1])
@@ -159,7 +175,9 @@ class ATPPruner(nn.Module):
         return logits, {"weights": weight, "kept": kept, "kept_per_layer": torch.stack(kept_per_layer)}
 
     @torch.no_grad()
-    def prefill(self, model: LVLM, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, DecodeState, dict]:
+    def prefill(
+        self, model: LVLM, images: Tensor, input_ids: Tensor, attention_mask: Tensor
+    ) -> tuple[Tensor, DecodeState, dict]:
         """Inference: hard pruning with ``prune_kv`` at every stage. Returns (logits of the
         last prompt slot [B, V], the decode state with per-layer cache lengths, info with
         ``kept_visual`` [B] after the last stage and ``kept_per_layer`` [L, B])."""
@@ -199,10 +217,18 @@ def budget_loss(kept: Tensor, target: float, n_visual: int) -> Tensor:
 
 
 def answer_and_budget_loss(
-    model: LVLM, atp: ATPPruner, images: Tensor, input_ids: Tensor, attention_mask: Tensor, answers: Tensor,
-    target: float, budget_weight: float = 1.0,
+    model: LVLM,
+    atp: ATPPruner,
+    images: Tensor,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    answers: Tensor,
+    target: float,
+    budget_weight: float = 1.0,
 ) -> tuple[Tensor, dict]:
     """Cross entropy of the answer under the soft masks + budget_weight x budget_loss."""
     logits, info = atp.soft_forward(model, images, input_ids, attention_mask)
-    loss = F.cross_entropy(logits, answers) + budget_weight * budget_loss(info["kept"], target, model.config.visual_tokens)
+    loss = F.cross_entropy(logits, answers) + budget_weight * budget_loss(
+        info["kept"], target, model.config.visual_tokens
+    )
     return loss, info

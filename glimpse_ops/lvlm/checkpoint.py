@@ -19,7 +19,11 @@ def save_trained(path: str | Path, model: LVLM, pruner: GlimpsePruner) -> None:
             "config": dataclasses.asdict(model.config),
             "lvlm": model.state_dict(),
             "pruner": pruner.state_dict(),
-            "pruner_settings": {"threshold": pruner.threshold, "max_keep_ratio": pruner.max_keep_ratio, "min_keep": pruner.min_keep},
+            "pruner_settings": {
+                "threshold": pruner.threshold,
+                "max_keep_ratio": pruner.max_keep_ratio,
+                "min_keep": pruner.min_keep,
+            },
         },
         Path(path),
     )

@@ -47,7 +47,9 @@ class LVLMConfig:
 
     def __post_init__(self) -> None:
         if self.image_size % (2 * self.patch):
-            raise ValueError(f"LVLMConfig: image_size must be a multiple of 2 * patch, got {self.image_size} and {self.patch}")
+            raise ValueError(
+                f"LVLMConfig: image_size must be a multiple of 2 * patch, got {self.image_size} and {self.patch}"
+            )
         if self.heads % self.kv_heads:
             raise ValueError(f"LVLMConfig: heads must be a multiple of kv_heads, got {self.heads} and {self.kv_heads}")
         if not 0 <= self.prune_layer < self.layers:
@@ -64,6 +66,20 @@ def qwen2_5_vl_7b_shapes() -> LVLMConfig:
     """Qwen2.5-VL-7B decoder shapes with random weights (GPU benchmarks): 28 layers, hidden
     3584, 28/4 heads of dim 128, pruning at layer 18; 1024 visual tokens per 896 px image."""
     return LVLMConfig(
-        image_size=896, patch=14, vit_dim=1280, vit_layers=4, vit_heads=16, vit_window=False, hidden=3584, layers=28,
-        heads=28, kv_heads=4, head_dim=128, ffn=18944, vocab=152064, rope_theta=1e6, prune_layer=18, vip_width=256,
+        image_size=896,
+        patch=14,
+        vit_dim=1280,
+        vit_layers=4,
+        vit_heads=16,
+        vit_window=False,
+        hidden=3584,
+        layers=28,
+        heads=28,
+        kv_heads=4,
+        head_dim=128,
+        ffn=18944,
+        vocab=152064,
+        rope_theta=1e6,
+        prune_layer=18,
+        vip_width=256,
     )

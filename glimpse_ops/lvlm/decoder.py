@@ -72,8 +72,15 @@ class Attention(nn.Module):
         return q, k, self.v(h).view(B, S, c.kv_heads, c.head_dim).transpose(1, 2)
 
     def attend(
-        self, q: Tensor, k: Tensor, v: Tensor, past: KV | None, key_valid: Tensor, key_visual: Tensor | None = None,
-        key_weight: Tensor | None = None, soft_attention=None,
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        past: KV | None,
+        key_valid: Tensor,
+        key_visual: Tensor | None = None,
+        key_weight: Tensor | None = None,
+        soft_attention=None,
     ) -> tuple[Tensor, KV]:
         """The new rows q [B, H, Sq, D] against the cache plus k, v -> (out [B, Sq, d], cache).
         ``key_weight`` [B, Sk] (soft keep weights, no cache, no late-fusion mask) switches to
@@ -84,10 +91,14 @@ class Attention(nn.Module):
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         if key_weight is not None:
             if past is not None or key_visual is not None:
-                raise ValueError("Attention.attend: key_weight needs the whole sequence at once and no late-fusion mask")
+                raise ValueError(
+                    "Attention.attend: key_weight needs the whole sequence at once and no late-fusion mask"
+                )
             out = (soft_attention or soft_mask_attention)(q, k, v, key_weight, key_valid, True)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(key_valid, S, key_visual), enable_gqa=True)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attention_mask(key_valid, S, key_visual), enable_gqa=True
+            )
         return self.o(out.transpose(1, 2).reshape(B, S, -1)), (k, v)
 
     def forward(

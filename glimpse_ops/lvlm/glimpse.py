@@ -34,7 +34,16 @@ from torch import Tensor, nn
 
 from .. import glimpse_prune, glimpse_scores, keep_index
 from .decoder import RMSNorm
-from .model import LVLM, Compacted, DecodeState, Prefix, compact_and_finish, compact_prefix, finish_compacted, gather_prefix
+from .model import (
+    LVLM,
+    Compacted,
+    DecodeState,
+    Prefix,
+    compact_and_finish,
+    compact_prefix,
+    finish_compacted,
+    gather_prefix,
+)
 
 
 class GlimpseToken(nn.Module):
@@ -78,7 +87,9 @@ def _max_len(prefix_len: int, n_visual: int, max_keep: int) -> int | None:
 
 
 class GlimpsePruner(nn.Module):
-    def __init__(self, model: LVLM, threshold: float | None = 0.5, max_keep_ratio: float | None = 0.1, min_keep: int = 1) -> None:
+    def __init__(
+        self, model: LVLM, threshold: float | None = 0.5, max_keep_ratio: float | None = 0.1, min_keep: int = 1
+    ) -> None:
         super().__init__()
         c = model.config
         self.glimpse = GlimpseToken(c.hidden, c.prune_layer)
@@ -115,12 +126,16 @@ class GlimpsePruner(nn.Module):
         per_key = logits[:, :, 0, :S].transpose(1, 2)  # [B, S, H]
         return per_key.gather(1, visual_index[..., None].expand(-1, -1, per_key.shape[2])), visual_index
 
-    def head_scores(self, model: LVLM, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor, Prefix]:
+    def head_scores(
+        self, model: LVLM, images: Tensor, input_ids: Tensor, attention_mask: Tensor
+    ) -> tuple[Tensor, Tensor, Prefix]:
         """``glimpse_prefix`` then ``score_visual``: (head scores, visual positions, prefix)."""
         prefix = self.glimpse_prefix(model, images, input_ids, attention_mask)
         return (*self.score_visual(model, prefix), prefix)
 
-    def visual_logits(self, model: LVLM, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor, Prefix]:
+    def visual_logits(
+        self, model: LVLM, images: Tensor, input_ids: Tensor, attention_mask: Tensor
+    ) -> tuple[Tensor, Tensor, Prefix]:
         """(VIP logits [B, Nv], visual positions int64 [B, Nv], the prefix after layer K)."""
         head_scores, visual_index, prefix = self.head_scores(model, images, input_ids, attention_mask)
         return self.vip(head_scores, prefix.taps), visual_index, prefix
@@ -128,7 +143,9 @@ class GlimpsePruner(nn.Module):
     def keep_scores(self, vip_logits: Tensor, visual_index: Tensor, seq_len: int) -> Tensor:
         """VIP logits [B, Nv] -> keep probabilities fp32 [B, S] at the visual positions."""
         B = vip_logits.shape[0]
-        return torch.zeros(B, seq_len, device=vip_logits.device).scatter(1, visual_index, torch.sigmoid(vip_logits.float()))
+        return torch.zeros(B, seq_len, device=vip_logits.device).scatter(
+            1, visual_index, torch.sigmoid(vip_logits.float())
+        )
 
     def prune_prefix(self, model: LVLM, prefix: Prefix) -> Compacted:
         """The whole pruning step on a prefix: glimpse scores, VIP, selection, compaction."""
@@ -138,7 +155,9 @@ class GlimpsePruner(nn.Module):
         max_keep = _budget(n_visual, self.max_keep_ratio)
         return compact_prefix(prefix, scores, self.threshold, max_keep, self.min_keep, _max_len(S, n_visual, max_keep))
 
-    def prefill(self, model: LVLM, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, DecodeState, dict]:
+    def prefill(
+        self, model: LVLM, images: Tensor, input_ids: Tensor, attention_mask: Tensor
+    ) -> tuple[Tensor, DecodeState, dict]:
         """Pruned prefill: (logits of the last prompt slot [B, V], decode state, info)."""
         prefix = self.glimpse_prefix(model, images, input_ids, attention_mask)
         return finish_compacted(model, self.prune_prefix(model, prefix))
@@ -157,8 +176,18 @@ class GlimpseTopK:
         keys = [k for k, _ in prefix.caches]
         values = [v for _, v in prefix.caches]
         new_k, new_v, index, lengths, _ = glimpse_prune(
-            prefix.glimpse_q[:, :, -1:], keys, values, prefix.valid, prefix.visual, K, None, None, self.budget, 1,
-            _max_len(S, n_visual, self.budget), "left",
+            prefix.glimpse_q[:, :, -1:],
+            keys,
+            values,
+            prefix.valid,
+            prefix.visual,
+            K,
+            None,
+            None,
+            self.budget,
+            1,
+            _max_len(S, n_visual, self.budget),
+            "left",
         )
         return finish_compacted(model, gather_prefix(prefix, index, lengths, new_k, new_v))
 
@@ -173,14 +202,18 @@ class RandomPruner:
         prefix = model.run_prefix(images, input_ids, attention_mask)
         scores = torch.rand(input_ids.shape, generator=self.generator).to(input_ids.device)
         S = input_ids.shape[1]
-        return compact_and_finish(model, prefix, scores, None, self.budget, 1, _max_len(S, model.config.visual_tokens, self.budget))
+        return compact_and_finish(
+            model, prefix, scores, None, self.budget, 1, _max_len(S, model.config.visual_tokens, self.budget)
+        )
 
 
 def score_loss(head_scores: Tensor, target_cell: Tensor) -> Tensor:
     """Cross entropy of each head's glimpse logits [B, Nv, H] over the visual tokens
     against the named cell [B], averaged over heads (see the module docstring)."""
     H = head_scores.shape[2]
-    return F.cross_entropy(head_scores.float().permute(0, 2, 1).reshape(-1, head_scores.shape[1]), target_cell.repeat_interleave(H))
+    return F.cross_entropy(
+        head_scores.float().permute(0, 2, 1).reshape(-1, head_scores.shape[1]), target_cell.repeat_interleave(H)
+    )
 
 
 def dice_bce_loss(logits: Tensor, target: Tensor) -> Tensor:

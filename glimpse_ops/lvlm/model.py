@@ -24,6 +24,7 @@ class DecodeState:
     key_valid: list[Tensor]
     next_position: Tensor  # [B] int64
     key_visual: list[Tensor] | None = None  # per layer, for late-fusion layers
+
     def cache_bytes(self) -> int:
         return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.caches)
 
@@ -62,7 +63,9 @@ class LVLM(nn.Module):
         h = h.masked_scatter(visual[..., None], visual_tokens.to(h.dtype))
         return h, visual, taps
 
-    def run_prefix(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, end: int | None = None, extra=None) -> Prefix:
+    def run_prefix(
+        self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, end: int | None = None, extra=None
+    ) -> Prefix:
         """Layers 0..end-1 (default 0..K) on the full prompt. ``extra(h, positions, valid)``
         may append tokens (the glimpse) and return (h, positions, valid, inject)."""
         h, visual, taps = self.embed(images, input_ids)
@@ -83,7 +86,9 @@ class LVLM(nn.Module):
         ``visual`` [B, L]; returns (logits of the last slot [B, V], the decode state).
         Decoding continues at the last position + 1."""
         n = self.config.layers - start
-        h, new_caches, _ = self.decoder.run_layers(h, positions, valid, [None] * n, start, self.config.layers, None, visual)
+        h, new_caches, _ = self.decoder.run_layers(
+            h, positions, valid, [None] * n, start, self.config.layers, None, visual
+        )
         all_caches = list(caches) + new_caches
         key_visual = None if visual is None else [visual] * len(all_caches)
         state = DecodeState(all_caches, [valid] * len(all_caches), positions[:, -1] + 1, key_visual)
@@ -96,7 +101,9 @@ class LVLM(nn.Module):
 
     def prefill(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, DecodeState]:
         prefix = self.run_prefix(images, input_ids, attention_mask)
-        return self.finish(prefix.hidden, prefix.positions, prefix.valid, prefix.caches, self.config.prune_layer + 1, prefix.visual)
+        return self.finish(
+            prefix.hidden, prefix.positions, prefix.valid, prefix.caches, self.config.prune_layer + 1, prefix.visual
+        )
 
     def decode_step(self, tokens: Tensor, state: DecodeState) -> Tensor:
         """One token per sample [B] -> logits [B, V]; updates ``state`` in place."""
@@ -179,7 +186,12 @@ def compact_prefix(
 
 
 def gather_prefix(
-    prefix: Prefix, index: Tensor, lengths: Tensor, new_keys: list[Tensor], new_values: list[Tensor], keep: Tensor | None = None
+    prefix: Prefix,
+    index: Tensor,
+    lengths: Tensor,
+    new_keys: list[Tensor],
+    new_values: list[Tensor],
+    keep: Tensor | None = None,
 ) -> Compacted:
     """After the caches of layers 0..K were compacted by ``index`` [B, Lmax]: gather hidden
     states, positions, validity and the visual mask the same way (anything appended after

@@ -46,7 +46,7 @@ def _shape_masks(cell: int) -> Tensor:
     else:
         ring[1, 1] = 0
     dot = torch.zeros(cell, cell)
-    dot[cell // 2 - (cell > 2): cell // 2 + 1, cell // 2 - (cell > 2): cell // 2 + 1] = 1
+    dot[cell // 2 - (cell > 2) : cell // 2 + 1, cell // 2 - (cell > 2) : cell // 2 + 1] = 1
     bar = torch.zeros(cell, cell)
     bar[:, 0] = 1
     return torch.stack([full, ring, dot, bar])
@@ -63,7 +63,7 @@ class Batch:
     colors: Tensor  # [B, Nv]
     shapes: Tensor  # [B, Nv]
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         return Batch(**{k: v.to(device) for k, v in self.__dict__.items()})
 
 
@@ -95,7 +95,12 @@ def make_batch(
     input_ids = torch.full((batch, length), PAD, dtype=torch.int64)
     for b in range(batch):
         n = int(fillers[b])
-        row = [BOS] + [IMAGE] * nv + [FILLERS[i % len(FILLERS)] for i in range(n)] + [QUESTION_BASE + int(target_color[b])]
-        input_ids[b, length - len(row):] = torch.tensor(row)
+        row = (
+            [BOS]
+            + [IMAGE] * nv
+            + [FILLERS[i % len(FILLERS)] for i in range(n)]
+            + [QUESTION_BASE + int(target_color[b])]
+        )
+        input_ids[b, length - len(row) :] = torch.tensor(row)
     answers = answer_token(shapes.gather(1, target[:, None])[:, 0])
     return Batch(images, input_ids, input_ids != PAD, answers, target, target_color, colors, shapes)

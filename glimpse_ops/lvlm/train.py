@@ -23,7 +23,13 @@ def _cosine(step: int, steps: int, lr: float) -> float:
 
 
 def train_lvlm(
-    model: LVLM, steps: int, batch: int = 64, lr: float = 1e-3, seed: int = 0, progress: Progress | None = None, sparse: bool = True
+    model: LVLM,
+    steps: int,
+    batch: int = 64,
+    lr: float = 1e-3,
+    seed: int = 0,
+    progress: Progress | None = None,
+    sparse: bool = True,
 ) -> float:
     """Train everything on the answer token's cross entropy (on a mix of sparse and full
     grids, see ``make_batch``); returns the last loss. At lr 3e-3 the 4-layer model sits

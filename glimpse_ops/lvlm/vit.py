@@ -40,7 +40,10 @@ class VisionEncoder(nn.Module):
         self.position = nn.Parameter(torch.randn(side * side, config.vit_dim) * 0.02)
         self.blocks = nn.ModuleList(VisionBlock(config.vit_dim, config.vit_heads) for _ in range(config.vit_layers))
         self.merger = nn.Sequential(
-            nn.LayerNorm(4 * config.vit_dim), nn.Linear(4 * config.vit_dim, config.hidden), nn.GELU(), nn.Linear(config.hidden, config.hidden)
+            nn.LayerNorm(4 * config.vit_dim),
+            nn.Linear(4 * config.vit_dim, config.hidden),
+            nn.GELU(),
+            nn.Linear(config.hidden, config.hidden),
         )
 
     def _groups(self, x: Tensor) -> Tensor:

@@ -3,14 +3,14 @@
 Importing this package defines every ``torch.ops.glimpse.<op>``.
 """
 
-from .glimpse_scores import glimpse_scores
 from .attention_column_scores import attention_column_scores
-from .select_tokens import select_tokens
-from .keep_index import keep_index
-from .gather_tokens import gather_tokens
 from .compact_kv import compact_kv, compact_kv_into
-from .prune_kv import prune_kv
+from .gather_tokens import gather_tokens
 from .glimpse_prune import glimpse_prune
+from .glimpse_scores import glimpse_scores
+from .keep_index import keep_index
+from .prune_kv import prune_kv
+from .select_tokens import select_tokens
 from .soft_mask_attention import soft_mask_attention
 
 __all__ = [

@@ -87,10 +87,16 @@ def validate_into(keys, values, index, out_keys, out_values, backend) -> None:
         for i, (out, src) in enumerate(zip(outs, ins)):
             want = (src.shape[0], src.shape[1], index.shape[1], src.shape[3])
             v.check_tensor(INTO_OP, f"{kind}[{i}]", out)
-            if tuple(out.shape) != want or out.dtype != src.dtype or out.device != src.device or not out.is_contiguous():
+            if (
+                tuple(out.shape) != want
+                or out.dtype != src.dtype
+                or out.device != src.device
+                or not out.is_contiguous()
+            ):
                 v.fail_value(
                     INTO_OP,
-                    f"{kind}[{i}] must be a contiguous {v.dtype_name(src.dtype)} [{', '.join(map(str, want))}] on {src.device}, got {v.describe(out)}",
+                    f"{kind}[{i}] must be a contiguous {v.dtype_name(src.dtype)} [{', '.join(map(str, want))}] "
+                    f"on {src.device}, got {v.describe(out)}",
                 )
 
 

@@ -47,9 +47,7 @@ def _router(x, index, pad_value=0, backend="auto"):
 define_op(OP, SCHEMA, _router, _fake)
 
 
-def gather_tokens(
-    x: Tensor, index: Tensor, pad_value: float | int | bool = 0, backend: str = "auto"
-) -> Tensor:
+def gather_tokens(x: Tensor, index: Tensor, pad_value: float | int | bool = 0, backend: str = "auto") -> Tensor:
     """``out[b, t] = x[b, index[b, t]]``, and ``pad_value`` where ``index[b, t] == -1``.
 
     Args:

@@ -25,7 +25,22 @@ SCHEMA = (
 )
 
 
-def validate(q, keys, values, key_mask, candidate_mask, score_layer, scale, threshold, max_keep, min_keep, max_len, padding_side, max_keep_per_row, backend) -> None:
+def validate(
+    q,
+    keys,
+    values,
+    key_mask,
+    candidate_mask,
+    score_layer,
+    scale,
+    threshold,
+    max_keep,
+    min_keep,
+    max_len,
+    padding_side,
+    max_keep_per_row,
+    backend,
+) -> None:
     v.check_kv_lists(OP, keys, values)
     if not keys:
         v.fail_value(OP, "keys must hold at least one layer, got an empty list")
@@ -40,8 +55,38 @@ def validate(q, keys, values, key_mask, candidate_mask, score_layer, scale, thre
     v.check_choice(OP, "padding_side", padding_side, v.PADDING_SIDES)
 
 
-def _fake(q, keys, values, key_mask, candidate_mask, score_layer, scale=None, threshold=None, max_keep=0, min_keep=0, max_len=None, padding_side="left", max_keep_per_row=None, backend="auto"):
-    validate(q, keys, values, key_mask, candidate_mask, score_layer, scale, threshold, max_keep, min_keep, max_len, padding_side, max_keep_per_row, backend)
+def _fake(
+    q,
+    keys,
+    values,
+    key_mask,
+    candidate_mask,
+    score_layer,
+    scale=None,
+    threshold=None,
+    max_keep=0,
+    min_keep=0,
+    max_len=None,
+    padding_side="left",
+    max_keep_per_row=None,
+    backend="auto",
+):
+    validate(
+        q,
+        keys,
+        values,
+        key_mask,
+        candidate_mask,
+        score_layer,
+        scale,
+        threshold,
+        max_keep,
+        min_keep,
+        max_len,
+        padding_side,
+        max_keep_per_row,
+        backend,
+    )
     B, S = keys[0].shape[0], keys[0].shape[2]
     index, lengths = fake_index(B, max_len, q.device)
     scores = q.new_empty((B, S), dtype=score_dtype(q))
@@ -49,13 +94,54 @@ def _fake(q, keys, values, key_mask, candidate_mask, score_layer, scale=None, th
     return fake_compacted(keys, length), fake_compacted(values, length), index, lengths, scores
 
 
-def _router(q, keys, values, key_mask, candidate_mask, score_layer, scale=None, threshold=None, max_keep=0, min_keep=0, max_len=None, padding_side="left", max_keep_per_row=None, backend="auto"):
-    validate(q, keys, values, key_mask, candidate_mask, score_layer, scale, threshold, max_keep, min_keep, max_len, padding_side, max_keep_per_row, backend)
+def _router(
+    q,
+    keys,
+    values,
+    key_mask,
+    candidate_mask,
+    score_layer,
+    scale=None,
+    threshold=None,
+    max_keep=0,
+    min_keep=0,
+    max_len=None,
+    padding_side="left",
+    max_keep_per_row=None,
+    backend="auto",
+):
+    validate(
+        q,
+        keys,
+        values,
+        key_mask,
+        candidate_mask,
+        score_layer,
+        scale,
+        threshold,
+        max_keep,
+        min_keep,
+        max_len,
+        padding_side,
+        max_keep_per_row,
+        backend,
+    )
     chosen = SPEC.resolve(backend, q.device, q.dtype, q.shape[-1])
     if chosen == "reference":
         cap = select_max_keep(max_keep, max_keep_per_row)
         return glimpse_prune_reference(
-            q, keys, values, key_mask, candidate_mask, score_layer, scale, threshold, cap, min_keep, max_len, padding_side
+            q,
+            keys,
+            values,
+            key_mask,
+            candidate_mask,
+            score_layer,
+            scale,
+            threshold,
+            cap,
+            min_keep,
+            max_len,
+            padding_side,
         )
     B, S = keys[0].shape[0], keys[0].shape[2]
     if key_mask is None:
@@ -63,8 +149,19 @@ def _router(q, keys, values, key_mask, candidate_mask, score_layer, scale=None, 
     if candidate_mask is None:
         candidate_mask = torch.ones((B, S), dtype=torch.bool, device=q.device)
     args = (
-        q, keys, values, key_mask, candidate_mask, score_layer, default_scale(q.shape[-1], scale),
-        threshold, max_keep, min_keep, max_keep_per_row, max_len, padding_side == "left",
+        q,
+        keys,
+        values,
+        key_mask,
+        candidate_mask,
+        score_layer,
+        default_scale(q.shape[-1], scale),
+        threshold,
+        max_keep,
+        min_keep,
+        max_keep_per_row,
+        max_len,
+        padding_side == "left",
     )
     if chosen == "native":
         return torch.ops.glimpse._glimpse_prune_native(*args)
@@ -111,6 +208,18 @@ def glimpse_prune(
     require_tensors(OP, q=q, keys=keys, values=values)
     cap, cap_per_row = split_max_keep(OP, max_keep)
     return torch.ops.glimpse.glimpse_prune(
-        q, keys, values, key_mask, candidate_mask, score_layer, scale, threshold, cap, min_keep,
-        max_len, padding_side, cap_per_row, backend,
+        q,
+        keys,
+        values,
+        key_mask,
+        candidate_mask,
+        score_layer,
+        scale,
+        threshold,
+        cap,
+        min_keep,
+        max_len,
+        padding_side,
+        cap_per_row,
+        backend,
     )

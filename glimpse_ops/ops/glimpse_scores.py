@@ -28,7 +28,9 @@ BACKWARD_SCHEMA = (
 )
 
 
-def validate(q: Tensor, k: Tensor, key_mask: Tensor | None, scale: float | None, normalize: str, backend: str, op: str = OP) -> None:
+def validate(
+    q: Tensor, k: Tensor, key_mask: Tensor | None, scale: float | None, normalize: str, backend: str, op: str = OP
+) -> None:
     """Shared with glimpse_prune, which passes its own name as ``op``."""
     v.check_floating(op, "q", q, "[B, H, G, D]")
     v.check_floating(op, "k", k, "[B, Hkv, S, D]")

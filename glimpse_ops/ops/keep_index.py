@@ -12,10 +12,7 @@ from ._register import define_op, require_tensors
 
 OP = "keep_index"
 SPEC = register(OpBackends(OP, native=("cpu",), triton="keep_index"))
-SCHEMA = (
-    "(Tensor keep, int? max_len=None, str padding_side='left', str backend='auto') "
-    "-> (Tensor, Tensor)"
-)
+SCHEMA = "(Tensor keep, int? max_len=None, str padding_side='left', str backend='auto') -> (Tensor, Tensor)"
 
 
 def validate(keep: Tensor, max_len: int | None, padding_side: str, backend: str) -> None:

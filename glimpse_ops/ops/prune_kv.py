@@ -23,29 +23,91 @@ SCHEMA = (
 )
 
 
-def validate(scores, candidate_mask, keys, values, threshold, max_keep, min_keep, max_len, padding_side, max_keep_per_row, backend) -> None:
+def validate(
+    scores,
+    candidate_mask,
+    keys,
+    values,
+    threshold,
+    max_keep,
+    min_keep,
+    max_len,
+    padding_side,
+    max_keep_per_row,
+    backend,
+) -> None:
     validate_select(scores, candidate_mask, threshold, max_keep, min_keep, max_keep_per_row, backend, op=OP)
     v.check_kv_lists(OP, keys, values)
     if keys:
         B, S = scores.shape
         first = keys[0]
         if first.shape[0] != B or first.shape[2] != S:
-            v.fail_value(OP, f"keys[0] must be [B, Hkv, S, D] with B, S = {B}, {S} from scores, got {v.describe(first)}")
+            v.fail_value(
+                OP, f"keys[0] must be [B, Hkv, S, D] with B, S = {B}, {S} from scores, got {v.describe(first)}"
+            )
         v.check_same_device(OP, {"scores": scores, "keys[0]": first})
     v.check_max_len(OP, max_len)
     v.check_choice(OP, "padding_side", padding_side, v.PADDING_SIDES)
 
 
-def _fake(scores, candidate_mask, keys, values, threshold=None, max_keep=0, min_keep=0, max_len=None, padding_side="left", max_keep_per_row=None, backend="auto"):
-    validate(scores, candidate_mask, keys, values, threshold, max_keep, min_keep, max_len, padding_side, max_keep_per_row, backend)
+def _fake(
+    scores,
+    candidate_mask,
+    keys,
+    values,
+    threshold=None,
+    max_keep=0,
+    min_keep=0,
+    max_len=None,
+    padding_side="left",
+    max_keep_per_row=None,
+    backend="auto",
+):
+    validate(
+        scores,
+        candidate_mask,
+        keys,
+        values,
+        threshold,
+        max_keep,
+        min_keep,
+        max_len,
+        padding_side,
+        max_keep_per_row,
+        backend,
+    )
     index, lengths = fake_index(scores.shape[0], max_len, scores.device)
     keep = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
     length = index.shape[1]
     return fake_compacted(keys, length), fake_compacted(values, length), index, lengths, keep
 
 
-def _router(scores, candidate_mask, keys, values, threshold=None, max_keep=0, min_keep=0, max_len=None, padding_side="left", max_keep_per_row=None, backend="auto"):
-    validate(scores, candidate_mask, keys, values, threshold, max_keep, min_keep, max_len, padding_side, max_keep_per_row, backend)
+def _router(
+    scores,
+    candidate_mask,
+    keys,
+    values,
+    threshold=None,
+    max_keep=0,
+    min_keep=0,
+    max_len=None,
+    padding_side="left",
+    max_keep_per_row=None,
+    backend="auto",
+):
+    validate(
+        scores,
+        candidate_mask,
+        keys,
+        values,
+        threshold,
+        max_keep,
+        min_keep,
+        max_len,
+        padding_side,
+        max_keep_per_row,
+        backend,
+    )
     chosen = SPEC.resolve(backend, scores.device)
     if chosen == "reference":
         cap = select_max_keep(max_keep, max_keep_per_row)

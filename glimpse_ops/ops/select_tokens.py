@@ -36,9 +36,7 @@ def validate(
     B, S = scores.shape
     v.check_mask(op, "candidate_mask", candidate_mask, B, S)
     v.check_select_args(op, B, threshold, max_keep, min_keep, max_keep_per_row)
-    v.check_same_device(
-        op, {"scores": scores, "candidate_mask": candidate_mask, "max_keep": max_keep_per_row}
-    )
+    v.check_same_device(op, {"scores": scores, "candidate_mask": candidate_mask, "max_keep": max_keep_per_row})
     v.check_backend(op, backend)
 
 
@@ -94,6 +92,4 @@ def select_tokens(
     """
     require_tensors(OP, scores=scores)
     cap, cap_per_row = split_max_keep(OP, max_keep)
-    return torch.ops.glimpse.select_tokens(
-        scores, candidate_mask, threshold, cap, min_keep, cap_per_row, backend
-    )
+    return torch.ops.glimpse.select_tokens(scores, candidate_mask, threshold, cap, min_keep, cap_per_row, backend)

@@ -67,7 +67,9 @@ def _composite(q, k, v_, key_weight, key_mask=None, causal=True, scale=None, bac
 
 
 def _forward_fake(q, k, v_, key_weight, key_mask, causal, scale, backend="auto"):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    return torch.empty_like(q), q.new_empty(
+        q.shape[:3], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32
+    )
 
 
 def _forward_router(q, k, v_, key_weight, key_mask, causal, scale, backend="auto"):

@@ -1,6 +1,7 @@
 """The glimpse-ops benchmark: every op against the eager peer pipeline, side by side.
 
-    python bench/run.py            # the whole registry (cases too big for this machine are skipped)
+    python bench/run.py            # GPU: the whole registry; CPU: 4k at B=1/8 and 16k at B=1, 7.4% kept
+    python bench/run.py --full     # the whole registry on a CPU too (cases too big for the machine are skipped)
     python bench/run.py --smoke    # the 4k-visual-token cases only (under two minutes on a CPU)
     python bench/run.py --e2e      # the reference LVLM end to end, with and without pruning (bench/e2e.py)
     python bench/run.py --e2e --hf # HF Qwen2.5-VL: stock vs our patch vs an eager patch (bench/e2e_hf.py)
@@ -435,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="only the 4k-visual-token, B=1, 10%%-kept cases")
     parser.add_argument(
+        "--full", action="store_true", help="every size, batch and keep ratio (the default on a GPU; ~17 min on 2 CPU cores)"
+    )
+    parser.add_argument(
         "--e2e", action="store_true", help="the end-to-end LVLM cases instead of the op cases (bench/e2e.py)"
     )
     parser.add_argument(
@@ -485,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--hf goes with --e2e")
     if args.e2e:
         return run_e2e(args, device, budget)
-    cases = select(args, [c for c in all_cases(args.smoke) if not args.ops or c.op in args.ops])
+    full = args.full or device == "cuda"
+    cases = select(args, [c for c in all_cases(args.smoke, full) if not args.ops or c.op in args.ops])
     runnable = [c for c in cases if c.input_bytes() <= limit]
     skipped = [c for c in cases if c.input_bytes() > limit]
     machine = machine_info(device)

@@ -128,11 +128,11 @@ def attention_providers(device: str, n: int) -> dict[str, Callable[[dict], torch
         providers["flex_captured_weight"] = flex_captured
     if "triton" in g.available_backends("soft_mask_attention", device) and device == "cuda":
         providers["triton"] = lambda x: g.soft_mask_attention(
-            x["q"], x["k"], x["v"], x["w"], None, True, scale, backend="triton"
+            x["q"], x["k"], x["v"], x["w"], None, causal=True, scale=scale, backend="triton"
         )
     if n <= 1024:
         providers["reference"] = lambda x: g.soft_mask_attention(
-            x["q"], x["k"], x["v"], x["w"], None, True, scale, backend="reference"
+            x["q"], x["k"], x["v"], x["w"], None, causal=True, scale=scale, backend="reference"
         )
     return providers
 

@@ -107,13 +107,17 @@ def _library_fn(case: Case, backend: str) -> Callable[[dict], dict]:
     """The library op on one backend, with max_len given (no host sync)."""
     if case.op == "glimpse_scores":
         return lambda x: {
-            "probs": g.glimpse_scores(x["q"], x["keys"][0], x["key_mask"], x["scale"], "probs", backend=backend)
+            "probs": g.glimpse_scores(
+                x["q"], x["keys"][0], x["key_mask"], scale=x["scale"], normalize="probs", backend=backend
+            )
         }
     if case.op == "select_index":
 
         def select_index(x):
-            keep = g.select_tokens(x["scores"], x["candidates"], None, case.max_keep, 0, backend=backend)
-            return {"index": g.keep_index(keep, case.max_len, "left", backend=backend)[0]}
+            keep = g.select_tokens(
+                x["scores"], x["candidates"], threshold=None, max_keep=case.max_keep, min_keep=0, backend=backend
+            )
+            return {"index": g.keep_index(keep, max_len=case.max_len, padding_side="left", backend=backend)[0]}
 
         return select_index
     if case.op == "compact_kv":
@@ -131,11 +135,11 @@ def _library_fn(case: Case, backend: str) -> Callable[[dict], dict]:
                 x["candidates"],
                 x["keys"],
                 x["values"],
-                None,
-                case.max_keep,
-                0,
-                case.max_len,
-                "left",
+                threshold=None,
+                max_keep=case.max_keep,
+                min_keep=0,
+                max_len=case.max_len,
+                padding_side="left",
                 backend=backend,
             )
             return {"kv": k + v, "index": index}
@@ -150,12 +154,12 @@ def _library_fn(case: Case, backend: str) -> Callable[[dict], dict]:
             x["key_mask"],
             x["candidates"],
             SCORE_LAYER,
-            x["scale"],
-            None,
-            case.max_keep,
-            0,
-            case.max_len,
-            "left",
+            scale=x["scale"],
+            threshold=None,
+            max_keep=case.max_keep,
+            min_keep=0,
+            max_len=case.max_len,
+            padding_side="left",
             backend=backend,
         )
         return {"kv": k + v, "index": index, "scores": scores}
@@ -436,7 +440,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="only the 4k-visual-token, B=1, 10%%-kept cases")
     parser.add_argument(
-        "--full", action="store_true", help="every size, batch and keep ratio (the default on a GPU; ~17 min on 2 CPU cores)"
+        "--full",
+        action="store_true",
+        help="every size, batch and keep ratio (the default on a GPU; ~17 min on 2 CPU cores)",
     )
     parser.add_argument(
         "--e2e", action="store_true", help="the end-to-end LVLM cases instead of the op cases (bench/e2e.py)"

@@ -68,7 +68,7 @@ def test_column_scores_backends_match_reference(bd, seed, size, causal):
         query_mask = torch.rand(2, seq, device=device) < 0.3
         key_mask = torch.ones(2, seq, dtype=torch.bool, device=device)
         key_mask[1, : seq // 3] = False
-        got = attention_column_scores(non_contiguous(q), k, query_mask, key_mask, causal, backend=backend)
+        got = attention_column_scores(non_contiguous(q), k, query_mask, key_mask, causal=causal, backend=backend)
         want = attention_column_scores_reference(q, k, query_mask, key_mask, causal)
         assert_close(f"columns {dtype}", got, want, torch.float32, scale=100)
 
@@ -107,7 +107,9 @@ def test_soft_mask_reference_gradcheck_fp64_with_exact_zeros_and_ones(seed):
     # The op validates w in [0, 1], so its finite differences need weights off the edges.
     inside = (torch.rand(1, 9, dtype=torch.float64) * 0.9 + 0.05).requires_grad_(True)
     op_inputs = [q, k, v, inside]
-    assert torch.autograd.gradcheck(lambda *a: soft_mask_attention(*a, None, False, backend="reference"), op_inputs)
+    assert torch.autograd.gradcheck(
+        lambda *a: soft_mask_attention(*a, None, causal=False, backend="reference"), op_inputs
+    )
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -141,7 +143,7 @@ def test_soft_mask_backends_match_reference(bd, seed, seq, heads, kv_heads, caus
         key_mask = torch.ones(2, seq, dtype=torch.bool, device=device)
         key_mask[1, : seq // 4] = False
         inputs = [t.clone().requires_grad_(True) for t in (q, k, v, w)]
-        out = soft_mask_attention(*inputs, key_mask, causal, backend=backend)
+        out = soft_mask_attention(*inputs, key_mask, causal=causal, backend=backend)
         want = soft_mask_attention_reference(q, k, v, w, key_mask, causal)
         assert_close(f"out {dtype}", out, want, dtype, scale=4)
         grad = torch.randn_like(out)
@@ -162,10 +164,10 @@ def test_soft_mask_hard_weights_equal_attention_over_kept_keys(bd, seed):
     q, k, v = qkv(2, 4, 2, 40, 32, torch.float32, device)
     keep = torch.rand(2, 40, device=device) < 0.4
     keep[:, 3] = True
-    out = soft_mask_attention(q, k, v, keep.float(), None, False, backend=backend)
-    index, lengths = keep_index(keep, None, "right")
+    out = soft_mask_attention(q, k, v, keep.float(), None, causal=False, backend=backend)
+    index, lengths = keep_index(keep, max_len=None, padding_side="right")
     (k_kept,), (v_kept,) = compact_kv([k], [v], index)
-    kept_mask = gather_tokens(keep, index, False)
+    kept_mask = gather_tokens(keep, index, pad_value=False)
     group = q.shape[1] // k.shape[1]
     logits = q @ k_kept.repeat_interleave(group, 1).transpose(-1, -2) / 32**0.5
     logits = logits.masked_fill(~kept_mask[:, None, None, :], float("-inf"))
@@ -180,7 +182,7 @@ def test_soft_mask_zero_rows_give_zero_and_zero_gradients(bd):
     w = torch.ones(1, 12, device=device)
     w[0, :5] = 0.0  # causal rows 0..4 see only zero weights
     inputs = [t.clone().requires_grad_(True) for t in (q, k, v, w)]
-    out = soft_mask_attention(*inputs, None, True, backend=backend)
+    out = soft_mask_attention(*inputs, None, causal=True, backend=backend)
     assert torch.equal(out[0, :, :5], torch.zeros_like(out[0, :, :5]))
     dq, dk, dv, dw = torch.autograd.grad(out, inputs, torch.randn_like(out))
     assert torch.equal(dq[0, :, :5], torch.zeros_like(dq[0, :, :5]))

@@ -43,7 +43,7 @@ def test_gather_tokens_matches_reference(bd, seed, seq, dtype):
     x = (torch.randn(3, seq, 5, device=device) * 10).to(dtype)
     index = ragged_index(3, seq, device)
     pad = True if dtype == torch.bool else 7
-    got = gather_tokens(x, index, pad, backend=backend)
+    got = gather_tokens(x, index, pad_value=pad, backend=backend)
     assert_equal("out", got, gather_tokens_reference(x, index, pad))
 
 
@@ -52,18 +52,22 @@ def test_gather_tokens_position_ids_view_and_noncontiguous(bd, seed):
     backend, device = bd
     positions = torch.randint(0, 1000, (3, 2, 577), device=device)  # M-RoPE [3, B, S]
     index = ragged_index(2, 577, device, "right")
-    got = gather_tokens(positions.permute(1, 2, 0), index, 1, backend=backend).permute(2, 0, 1)
+    got = gather_tokens(positions.permute(1, 2, 0), index, pad_value=1, backend=backend).permute(2, 0, 1)
     want = torch.stack([gather_tokens_reference(p, index, 1) for p in positions])
     assert_equal("positions", got, want)
     hidden = non_contiguous(torch.randn(2, 577, 64, device=device))
     before = hidden.clone()
     assert_equal(
-        "hidden", gather_tokens(hidden, index, 0.0, backend=backend), gather_tokens_reference(hidden, index, 0.0)
+        "hidden",
+        gather_tokens(hidden, index, pad_value=0.0, backend=backend),
+        gather_tokens_reference(hidden, index, 0.0),
     )
     assert torch.equal(hidden, before)
     mask2d = torch.rand(2, 577, device=device) < 0.5
     assert_equal(
-        "mask", gather_tokens(mask2d, index, False, backend=backend), gather_tokens_reference(mask2d, index, False)
+        "mask",
+        gather_tokens(mask2d, index, pad_value=False, backend=backend),
+        gather_tokens_reference(mask2d, index, False),
     )
 
 
@@ -115,7 +119,18 @@ def test_prune_kv_matches_reference(bd, seed, seq, max_len):
     candidates[:, 10 : seq - 10] = True
     keys, values = kv_layers(4, 3, 2, seq, 64, dtype, device)
     caps = torch.tensor([seq // 20, seq // 10, 0], device=device)
-    got = prune_kv(scores, candidates, keys, values, 0.8, caps, 1, max_len, "left", backend=backend)
+    got = prune_kv(
+        scores,
+        candidates,
+        keys,
+        values,
+        threshold=0.8,
+        max_keep=caps,
+        min_keep=1,
+        max_len=max_len,
+        padding_side="left",
+        backend=backend,
+    )
     want = prune_kv_reference(scores, candidates, keys, values, 0.8, caps, 1, max_len, "left")
     for name, a, b in zip(("index", "lengths", "keep"), got[2:], want[2:]):
         assert_equal(name, a, b)
@@ -155,7 +170,7 @@ def test_property_compact_kv_matches_reference(data, batch, seq, n_layers, side)
 def test_keep_index_and_select_compose_like_prune_kv(seed):
     scores = random_keep_scores(2, 100, "cpu")
     keep = select_tokens_reference(scores, None, None, 10, 0)
-    index, lengths = keep_index(keep, None)
+    index, lengths = keep_index(keep, max_len=None)
     assert lengths.tolist() == [10, 10] and index.shape == (2, 10)
 
 

@@ -42,7 +42,7 @@ def test_glimpse_scores_matches_reference(bd, seed, seq, heads, kv_heads, normal
     for dtype in dtypes_for(backend, device):
         q, k = qk(3, heads, kv_heads, 2, seq, 64, dtype, device)
         mask = padding_mask(3, seq, device)
-        got = glimpse_scores(q, k, mask, None, normalize, backend=backend)
+        got = glimpse_scores(q, k, mask, scale=None, normalize=normalize, backend=backend)
         want = glimpse_scores_reference(q, k, mask, None, normalize)
         assert got.dtype == torch.float32
         assert_close(f"{normalize} {dtype}", got, want, torch.float32, scale=10)
@@ -54,12 +54,12 @@ def test_glimpse_scores_no_mask_noncontiguous_and_all_invalid_rows(bd, seed):
     q, k = qk(2, 4, 2, 1, 577, 128, torch.float32, device)
     k_view = non_contiguous(k)
     q_view = q.transpose(1, 2).contiguous().transpose(1, 2)  # heads strided
-    got = glimpse_scores(q_view, k_view, None, 0.3, "probs", backend=backend)
+    got = glimpse_scores(q_view, k_view, None, scale=0.3, normalize="probs", backend=backend)
     assert_close("probs", got, glimpse_scores_reference(q, k, None, 0.3, "probs"), torch.float32, scale=10)
     mask = torch.zeros(2, 577, dtype=torch.bool, device=device)
     mask[0, 5] = True
-    probs = glimpse_scores(q, k, mask, None, "probs", backend=backend)
-    log_probs = glimpse_scores(q, k, mask, None, "log_probs", backend=backend)
+    probs = glimpse_scores(q, k, mask, scale=None, normalize="probs", backend=backend)
+    log_probs = glimpse_scores(q, k, mask, scale=None, normalize="log_probs", backend=backend)
     assert torch.equal(probs[1], torch.zeros_like(probs[1]))
     assert bool(torch.isneginf(log_probs[1]).all())
     assert_close("one valid key", probs[0, :, :, 5], torch.ones_like(probs[0, :, :, 5]), torch.float32)
@@ -74,7 +74,7 @@ def test_glimpse_scores_gradients_match_autograd_of_reference(bd, seed, normaliz
     mask = padding_mask(2, seq, device)
     q.requires_grad_(True)
     k.requires_grad_(True)
-    out = glimpse_scores(q, k, mask, None, normalize, backend=backend)
+    out = glimpse_scores(q, k, mask, scale=None, normalize=normalize, backend=backend)
     grad = torch.randn_like(out)
     dq, dk = torch.autograd.grad(out, (q, k), torch.where(torch.isfinite(out), grad, 0.0))
     ref = glimpse_scores_reference(q, k, mask, None, normalize)
@@ -89,8 +89,11 @@ def test_glimpse_scores_gradcheck_fp64(seed, normalize):
     k = torch.randn(2, 2, 11, 8, dtype=torch.float64, requires_grad=True)
     mask = torch.rand(2, 11) < 0.8
     mask[:, 0] = True
+
     # -inf logits of invalid keys are constants: compare only the finite outputs.
-    fn = lambda q, k: torch.nan_to_num(glimpse_scores(q, k, mask, None, normalize, backend="reference"), neginf=0.0)  # noqa: E731
+    def fn(q, k):
+        return torch.nan_to_num(glimpse_scores(q, k, mask, normalize=normalize, backend="reference"), neginf=0.0)
+
     assert torch.autograd.gradcheck(fn, (q, k))
 
 
@@ -114,12 +117,12 @@ def test_glimpse_prune_consistent_with_reference(bd, seed, seq, max_len, padding
         mask,
         cand,
         0,
-        None,
-        1.0 / seq if seq > 1 else None,
-        caps,
-        1,
-        max_len,
-        padding_side,
+        scale=None,
+        threshold=1.0 / seq if seq > 1 else None,
+        max_keep=caps,
+        min_keep=1,
+        max_len=max_len,
+        padding_side=padding_side,
         backend=backend,
     )
     want = glimpse_prune_reference(

@@ -24,7 +24,7 @@ def test_matches_reference(bd, seed, seq, padding_side, with_max_len):
     keep = torch.rand(4, seq, device=device) < ratios.to(device)
     keep[0, 0] = True
     max_len = seq + 3 if with_max_len else None
-    index, lengths = keep_index(keep, max_len, padding_side, backend=backend)
+    index, lengths = keep_index(keep, max_len=max_len, padding_side=padding_side, backend=backend)
     want_index, want_lengths = keep_index_reference(keep, max_len, padding_side)
     assert_equal("index", index, want_index)
     assert_equal("lengths", lengths, want_lengths)
@@ -34,10 +34,10 @@ def test_matches_reference(bd, seed, seq, padding_side, with_max_len):
 def test_layout_by_hand(bd):
     backend, device = bd
     keep = torch.tensor([[True, False, True, False], [False, False, False, True]], device=device)
-    index, lengths = keep_index(keep, None, "left", backend=backend)
+    index, lengths = keep_index(keep, max_len=None, padding_side="left", backend=backend)
     assert index.cpu().tolist() == [[0, 2], [-1, 3]]
     assert lengths.cpu().tolist() == [2, 1]
-    index, _ = keep_index(keep, 3, "right", backend=backend)
+    index, _ = keep_index(keep, max_len=3, padding_side="right", backend=backend)
     assert index.cpu().tolist() == [[0, 2, -1], [3, -1, -1]]
 
 
@@ -49,14 +49,14 @@ def test_row_longer_than_max_len_raises_on_cpu(bd):
     with pytest.raises(
         ValueError, match=r"glimpse.keep_index: every row must keep at most max_len=8 tokens, got 10 in row 0"
     ):
-        keep_index(keep, 8, backend=backend)
+        keep_index(keep, max_len=8, backend=backend)
 
 
 @pytest.mark.parametrize("bd", PARAMS)
 def test_non_contiguous_keep(bd, seed):
     backend, device = bd
     keep = non_contiguous(torch.rand(3, 100, device=device) < 0.3)
-    index, lengths = keep_index(keep, 100, "left", backend=backend)
+    index, lengths = keep_index(keep, max_len=100, padding_side="left", backend=backend)
     want = keep_index_reference(keep.contiguous(), 100, "left")
     assert_equal("index", index, want[0])
     assert_equal("lengths", lengths, want[1])
@@ -83,6 +83,6 @@ def test_property_positions_are_the_kept_tokens_in_order(data, batch, seq, side,
         expected_pads = range(max_len - len(row)) if side == "left" else range(len(row), max_len)
         assert pads.tolist() == list(expected_pads)
     for backend, device in (p.values[0] for p in PARAMS):
-        index, lengths = keep_index(keep.to(device), max_len, side, backend=backend)
+        index, lengths = keep_index(keep.to(device), max_len=max_len, padding_side=side, backend=backend)
         assert_equal(f"index[{backend}]", index, want_index.to(device))
         assert_equal(f"lengths[{backend}]", lengths, want_lengths.to(device))

@@ -101,10 +101,12 @@ def test_compile_fullgraph_static_prune_path(device, seed):
     candidates[:, 8:56] = True
 
     def prune(q, keys, values, hidden, candidates):
-        probs = g.glimpse_scores(q, keys[1], None, None, "probs")
+        probs = g.glimpse_scores(q, keys[1], None, scale=None, normalize="probs")
         scores = probs.mean(dim=(1, 2))
-        new_k, new_v, index, lengths, keep = g.prune_kv(scores, candidates, keys, values, None, 12, 1, 40, "left")
-        return new_k, new_v, g.gather_tokens(hidden, index, 0.0), lengths
+        new_k, new_v, index, lengths, keep = g.prune_kv(
+            scores, candidates, keys, values, threshold=None, max_keep=12, min_keep=1, max_len=40, padding_side="left"
+        )
+        return new_k, new_v, g.gather_tokens(hidden, index, pad_value=0.0), lengths
 
     eager = prune(q, keys, values, hidden, candidates)
     compiled = torch.compile(prune, fullgraph=True, backend="aot_eager")(q, keys, values, hidden, candidates)
@@ -124,15 +126,15 @@ def test_compile_fullgraph_dynamic_length_and_backward(device, seed):
     x = torch.randn(2, 50, 8, device=device)
 
     def compact(keep, x):
-        index, lengths = g.keep_index(keep, None, "right")
-        return g.gather_tokens(x, index, 0.0)
+        index, lengths = g.keep_index(keep, max_len=None, padding_side="right")
+        return g.gather_tokens(x, index, pad_value=0.0)
 
     got = torch.compile(compact, fullgraph=True, backend="aot_eager")(keep, x)
     assert torch.equal(got, compact(keep, x))
 
     q = torch.randn(2, 4, 1, 16, device=device, requires_grad=True)
     k = torch.randn(2, 2, 50, 16, device=device, requires_grad=True)
-    loss_fn = lambda q, k: g.glimpse_scores(q, k, None, None, "log_probs").logsumexp(-1).sum()  # noqa: E731
+    loss_fn = lambda q, k: g.glimpse_scores(q, k, None, scale=None, normalize="log_probs").logsumexp(-1).sum()  # noqa: E731
     compiled_grads = torch.autograd.grad(torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(q, k), (q, k))
     eager_grads = torch.autograd.grad(loss_fn(q, k), (q, k))
     for a, b in zip(compiled_grads, eager_grads):

@@ -24,7 +24,7 @@ def test_matches_reference(bd, seed, seq, threshold, max_keep, min_keep):
     backend, device = bd
     scores = random_keep_scores(3, seq, device)
     candidates = torch.rand(3, seq, device=device) < 0.8
-    got = select_tokens(scores, candidates, threshold, max_keep, min_keep, backend=backend)
+    got = select_tokens(scores, candidates, threshold=threshold, max_keep=max_keep, min_keep=min_keep, backend=backend)
     want = select_tokens_reference(scores, candidates, threshold, max_keep, min_keep)
     assert_equal("keep", got, want)
 
@@ -33,13 +33,13 @@ def test_matches_reference(bd, seed, seq, threshold, max_keep, min_keep):
 def test_ties_keep_lower_index_and_nan_ranks_last(bd):
     backend, device = bd
     scores = torch.tensor([[0.5, 0.7, 0.5, float("nan"), 0.7, 0.5, -0.0, 0.0]], device=device)
-    keep = select_tokens(scores, None, None, max_keep=3, backend=backend)
+    keep = select_tokens(scores, None, threshold=None, max_keep=3, backend=backend)
     assert keep.cpu().tolist() == [[True, True, False, False, True, False, False, False]]
     # min_keep reaches the NaN only after every number.
-    keep = select_tokens(scores, None, 10.0, min_keep=7, backend=backend)
+    keep = select_tokens(scores, None, threshold=10.0, min_keep=7, backend=backend)
     assert keep.cpu().tolist() == [[True, True, True, False, True, True, True, True]]
     # -0.0 and 0.0 tie: the lower index wins.
-    keep = select_tokens(scores[:, 6:], None, None, max_keep=1, backend=backend)
+    keep = select_tokens(scores[:, 6:], None, threshold=None, max_keep=1, backend=backend)
     assert keep.cpu().tolist() == [[True, False]]
 
 
@@ -48,7 +48,7 @@ def test_nan_never_passes_threshold_and_noncandidates_kept(bd):
     backend, device = bd
     scores = torch.tensor([[float("nan"), 0.9, 0.1, 0.95], [0.2, float("nan"), 0.8, 0.3]], device=device)
     candidates = torch.tensor([[True, True, True, False], [True, True, False, True]], device=device)
-    keep = select_tokens(scores, candidates, 0.5, backend=backend)
+    keep = select_tokens(scores, candidates, threshold=0.5, backend=backend)
     assert keep.cpu().tolist() == [[False, True, False, True], [False, False, True, False]]
 
 
@@ -59,7 +59,7 @@ def test_per_row_caps_and_min_keep_above_candidates(bd, seed):
     candidates = torch.rand(4, 300, device=device) < 0.5
     candidates[3] = False
     caps = torch.tensor([5, 0, 120, 3], device=device)
-    got = select_tokens(scores, candidates, 0.1, caps, min_keep=400, backend=backend)
+    got = select_tokens(scores, candidates, threshold=0.1, max_keep=caps, min_keep=400, backend=backend)
     want = select_tokens_reference(scores, candidates, 0.1, caps, 400)
     assert_equal("keep", got, want)
     assert bool(got[3].all()), "a row without candidates keeps everything"
@@ -71,7 +71,7 @@ def test_non_contiguous_inputs_and_inputs_untouched(bd, seed):
     scores = non_contiguous(random_keep_scores(2, 577, device))
     candidates = non_contiguous(torch.rand(2, 577, device=device) < 0.7)
     scores_before, cand_before = scores.clone(), candidates.clone()
-    got = select_tokens(scores, candidates, 0.3, 50, 2, backend=backend)
+    got = select_tokens(scores, candidates, threshold=0.3, max_keep=50, min_keep=2, backend=backend)
     want = select_tokens_reference(scores.contiguous(), candidates.contiguous(), 0.3, 50, 2)
     assert_equal("keep", got, want)
     assert torch.equal(scores, scores_before) and torch.equal(candidates, cand_before)
@@ -106,7 +106,14 @@ def test_property_matches_reference(data, batch, seq, threshold, max_keep, min_k
     candidates = torch.tensor(flags).view(batch, seq)
     want = select_tokens_reference(scores, candidates, threshold, max_keep, min_keep)
     for backend, device in (p.values[0] for p in PARAMS):
-        got = select_tokens(scores.to(device), candidates.to(device), threshold, max_keep, min_keep, backend=backend)
+        got = select_tokens(
+            scores.to(device),
+            candidates.to(device),
+            threshold=threshold,
+            max_keep=max_keep,
+            min_keep=min_keep,
+            backend=backend,
+        )
         assert_equal(f"keep[{backend}-{device}]", got, want.to(device))
     # The spec's invariants, independent of any implementation.
     n_cand = candidates.sum(1)

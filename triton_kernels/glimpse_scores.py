@@ -127,7 +127,7 @@ def _check_supported(q: torch.Tensor) -> None:
         raise ValueError(f"glimpse.glimpse_scores: the triton backend takes head dims up to 256, got {q.shape[-1]}")
 
 
-def glimpse_scores_triton(q, k, key_mask, scale: float, mode: int) -> torch.Tensor:
+def glimpse_scores_triton(q, k, key_mask, scale: float, normalize: int) -> torch.Tensor:
     """q [B, H, G, D], k [B, Hkv, S, D], key_mask bool [B, S] or None -> fp32 [B, H, G, S]."""
     _check_supported(q)
     B, H, G, D = q.shape
@@ -160,9 +160,9 @@ def glimpse_scores_triton(q, k, key_mask, scale: float, mode: int) -> torch.Tens
             BLOCK_DK=_dot_slice(q.dtype, BLOCK_D),
             **warp_options(BLOCK_R * BLOCK_S),
         )
-        if mode != LOGITS:
+        if normalize != LOGITS:
             block = row_block(S)
-            _row_normalize_kernel[(B * H * G,)](out, S, MODE=mode, BLOCK=block, **warp_options(block))
+            _row_normalize_kernel[(B * H * G,)](out, S, MODE=normalize, BLOCK=block, **warp_options(block))
     return out
 
 
@@ -336,7 +336,7 @@ def _glimpse_dq_kernel(
 _DQ_PROGRAMS = 264
 
 
-def glimpse_scores_backward_triton(grad_out, q, k, key_mask, scale: float, mode: int, out):
+def glimpse_scores_backward_triton(grad_out, q, k, key_mask, scale: float, normalize: int, out):
     """Gradients of glimpse_scores: (dq like q, dk like k), contiguous.
 
     dS is kept in fp32 and multiplied on tensor cores in tf32 for fp16/bf16 inputs (ieee
@@ -359,7 +359,7 @@ def glimpse_scores_backward_triton(grad_out, q, k, key_mask, scale: float, mode:
     mask = key_mask if has_mask else row_sums
     mask_strides = key_mask.stride() if has_mask else (0, 0)
     with device_guard(q):
-        if mode != LOGITS:
+        if normalize != LOGITS:
             block = row_block(S)
             _row_reduce_kernel[(B * H * G,)](
                 grad_out,
@@ -369,13 +369,13 @@ def glimpse_scores_backward_triton(grad_out, q, k, key_mask, scale: float, mode:
                 S,
                 H * G,
                 *mask_strides,
-                MODE=mode,
+                MODE=normalize,
                 HAS_MASK=has_mask,
                 BLOCK=block,
                 **warp_options(block),
             )
         common = dict(
-            MODE=mode,
+            MODE=normalize,
             HAS_MASK=has_mask,
             PRECISION=dot_precision(q.dtype),
             BLOCK_R=BLOCK_R,

@@ -156,7 +156,7 @@ class ATPHandle:
             if self.mode != "infer" or s is None or s.index is None:
                 return output
             hidden = output[0] if isinstance(output, tuple) else output
-            hidden = gather_tokens(hidden, s.index, 0.0)
+            hidden = gather_tokens(hidden, s.index, pad_value=0.0)
             s.index = None
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
@@ -179,7 +179,7 @@ class ATPHandle:
                 s.weight = s.weight * torch.where(s.visual, mask, torch.ones_like(z))
             self.kept = (s.weight * s.visual).sum(dim=1)
             self.kept_per_layer.append(self.kept)
-            out = soft_mask_attention(q, k, v, s.weight.to(q.dtype), s.valid, True, scaling)
+            out = soft_mask_attention(q, k, v, s.weight.to(q.dtype), s.valid, causal=True, scale=scaling)
             return out.transpose(1, 2)
         if q.shape[2] == 1 and k.shape[2] > 1 and layer in s.layer_valid:  # decoding
             valid = torch.cat([s.layer_valid[layer], torch.ones_like(s.layer_valid[layer][:, :1])], dim=1)
@@ -190,16 +190,18 @@ class ATPHandle:
             # (the layer's forward hook then keeps the rows of the kept tokens).
             z, _ = self.stages[str(layer)](q, k, s.valid, s.visual, s.visual, s.spatial)
             scores = torch.where(s.visual, z, torch.zeros_like(z))
-            (k,), (v,), index, _, _ = prune_kv(scores, s.visual, [k], [v], 0.0, 0, 0, None, "left")
+            (k,), (v,), index, _, _ = prune_kv(
+                scores, s.visual, [k], [v], threshold=0.0, max_keep=0, min_keep=0, max_len=None, padding_side="left"
+            )
             cache_layer = self.cache.layers[layer]
             cache_layer.keys, cache_layer.values = k, v
             S = q.shape[2]
             rows = torch.arange(S, device=q.device)[:, None]
-            key_valid = gather_tokens(s.valid, index, False)
+            key_valid = gather_tokens(s.valid, index, pad_value=False)
             allowed = (key_valid[:, None, :] & (index[:, None, :] <= rows)) | (index[:, None, :] == rows)
             s.index = index
-            s.valid, s.visual = key_valid, gather_tokens(s.visual, index, False)
-            s.spatial = gather_tokens(s.spatial, index, 0.0)
+            s.valid, s.visual = key_valid, gather_tokens(s.visual, index, pad_value=False)
+            s.spatial = gather_tokens(s.spatial, index, pad_value=0.0)
             cos, sin = s.cos_sin
             s.cos_sin = (gather_rope(cos, index), gather_rope(sin, index))
             s.layer_valid[layer] = s.valid

@@ -112,14 +112,14 @@ class GlimpsePruneHandle:
         for lay, k, v in zip(layers, new_keys, new_values):
             lay.keys, lay.values = k, v
         p.index = index
-        valid = gather_tokens(p.valid, index, False)
-        p.kept_visual = gather_tokens(p.visual, index, False).sum(dim=1)
+        valid = gather_tokens(p.valid, index, pad_value=False)
+        p.kept_visual = gather_tokens(p.visual, index, pad_value=False).sum(dim=1)
         p.mask = layer_mask(valid, hidden.dtype, self.adapter.attn_implementation)
         cos, sin = p.cos_sin
         p.cos_sin = (gather_rope(cos, index), gather_rope(sin, index))
         self.last_kept_visual, self.last_index, self.last_scores = p.kept_visual, index, scores
         self._compacted_valid = valid
-        hidden = gather_tokens(hidden, index, 0.0)
+        hidden = gather_tokens(hidden, index, pad_value=0.0)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
     def _select_and_compact(self, p: _Prefill, keys: list[Tensor], values: list[Tensor]):
@@ -137,12 +137,12 @@ class GlimpsePruneHandle:
             p.valid,
             p.visual,
             self.layer,
-            None,
-            self.threshold,
-            0 if caps is None else caps,
-            self.min_keep,
-            None,
-            "left",
+            scale=None,
+            threshold=self.threshold,
+            max_keep=0 if caps is None else caps,
+            min_keep=self.min_keep,
+            max_len=None,
+            padding_side="left",
         )
         return new_keys, new_values, index, scores
 
@@ -196,7 +196,7 @@ def gather_rope(table: Tensor, index: Tensor) -> Tensor:
     """cos/sin [B or 1, S, D] (or [3, B, S, D] on older Qwen layouts) gathered along S."""
     if table.dim() == 4:
         return torch.stack([gather_rope(t, index) for t in table])
-    return gather_tokens(table.expand(index.shape[0], -1, -1), index, 0.0)
+    return gather_tokens(table.expand(index.shape[0], -1, -1), index, pad_value=0.0)
 
 
 def layer_mask(valid: Tensor, dtype: torch.dtype, implementation: str) -> Tensor:

@@ -93,7 +93,7 @@ class PredictorPruneHandle(GlimpsePruneHandle):
         """VIP logits fp32 [N] for every visual token of the batch, in prompt order."""
         S = self.prompt_length
         valid = torch.cat([p.valid, torch.ones_like(p.valid[:, :1])], dim=1)
-        logits = glimpse_scores(p.glimpse_q, keys_k, valid, None, "logits")  # [B, H, 1, S + 1]
+        logits = glimpse_scores(p.glimpse_q, keys_k, valid, scale=None, normalize="logits")  # [B, H, 1, S + 1]
         head_scores = logits[:, :, 0, :S].transpose(1, 2)[p.visual]  # [N, H]
         vision = self.model.config.vision_config
         merge = vision.spatial_merge_size
@@ -129,11 +129,11 @@ class PredictorPruneHandle(GlimpsePruneHandle):
             p.visual,
             [k[:, :, :S] for k in keys],
             [v[:, :, :S] for v in values],
-            self.threshold,
-            caps,
-            self.min_keep,
-            None,
-            "left",
+            threshold=self.threshold,
+            max_keep=caps,
+            min_keep=self.min_keep,
+            max_len=None,
+            padding_side="left",
         )
         return new_keys, new_values, index, scores
 

@@ -93,8 +93,8 @@ class ATPStage(nn.Module):
         pruned), spatial fp32 [B, S] -> (margins z fp32 [B, S], thresholds fp32 [B, 2])."""
         keys = valid & (live | ~visual)
         q, k = q.detach(), k.detach()
-        cross = attention_column_scores(q, k, valid & ~visual, keys, True).mean(dim=1)
-        self_ = attention_column_scores(q, k, live, keys, True).mean(dim=1)
+        cross = attention_column_scores(q, k, valid & ~visual, keys, causal=True).mean(dim=1)
+        self_ = attention_column_scores(q, k, live, keys, causal=True).mean(dim=1)
         p_cross, p_self = _shares(cross, live), _shares(self_, live)
         red = (p_cross + p_self) / 2
         red = red / red.amax(dim=1, keepdim=True).clamp_min(1e-20)
@@ -192,13 +192,15 @@ class ATPPruner(nn.Module):
             if str(index) in self.stages:
                 z, _ = self.stages[str(index)](q, k, valid, visual, visual, self._spatial(cell))
                 scores = torch.where(visual, z, torch.zeros_like(z))
-                (k,), (v,), kept_index, _, _ = prune_kv(scores, visual, [k], [v], 0.0, 0, 0, None, "left")
-                h = gather_tokens(h, kept_index, 0.0)
-                q = gather_tokens(q.transpose(1, 2), kept_index, 0.0).transpose(1, 2)
-                positions = gather_tokens(positions, kept_index, 0)
-                valid = gather_tokens(valid, kept_index, False)
-                visual = gather_tokens(visual, kept_index, False)
-                cell = gather_tokens(cell, kept_index, -1)
+                (k,), (v,), kept_index, _, _ = prune_kv(
+                    scores, visual, [k], [v], threshold=0.0, max_keep=0, min_keep=0, max_len=None, padding_side="left"
+                )
+                h = gather_tokens(h, kept_index, pad_value=0.0)
+                q = gather_tokens(q.transpose(1, 2), kept_index, pad_value=0.0).transpose(1, 2)
+                positions = gather_tokens(positions, kept_index, pad_value=0)
+                valid = gather_tokens(valid, kept_index, pad_value=False)
+                visual = gather_tokens(visual, kept_index, pad_value=False)
+                cell = gather_tokens(cell, kept_index, pad_value=-1)
                 cos, sin = rope(positions, c.head_dim, c.rope_theta)
             out, kv = layer.attn.attend(q, k, v, None, valid)
             h = layer.mlp(h + out)

@@ -94,7 +94,7 @@ class Attention(nn.Module):
                 raise ValueError(
                     "Attention.attend: key_weight needs the whole sequence at once and no late-fusion mask"
                 )
-            out = (soft_attention or soft_mask_attention)(q, k, v, key_weight, key_valid, True)
+            out = (soft_attention or soft_mask_attention)(q, k, v, key_weight, key_valid, causal=True)
         else:
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attention_mask(key_valid, S, key_visual), enable_gqa=True

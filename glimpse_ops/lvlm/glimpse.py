@@ -120,8 +120,10 @@ class GlimpsePruner(nn.Module):
         K, n_visual = model.config.prune_layer, model.config.visual_tokens
         S = prefix.visual.shape[1]
         glimpse_q = prefix.glimpse_q[:, :, -1:]  # the glimpse row at layer K, after RoPE
-        logits = glimpse_scores(glimpse_q, prefix.caches[K][0], prefix.valid, None, "logits")  # [B, H, 1, S + 1]
-        visual_index, _ = keep_index(prefix.visual, n_visual, "right")
+        logits = glimpse_scores(
+            glimpse_q, prefix.caches[K][0], prefix.valid, scale=None, normalize="logits"
+        )  # [B, H, 1, S + 1]
+        visual_index, _ = keep_index(prefix.visual, max_len=n_visual, padding_side="right")
         # torch.gather, not gather_tokens: training needs the gradient back to the glimpse.
         per_key = logits[:, :, 0, :S].transpose(1, 2)  # [B, S, H]
         return per_key.gather(1, visual_index[..., None].expand(-1, -1, per_key.shape[2])), visual_index
@@ -182,12 +184,12 @@ class GlimpseTopK:
             prefix.valid,
             prefix.visual,
             K,
-            None,
-            None,
-            self.budget,
-            1,
-            _max_len(S, n_visual, self.budget),
-            "left",
+            scale=None,
+            threshold=None,
+            max_keep=self.budget,
+            min_keep=1,
+            max_len=_max_len(S, n_visual, self.budget),
+            padding_side="left",
         )
         return finish_compacted(model, gather_prefix(prefix, index, lengths, new_k, new_v))
 

@@ -180,7 +180,15 @@ def compact_prefix(
     keys = [k[:, :, :S] for k, _ in prefix.caches]  # drop anything appended (the glimpse)
     values = [v[:, :, :S] for _, v in prefix.caches]
     new_keys, new_values, index, lengths, keep = prune_kv(
-        scores, prefix.visual, keys, values, threshold, max_keep, min_keep, max_len, "left"
+        scores,
+        prefix.visual,
+        keys,
+        values,
+        threshold=threshold,
+        max_keep=max_keep,
+        min_keep=min_keep,
+        max_len=max_len,
+        padding_side="left",
     )
     return gather_prefix(prefix, index, lengths, new_keys, new_values, keep)
 
@@ -198,10 +206,10 @@ def gather_prefix(
     the prompt, such as the glimpse, is dropped)."""
     S = prefix.visual.shape[1]
     return Compacted(
-        hidden=gather_tokens(prefix.hidden[:, :S], index, 0.0),
-        positions=gather_tokens(prefix.positions[:, :S], index, 0),
-        valid=gather_tokens(prefix.valid[:, :S], index, False),
-        visual=gather_tokens(prefix.visual, index, False),
+        hidden=gather_tokens(prefix.hidden[:, :S], index, pad_value=0.0),
+        positions=gather_tokens(prefix.positions[:, :S], index, pad_value=0),
+        valid=gather_tokens(prefix.valid[:, :S], index, pad_value=False),
+        visual=gather_tokens(prefix.visual, index, pad_value=False),
         caches=list(zip(new_keys, new_values)),
         index=index,
         lengths=lengths,

@@ -1,7 +1,20 @@
-"""Small helpers to define an op, its fake and its device router in one place."""
+"""How an op is defined once and called everywhere.
+
+* The public signature of ``torch.ops.glimpse.<op>`` is its schema string, written once in its
+  module. ``define_op`` parses it: the fake kernel, the router and the validation receive one
+  ``Call`` bound to the schema's argument names (``call.q``, ``call.max_len``), never a
+  restated parameter list. The typed Python wrapper is the same signature with keyword-only
+  options, checked against the schema by tests.
+* Kernel backends (the C++ extension and the Triton launchers) share one calling convention
+  per op: a ``NamedTuple`` of normalized arguments (masks materialized, the scale resolved,
+  ``padding_side`` as ``left_padding``). The router builds it once; ``run_kernel`` passes it
+  to the backend; the native op's schema is generated from it (the C++ files only register
+  implementations).
+"""
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 
 import torch
@@ -9,13 +22,90 @@ import torch
 DEVICE_KEYS = ("CPU", "CUDA")
 
 
-def define_op(name: str, schema: str, router: Callable, fake: Callable) -> None:
-    """Define ``glimpse::<name>`` with ``schema``; route CPU and CUDA calls to ``router``."""
+class Call(types.SimpleNamespace):
+    """The arguments of one op call, by schema name."""
+
+
+class Signature:
+    """An op's schema, parsed once: argument names in order and their defaults."""
+
+    def __init__(self, name: str, schema: str):
+        self.name, self.schema = name, schema
+        parsed = torch._C.parse_schema(f"glimpse::{name}{schema}")
+        self.names = [arg.name for arg in parsed.arguments]
+        self.defaults = {arg.name: arg.default_value for arg in parsed.arguments if arg.has_default_value()}
+
+    def bind(self, args: tuple, kwargs: dict) -> Call:
+        values = dict(zip(self.names, args))
+        values.update(kwargs)
+        for name in self.names[len(args) :]:
+            if name not in values:
+                if name not in self.defaults:
+                    raise TypeError(f"glimpse.{self.name}: missing argument {name!r}")
+                values[name] = self.defaults[name]
+        return Call(**values)
+
+
+def define_op(name: str, schema: str, router: Callable[[Call], object], fake: Callable[[Call], object]) -> Signature:
+    """Define ``glimpse::<name>`` with ``schema``; CPU and CUDA calls go to ``router`` and
+    fake tensors to ``fake``, each with the call bound to the schema."""
+    signature = Signature(name, schema)
     qualname = f"glimpse::{name}"
     torch.library.define(qualname, schema)
-    torch.library.register_fake(qualname)(fake)
+    torch.library.register_fake(qualname)(lambda *args, **kwargs: fake(signature.bind(args, kwargs)))
     for key in DEVICE_KEYS:
-        torch.library.impl(qualname, key)(router)
+        torch.library.impl(qualname, key)(lambda *args, **kwargs: router(signature.bind(args, kwargs)))
+    return signature
+
+
+# ------------------------------------------------------------------------------------------
+# the kernel calling convention
+# ------------------------------------------------------------------------------------------
+
+_SCHEMA_TYPES = {
+    "Tensor": "Tensor",
+    "Tensor | None": "Tensor?",
+    "list[Tensor]": "Tensor[]",
+    "int": "int",
+    "int | None": "int?",
+    "float": "float",
+    "float | None": "float?",
+    "bool": "bool",
+    "Scalar": "Scalar",
+}
+
+
+def kernel_schema(convention: type, returns: str) -> str:
+    """The schema of a native op taking ``convention``'s fields in order. The convention's
+    module uses ``from __future__ import annotations``, so its annotations are the strings
+    mapped here."""
+    fields = []
+    for field in convention._fields:
+        annotation = convention.__annotations__[field]
+        annotation = getattr(annotation, "__forward_arg__", annotation)  # NamedTuple may wrap it in a ForwardRef
+        if annotation not in _SCHEMA_TYPES:
+            raise TypeError(f"{convention.__name__}.{field}: no schema type for the annotation {annotation!r}")
+        fields.append(f"{_SCHEMA_TYPES[annotation]} {field}")
+    return f"({', '.join(fields)}) -> {returns}"
+
+
+def define_native(op: str, convention: type, returns: str) -> None:
+    """Declare ``glimpse::_<op>_native`` (implemented in csrc/) with the op's convention."""
+    torch.library.define(f"glimpse::_{op}_native", kernel_schema(convention, returns))
+
+
+def run_kernel(spec, backend: str, call: tuple):
+    """Run the op's ``native`` or ``triton`` kernel on the normalized call."""
+    if backend == "native":
+        return getattr(torch.ops.glimpse, f"_{spec.op}_native")(*call)
+    if backend == "triton":  # private ops' launchers drop the underscore: glimpse_scores_backward_triton
+        return getattr(spec.triton_module(), f"{spec.op.lstrip('_')}_triton")(*call)
+    raise ValueError(f"glimpse.{spec.op}: run_kernel takes native or triton, got {backend!r}")
+
+
+# ------------------------------------------------------------------------------------------
+# small shared pieces
+# ------------------------------------------------------------------------------------------
 
 
 def split_max_keep(op: str, max_keep: int | torch.Tensor) -> tuple[int, torch.Tensor | None]:
@@ -47,3 +137,10 @@ def score_dtype(t: torch.Tensor) -> torch.dtype:
 
 def select_max_keep(max_keep: int, max_keep_per_row: torch.Tensor | None) -> int | torch.Tensor:
     return max_keep if max_keep_per_row is None else max_keep_per_row
+
+
+def all_true(reference: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``mask``, or an all-True bool [B, S] mask shaped like ``reference`` [B, S, ...]."""
+    if mask is not None:
+        return mask
+    return torch.ones(reference.shape[:2], dtype=torch.bool, device=reference.device)

@@ -3,13 +3,15 @@ subset of query rows (ATP's S_self / S_cross, FastV-style multi-row scores)."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
 from .. import _validation as v
 from .._backend import OpBackends, register
 from ..reference import attention_column_scores_reference, default_scale
-from ._register import define_op, require_tensors, score_dtype
+from ._register import Call, define_op, require_tensors, run_kernel, score_dtype
 
 OP = "attention_column_scores"
 SPEC = register(OpBackends(OP, triton="attention_column_scores", fp64=("reference",)))
@@ -19,7 +21,19 @@ SCHEMA = (
 )
 
 
-def validate(q, k, query_mask, key_mask, causal, scale, backend) -> None:
+class Kernel(NamedTuple):
+    """What the Triton kernels take."""
+
+    q: Tensor
+    k: Tensor
+    query_mask: Tensor | None
+    key_mask: Tensor | None
+    causal: bool
+    scale: float
+
+
+def validate(c: Call) -> None:
+    q, k = c.q, c.k
     v.check_floating(OP, "q", q, "[B, H, S, D]")
     v.check_floating(OP, "k", k, "[B, Hkv, S, D]")
     v.check_nonempty(OP, "q", q, (0, 1, 2, 3), "[B, H, S, D]")
@@ -29,26 +43,25 @@ def validate(q, k, query_mask, key_mask, causal, scale, backend) -> None:
     if k.shape[2] != q.shape[2]:
         v.fail_value(OP, f"k must have the sequence length of q ({q.shape[2]}), got {v.describe(k)}")
     B, _, S, _ = q.shape
-    v.check_mask(OP, "query_mask", query_mask, B, S)
-    v.check_mask(OP, "key_mask", key_mask, B, S)
-    v.check_same_device(OP, {"q": q, "k": k, "query_mask": query_mask, "key_mask": key_mask})
-    v.check_scale(OP, scale)
-    v.check_backend(OP, backend)
+    v.check_mask(OP, "query_mask", c.query_mask, B, S)
+    v.check_mask(OP, "key_mask", c.key_mask, B, S)
+    v.check_same_device(OP, {"q": q, "k": k, "query_mask": c.query_mask, "key_mask": c.key_mask})
+    v.check_scale(OP, c.scale)
+    v.check_backend(OP, c.backend)
 
 
-def _fake(q, k, query_mask=None, key_mask=None, causal=True, scale=None, backend="auto"):
-    validate(q, k, query_mask, key_mask, causal, scale, backend)
-    return q.new_empty(q.shape[:3], dtype=score_dtype(q))
+def _fake(c: Call) -> Tensor:
+    validate(c)
+    return c.q.new_empty(c.q.shape[:3], dtype=score_dtype(c.q))
 
 
-def _router(q, k, query_mask=None, key_mask=None, causal=True, scale=None, backend="auto"):
-    validate(q, k, query_mask, key_mask, causal, scale, backend)
-    chosen = SPEC.resolve(backend, q.device, q.dtype, q.shape[-1])
+def _router(c: Call) -> Tensor:
+    validate(c)
+    chosen = SPEC.resolve(c.backend, c.q.device, c.q.dtype, c.q.shape[-1])
     if chosen == "reference":
-        return attention_column_scores_reference(q, k, query_mask, key_mask, causal, scale)
-    return SPEC.triton_module().attention_column_scores_triton(
-        q, k, query_mask, key_mask, causal, default_scale(q.shape[-1], scale)
-    )
+        return attention_column_scores_reference(c.q, c.k, c.query_mask, c.key_mask, c.causal, c.scale)
+    scale = default_scale(c.q.shape[-1], c.scale)
+    return run_kernel(SPEC, chosen, Kernel(c.q, c.k, c.query_mask, c.key_mask, c.causal, scale))
 
 
 define_op(OP, SCHEMA, _router, _fake)
@@ -59,6 +72,7 @@ def attention_column_scores(
     k: Tensor,
     query_mask: Tensor | None = None,
     key_mask: Tensor | None = None,
+    *,
     causal: bool = True,
     scale: float | None = None,
     backend: str = "auto",

@@ -2,55 +2,67 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
 from .. import _validation as v
 from .._backend import OpBackends, register
 from ..reference import compact_kv_reference
-from ._register import define_op, require_tensors
+from ._register import Call, define_native, define_op, require_tensors, run_kernel
 
 OP = "compact_kv"
 SPEC = register(OpBackends(OP, native=("cpu",), triton="compact_kv"))
 SCHEMA = "(Tensor[] keys, Tensor[] values, Tensor index, str backend='auto') -> (Tensor[], Tensor[])"
 
 
-def validate(keys: list[Tensor], values: list[Tensor], index: Tensor, backend: str) -> None:
-    v.check_kv_lists(OP, keys, values)
-    if keys:
-        v.check_index(OP, index, keys[0].shape[0], keys[0].shape[2])
-        v.check_same_device(OP, {"keys[0]": keys[0], "index": index})
+class Kernel(NamedTuple):
+    """What the native and Triton kernels take."""
+
+    keys: list[Tensor]
+    values: list[Tensor]
+    index: Tensor
+
+
+def validate(c: Call, op: str = OP) -> None:
+    v.check_kv_lists(op, c.keys, c.values)
+    if c.keys:
+        v.check_index(op, c.index, c.keys[0].shape[0], c.keys[0].shape[2])
+        v.check_same_device(op, {"keys[0]": c.keys[0], "index": c.index})
     else:
-        v.check_tensor(OP, "index", index)
-        if index.dtype != torch.int64 or index.dim() != 2:
-            v.fail_type(OP, f"index must be int64 [B, Lmax], got {v.describe(index)}")
-    v.check_backend(OP, backend)
+        v.check_tensor(op, "index", c.index)
+        if c.index.dtype != torch.int64 or c.index.dim() != 2:
+            v.fail_type(op, f"index must be int64 [B, Lmax], got {v.describe(c.index)}")
+    v.check_backend(op, c.backend)
 
 
 def fake_compacted(tensors: list[Tensor], length) -> list[Tensor]:
     return [t.new_empty((t.shape[0], t.shape[1], length, t.shape[3])) for t in tensors]
 
 
-def _fake(keys, values, index, backend="auto"):
-    validate(keys, values, index, backend)
-    return fake_compacted(keys, index.shape[1]), fake_compacted(values, index.shape[1])
+def _fake(c: Call) -> tuple[list[Tensor], list[Tensor]]:
+    validate(c)
+    return fake_compacted(c.keys, c.index.shape[1]), fake_compacted(c.values, c.index.shape[1])
 
 
-def _router(keys, values, index, backend="auto"):
-    validate(keys, values, index, backend)
-    chosen = SPEC.resolve(backend, index.device)
+def _compact(c: Call, chosen: str) -> tuple[list[Tensor], list[Tensor]]:
     if chosen == "reference":
-        return compact_kv_reference(keys, values, index)
-    if chosen == "native":
-        return torch.ops.glimpse._compact_kv_native(keys, values, index)
-    return SPEC.triton_module().compact_kv_triton(keys, values, index)
+        return compact_kv_reference(c.keys, c.values, c.index)
+    return run_kernel(SPEC, chosen, Kernel(c.keys, c.values, c.index))
+
+
+def _router(c: Call) -> tuple[list[Tensor], list[Tensor]]:
+    validate(c)
+    return _compact(c, SPEC.resolve(c.backend, c.index.device))
 
 
 define_op(OP, SCHEMA, _router, _fake)
+define_native(OP, Kernel, "(Tensor[], Tensor[])")
 
 
 def compact_kv(
-    keys: list[Tensor], values: list[Tensor], index: Tensor, backend: str = "auto"
+    keys: list[Tensor], values: list[Tensor], index: Tensor, *, backend: str = "auto"
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Compact the KV cache of every layer to the kept tokens, in one call.
 
@@ -79,13 +91,13 @@ INTO_SCHEMA = (
 )
 
 
-def validate_into(keys, values, index, out_keys, out_values, backend) -> None:
-    validate(keys, values, index, backend)
-    for kind, outs, ins in (("out_keys", out_keys, keys), ("out_values", out_values, values)):
+def validate_into(c: Call) -> None:
+    validate(c, INTO_OP)
+    for kind, outs, ins in (("out_keys", c.out_keys, c.keys), ("out_values", c.out_values, c.values)):
         if len(outs) != len(ins):
             v.fail_value(INTO_OP, f"{kind} must hold one tensor per layer ({len(ins)}), got {len(outs)}")
         for i, (out, src) in enumerate(zip(outs, ins)):
-            want = (src.shape[0], src.shape[1], index.shape[1], src.shape[3])
+            want = (src.shape[0], src.shape[1], c.index.shape[1], src.shape[3])
             v.check_tensor(INTO_OP, f"{kind}[{i}]", out)
             if (
                 tuple(out.shape) != want
@@ -100,18 +112,18 @@ def validate_into(keys, values, index, out_keys, out_values, backend) -> None:
                 )
 
 
-def _into_fake(keys, values, index, out_keys, out_values, backend="auto"):
-    validate_into(keys, values, index, out_keys, out_values, backend)
+def _into_fake(c: Call) -> None:
+    validate_into(c)
 
 
-def _into_router(keys, values, index, out_keys, out_values, backend="auto"):
-    validate_into(keys, values, index, out_keys, out_values, backend)
-    chosen = SPEC.resolve(backend, index.device)
-    if chosen == "triton":
-        SPEC.triton_module().compact_kv_triton(keys, values, index, out_keys, out_values)
+def _into_router(c: Call) -> None:
+    validate_into(c)
+    chosen = SPEC.resolve(c.backend, c.index.device)
+    if chosen == "triton":  # writes the outputs directly
+        SPEC.triton_module().compact_kv_triton(*Kernel(c.keys, c.values, c.index), c.out_keys, c.out_values)
         return
-    new_keys, new_values = _router(keys, values, index, chosen)
-    for out, new in zip(list(out_keys) + list(out_values), new_keys + new_values):
+    new_keys, new_values = _compact(c, chosen)
+    for out, new in zip(list(c.out_keys) + list(c.out_values), new_keys + new_values):
         out.copy_(new)
 
 
@@ -124,6 +136,7 @@ def compact_kv_into(
     index: Tensor,
     out_keys: list[Tensor],
     out_values: list[Tensor],
+    *,
     backend: str = "auto",
 ) -> None:
     """``compact_kv`` written into caller-provided tensors (e.g. a preallocated cache).

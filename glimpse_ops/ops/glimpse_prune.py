@@ -3,13 +3,25 @@ layer averaged over heads and glimpse rows, then select, index and compact every
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
 from .. import _validation as v
 from .._backend import OpBackends, register
 from ..reference import default_scale, glimpse_prune_reference
-from ._register import define_op, require_tensors, score_dtype, select_max_keep, split_max_keep
+from ._register import (
+    Call,
+    all_true,
+    define_native,
+    define_op,
+    require_tensors,
+    run_kernel,
+    score_dtype,
+    select_max_keep,
+    split_max_keep,
+)
 from .compact_kv import fake_compacted
 from .glimpse_scores import validate as validate_scores
 from .keep_index import fake_index
@@ -25,150 +37,69 @@ SCHEMA = (
 )
 
 
-def validate(
-    q,
-    keys,
-    values,
-    key_mask,
-    candidate_mask,
-    score_layer,
-    scale,
-    threshold,
-    max_keep,
-    min_keep,
-    max_len,
-    padding_side,
-    max_keep_per_row,
-    backend,
-) -> None:
-    v.check_kv_lists(OP, keys, values)
-    if not keys:
+class Kernel(NamedTuple):
+    """What the native and Triton kernels take."""
+
+    q: Tensor
+    keys: list[Tensor]
+    values: list[Tensor]
+    key_mask: Tensor
+    candidate_mask: Tensor
+    score_layer: int
+    scale: float
+    threshold: float | None
+    max_keep: int
+    min_keep: int
+    max_keep_per_row: Tensor | None
+    max_len: int | None
+    left_padding: bool
+
+
+def validate(c: Call) -> None:
+    v.check_kv_lists(OP, c.keys, c.values)
+    if not c.keys:
         v.fail_value(OP, "keys must hold at least one layer, got an empty list")
-    if not 0 <= score_layer < len(keys):
-        v.fail_value(OP, f"score_layer must be in [0, {len(keys)}), got {score_layer}")
-    validate_scores(q, keys[score_layer], key_mask, scale, "probs", backend, op=OP)
-    B, S = keys[0].shape[0], keys[0].shape[2]
-    v.check_mask(OP, "candidate_mask", candidate_mask, B, S)
-    v.check_same_device(OP, {"q": q, "candidate_mask": candidate_mask, "max_keep": max_keep_per_row})
-    v.check_select_args(OP, B, threshold, max_keep, min_keep, max_keep_per_row)
-    v.check_max_len(OP, max_len)
-    v.check_choice(OP, "padding_side", padding_side, v.PADDING_SIDES)
+    if not 0 <= c.score_layer < len(c.keys):
+        v.fail_value(OP, f"score_layer must be in [0, {len(c.keys)}), got {c.score_layer}")
+    validate_scores(Call(q=c.q, k=c.keys[c.score_layer], key_mask=c.key_mask, scale=c.scale, normalize="probs",
+                         backend=c.backend), op=OP)  # fmt: skip
+    B, S = c.keys[0].shape[0], c.keys[0].shape[2]
+    v.check_mask(OP, "candidate_mask", c.candidate_mask, B, S)
+    v.check_same_device(OP, {"q": c.q, "candidate_mask": c.candidate_mask, "max_keep": c.max_keep_per_row})
+    v.check_select_args(OP, B, c.threshold, c.max_keep, c.min_keep, c.max_keep_per_row)
+    v.check_max_len(OP, c.max_len)
+    v.check_choice(OP, "padding_side", c.padding_side, v.PADDING_SIDES)
 
 
-def _fake(
-    q,
-    keys,
-    values,
-    key_mask,
-    candidate_mask,
-    score_layer,
-    scale=None,
-    threshold=None,
-    max_keep=0,
-    min_keep=0,
-    max_len=None,
-    padding_side="left",
-    max_keep_per_row=None,
-    backend="auto",
-):
-    validate(
-        q,
-        keys,
-        values,
-        key_mask,
-        candidate_mask,
-        score_layer,
-        scale,
-        threshold,
-        max_keep,
-        min_keep,
-        max_len,
-        padding_side,
-        max_keep_per_row,
-        backend,
-    )
-    B, S = keys[0].shape[0], keys[0].shape[2]
-    index, lengths = fake_index(B, max_len, q.device)
-    scores = q.new_empty((B, S), dtype=score_dtype(q))
+def _fake(c: Call) -> tuple:
+    validate(c)
+    B, S = c.keys[0].shape[0], c.keys[0].shape[2]
+    index, lengths = fake_index(B, c.max_len, c.q.device)
+    scores = c.q.new_empty((B, S), dtype=score_dtype(c.q))
     length = index.shape[1]
-    return fake_compacted(keys, length), fake_compacted(values, length), index, lengths, scores
+    return fake_compacted(c.keys, length), fake_compacted(c.values, length), index, lengths, scores
 
 
-def _router(
-    q,
-    keys,
-    values,
-    key_mask,
-    candidate_mask,
-    score_layer,
-    scale=None,
-    threshold=None,
-    max_keep=0,
-    min_keep=0,
-    max_len=None,
-    padding_side="left",
-    max_keep_per_row=None,
-    backend="auto",
-):
-    validate(
-        q,
-        keys,
-        values,
-        key_mask,
-        candidate_mask,
-        score_layer,
-        scale,
-        threshold,
-        max_keep,
-        min_keep,
-        max_len,
-        padding_side,
-        max_keep_per_row,
-        backend,
-    )
-    chosen = SPEC.resolve(backend, q.device, q.dtype, q.shape[-1])
+def _router(c: Call) -> tuple:
+    validate(c)
+    chosen = SPEC.resolve(c.backend, c.q.device, c.q.dtype, c.q.shape[-1])
     if chosen == "reference":
-        cap = select_max_keep(max_keep, max_keep_per_row)
+        cap = select_max_keep(c.max_keep, c.max_keep_per_row)
         return glimpse_prune_reference(
-            q,
-            keys,
-            values,
-            key_mask,
-            candidate_mask,
-            score_layer,
-            scale,
-            threshold,
-            cap,
-            min_keep,
-            max_len,
-            padding_side,
-        )
-    B, S = keys[0].shape[0], keys[0].shape[2]
-    if key_mask is None:
-        key_mask = torch.ones((B, S), dtype=torch.bool, device=q.device)
-    if candidate_mask is None:
-        candidate_mask = torch.ones((B, S), dtype=torch.bool, device=q.device)
-    args = (
-        q,
-        keys,
-        values,
-        key_mask,
-        candidate_mask,
-        score_layer,
-        default_scale(q.shape[-1], scale),
-        threshold,
-        max_keep,
-        min_keep,
-        max_keep_per_row,
-        max_len,
-        padding_side == "left",
-    )
-    if chosen == "native":
-        return torch.ops.glimpse._glimpse_prune_native(*args)
-    return SPEC.triton_module().glimpse_prune_triton(*args)
+            c.q, c.keys, c.values, c.key_mask, c.candidate_mask, c.score_layer, c.scale, c.threshold, cap,
+            c.min_keep, c.max_len, c.padding_side,
+        )  # fmt: skip
+    first = c.keys[0]
+    kernel = Kernel(
+        c.q, c.keys, c.values, all_true(first[:, 0], c.key_mask), all_true(first[:, 0], c.candidate_mask),
+        c.score_layer, default_scale(c.q.shape[-1], c.scale), c.threshold, c.max_keep, c.min_keep,
+        c.max_keep_per_row, c.max_len, c.padding_side == "left",
+    )  # fmt: skip
+    return run_kernel(SPEC, chosen, kernel)
 
 
 define_op(OP, SCHEMA, _router, _fake)
+define_native(OP, Kernel, "(Tensor[], Tensor[], Tensor, Tensor, Tensor)")
 
 
 def glimpse_prune(
@@ -178,6 +109,7 @@ def glimpse_prune(
     key_mask: Tensor | None,
     candidate_mask: Tensor | None,
     score_layer: int,
+    *,
     scale: float | None = None,
     threshold: float | None = None,
     max_keep: int | Tensor = 0,

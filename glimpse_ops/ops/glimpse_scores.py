@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -13,7 +15,7 @@ from ..reference import (
     glimpse_scores_backward_reference,
     glimpse_scores_reference,
 )
-from ._register import define_op, require_tensors, score_dtype
+from ._register import Call, define_native, define_op, require_tensors, run_kernel, score_dtype
 
 OP = "glimpse_scores"
 SPEC = register(OpBackends(OP, native=("cpu",), triton="glimpse_scores", fp64=("reference",)))
@@ -28,10 +30,32 @@ BACKWARD_SCHEMA = (
 )
 
 
-def validate(
-    q: Tensor, k: Tensor, key_mask: Tensor | None, scale: float | None, normalize: str, backend: str, op: str = OP
-) -> None:
-    """Shared with glimpse_prune, which passes its own name as ``op``."""
+class Kernel(NamedTuple):
+    """What the native and Triton forward kernels take (normalize: 0 logits, 1 probs, 2 log-probs)."""
+
+    q: Tensor
+    k: Tensor
+    key_mask: Tensor | None
+    scale: float
+    normalize: int
+
+
+class BackwardKernel(NamedTuple):
+    """What the Triton backward kernels take."""
+
+    grad_out: Tensor
+    q: Tensor
+    k: Tensor
+    key_mask: Tensor | None
+    scale: float
+    normalize: int
+    out: Tensor
+
+
+def validate(c: Call, op: str = OP) -> None:
+    """Shared with glimpse_prune, which passes its own name as ``op``; ``c`` needs q, k,
+    key_mask, scale, normalize and backend."""
+    q, k = c.q, c.k
     v.check_floating(op, "q", q, "[B, H, G, D]")
     v.check_floating(op, "k", k, "[B, Hkv, S, D]")
     v.check_nonempty(op, "q", q, (0, 1, 2, 3), "[B, H, G, D]")
@@ -39,52 +63,49 @@ def validate(
     if k.dtype != q.dtype:
         v.fail_type(op, f"k must have the dtype of q ({v.dtype_name(q.dtype)}), got {v.describe(k)}")
     v.check_gqa(op, q, k)
-    v.check_mask(op, "key_mask", key_mask, k.shape[0], k.shape[2])
-    v.check_same_device(op, {"q": q, "k": k, "key_mask": key_mask})
-    v.check_scale(op, scale)
-    v.check_choice(op, "normalize", normalize, NORMALIZE_MODES)
-    v.check_backend(op, backend)
+    v.check_mask(op, "key_mask", c.key_mask, k.shape[0], k.shape[2])
+    v.check_same_device(op, {"q": q, "k": k, "key_mask": c.key_mask})
+    v.check_scale(op, c.scale)
+    v.check_choice(op, "normalize", c.normalize, NORMALIZE_MODES)
+    v.check_backend(op, c.backend)
 
 
-def _fake(q, k, key_mask=None, scale=None, normalize="probs", backend="auto"):
-    validate(q, k, key_mask, scale, normalize, backend)
-    B, H, G, _ = q.shape
-    return q.new_empty((B, H, G, k.shape[2]), dtype=score_dtype(q))
+def _fake(c: Call) -> Tensor:
+    validate(c)
+    B, H, G, _ = c.q.shape
+    return c.q.new_empty((B, H, G, c.k.shape[2]), dtype=score_dtype(c.q))
 
 
-def _router(q, k, key_mask=None, scale=None, normalize="probs", backend="auto"):
-    validate(q, k, key_mask, scale, normalize, backend)
-    chosen = SPEC.resolve(backend, q.device, q.dtype, q.shape[-1])
+def _router(c: Call) -> Tensor:
+    validate(c)
+    chosen = SPEC.resolve(c.backend, c.q.device, c.q.dtype, c.q.shape[-1])
     if chosen == "reference":
-        return glimpse_scores_reference(q, k, key_mask, scale, normalize)
-    mode = NORMALIZE_MODES.index(normalize)
-    if chosen == "native":
-        return torch.ops.glimpse._glimpse_scores_native(q, k, key_mask, default_scale(q.shape[-1], scale), mode)
-    return SPEC.triton_module().glimpse_scores_triton(q, k, key_mask, default_scale(q.shape[-1], scale), mode)
+        return glimpse_scores_reference(c.q, c.k, c.key_mask, c.scale, c.normalize)
+    scale = default_scale(c.q.shape[-1], c.scale)
+    return run_kernel(SPEC, chosen, Kernel(c.q, c.k, c.key_mask, scale, NORMALIZE_MODES.index(c.normalize)))
 
 
-def _backward_fake(grad_out, q, k, key_mask, scale, normalize, out, backend="auto"):
-    return torch.empty_like(q), torch.empty_like(k)
+def _backward_fake(c: Call) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(c.q), torch.empty_like(c.k)
 
 
-def _backward_router(grad_out, q, k, key_mask, scale, normalize, out, backend="auto"):
-    chosen = BACKWARD_SPEC.resolve(backend, q.device, q.dtype, q.shape[-1])
+def _backward_router(c: Call) -> tuple[Tensor, Tensor]:
+    chosen = BACKWARD_SPEC.resolve(c.backend, c.q.device, c.q.dtype, c.q.shape[-1])
     if chosen == "triton":
-        mode = NORMALIZE_MODES.index(normalize)
-        return BACKWARD_SPEC.triton_module().glimpse_scores_backward_triton(
-            grad_out, q, k, key_mask, default_scale(q.shape[-1], scale), mode, out
-        )
-    return glimpse_scores_backward_reference(grad_out, q, k, key_mask, scale, normalize, out)
+        scale, mode = default_scale(c.q.shape[-1], c.scale), NORMALIZE_MODES.index(c.normalize)
+        return run_kernel(BACKWARD_SPEC, chosen, BackwardKernel(c.grad_out, c.q, c.k, c.key_mask, scale, mode, c.out))
+    return glimpse_scores_backward_reference(c.grad_out, c.q, c.k, c.key_mask, c.scale, c.normalize, c.out)
 
 
-define_op(OP, SCHEMA, _router, _fake)
+SIGNATURE = define_op(OP, SCHEMA, _router, _fake)
+define_native(OP, Kernel, "Tensor")
 define_op("_glimpse_scores_backward", BACKWARD_SCHEMA, _backward_router, _backward_fake)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, key_mask, scale, normalize, backend = inputs
-    ctx.save_for_backward(q, k, key_mask, output)
-    ctx.scale, ctx.normalize, ctx.backend = scale, normalize, backend
+    c = SIGNATURE.bind(inputs, {})
+    ctx.save_for_backward(c.q, c.k, c.key_mask, output)
+    ctx.scale, ctx.normalize, ctx.backend = c.scale, c.normalize, c.backend
 
 
 def _backward(ctx, grad_out):
@@ -94,7 +115,7 @@ def _backward(ctx, grad_out):
     dq, dk = torch.ops.glimpse._glimpse_scores_backward(
         grad_out, q, k, key_mask, ctx.scale, ctx.normalize, out, backend
     )
-    return dq, dk, None, None, None, None
+    return (dq, dk) + (None,) * (len(SIGNATURE.names) - 2)
 
 
 torch.library.register_autograd(f"glimpse::{OP}", _backward, setup_context=_setup_context)
@@ -104,6 +125,7 @@ def glimpse_scores(
     q: Tensor,
     k: Tensor,
     key_mask: Tensor | None = None,
+    *,
     scale: float | None = None,
     normalize: str = "probs",
     backend: str = "auto",

@@ -2,28 +2,38 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
 from .. import _validation as v
 from .._backend import OpBackends, register
 from ..reference import keep_index_reference
-from ._register import define_op, require_tensors
+from ._register import Call, define_native, define_op, require_tensors, run_kernel
 
 OP = "keep_index"
 SPEC = register(OpBackends(OP, native=("cpu",), triton="keep_index"))
 SCHEMA = "(Tensor keep, int? max_len=None, str padding_side='left', str backend='auto') -> (Tensor, Tensor)"
 
 
-def validate(keep: Tensor, max_len: int | None, padding_side: str, backend: str) -> None:
-    v.check_tensor(OP, "keep", keep)
-    if keep.dtype != torch.bool:
-        v.fail_type(OP, f"keep must be bool [B, S], got {v.describe(keep)}")
-    v.check_rank(OP, "keep", keep, 2, "bool [B, S]")
-    v.check_nonempty(OP, "keep", keep, (0, 1), "bool [B, S]")
-    v.check_max_len(OP, max_len)
-    v.check_choice(OP, "padding_side", padding_side, v.PADDING_SIDES)
-    v.check_backend(OP, backend)
+class Kernel(NamedTuple):
+    """What the native and Triton kernels take."""
+
+    keep: Tensor
+    max_len: int | None
+    left_padding: bool
+
+
+def validate(c: Call) -> None:
+    v.check_tensor(OP, "keep", c.keep)
+    if c.keep.dtype != torch.bool:
+        v.fail_type(OP, f"keep must be bool [B, S], got {v.describe(c.keep)}")
+    v.check_rank(OP, "keep", c.keep, 2, "bool [B, S]")
+    v.check_nonempty(OP, "keep", c.keep, (0, 1), "bool [B, S]")
+    v.check_max_len(OP, c.max_len)
+    v.check_choice(OP, "padding_side", c.padding_side, v.PADDING_SIDES)
+    v.check_backend(OP, c.backend)
 
 
 def fake_index(batch: int, max_len: int | None, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -33,26 +43,25 @@ def fake_index(batch: int, max_len: int | None, device: torch.device) -> tuple[T
     return index, torch.empty((batch,), dtype=torch.int64, device=device)
 
 
-def _fake(keep, max_len=None, padding_side="left", backend="auto"):
-    validate(keep, max_len, padding_side, backend)
-    return fake_index(keep.shape[0], max_len, keep.device)
+def _fake(c: Call) -> tuple[Tensor, Tensor]:
+    validate(c)
+    return fake_index(c.keep.shape[0], c.max_len, c.keep.device)
 
 
-def _router(keep, max_len=None, padding_side="left", backend="auto"):
-    validate(keep, max_len, padding_side, backend)
-    chosen = SPEC.resolve(backend, keep.device)
+def _router(c: Call) -> tuple[Tensor, Tensor]:
+    validate(c)
+    chosen = SPEC.resolve(c.backend, c.keep.device)
     if chosen == "reference":
-        return keep_index_reference(keep, max_len, padding_side)
-    if chosen == "native":
-        return torch.ops.glimpse._keep_index_native(keep, max_len, padding_side == "left")
-    return SPEC.triton_module().keep_index_triton(keep, max_len, padding_side == "left")
+        return keep_index_reference(c.keep, c.max_len, c.padding_side)
+    return run_kernel(SPEC, chosen, Kernel(c.keep, c.max_len, c.padding_side == "left"))
 
 
 define_op(OP, SCHEMA, _router, _fake)
+define_native(OP, Kernel, "(Tensor, Tensor)")
 
 
 def keep_index(
-    keep: Tensor, max_len: int | None = None, padding_side: str = "left", backend: str = "auto"
+    keep: Tensor, *, max_len: int | None = None, padding_side: str = "left", backend: str = "auto"
 ) -> tuple[Tensor, Tensor]:
     """Positions of the kept tokens of each row, in order, padded to a common length.
 

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
 from .. import _validation as v
 from .._backend import OpBackends, register
 from ..reference import prune_kv_reference
-from ._register import define_op, require_tensors, select_max_keep, split_max_keep
+from ._register import (
+    Call,
+    all_true,
+    define_native,
+    define_op,
+    require_tensors,
+    run_kernel,
+    select_max_keep,
+    split_max_keep,
+)
 from .compact_kv import fake_compacted
 from .keep_index import fake_index
 from .select_tokens import validate as validate_select
@@ -23,108 +34,61 @@ SCHEMA = (
 )
 
 
-def validate(
-    scores,
-    candidate_mask,
-    keys,
-    values,
-    threshold,
-    max_keep,
-    min_keep,
-    max_len,
-    padding_side,
-    max_keep_per_row,
-    backend,
-) -> None:
-    validate_select(scores, candidate_mask, threshold, max_keep, min_keep, max_keep_per_row, backend, op=OP)
-    v.check_kv_lists(OP, keys, values)
-    if keys:
-        B, S = scores.shape
-        first = keys[0]
+class Kernel(NamedTuple):
+    """What the native and Triton kernels take."""
+
+    scores: Tensor
+    candidate_mask: Tensor
+    keys: list[Tensor]
+    values: list[Tensor]
+    threshold: float | None
+    max_keep: int
+    min_keep: int
+    max_keep_per_row: Tensor | None
+    max_len: int | None
+    left_padding: bool
+
+
+def validate(c: Call) -> None:
+    validate_select(c, op=OP)
+    v.check_kv_lists(OP, c.keys, c.values)
+    if c.keys:
+        B, S = c.scores.shape
+        first = c.keys[0]
         if first.shape[0] != B or first.shape[2] != S:
             v.fail_value(
                 OP, f"keys[0] must be [B, Hkv, S, D] with B, S = {B}, {S} from scores, got {v.describe(first)}"
             )
-        v.check_same_device(OP, {"scores": scores, "keys[0]": first})
-    v.check_max_len(OP, max_len)
-    v.check_choice(OP, "padding_side", padding_side, v.PADDING_SIDES)
+        v.check_same_device(OP, {"scores": c.scores, "keys[0]": first})
+    v.check_max_len(OP, c.max_len)
+    v.check_choice(OP, "padding_side", c.padding_side, v.PADDING_SIDES)
 
 
-def _fake(
-    scores,
-    candidate_mask,
-    keys,
-    values,
-    threshold=None,
-    max_keep=0,
-    min_keep=0,
-    max_len=None,
-    padding_side="left",
-    max_keep_per_row=None,
-    backend="auto",
-):
-    validate(
-        scores,
-        candidate_mask,
-        keys,
-        values,
-        threshold,
-        max_keep,
-        min_keep,
-        max_len,
-        padding_side,
-        max_keep_per_row,
-        backend,
-    )
-    index, lengths = fake_index(scores.shape[0], max_len, scores.device)
-    keep = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
+def _fake(c: Call) -> tuple:
+    validate(c)
+    index, lengths = fake_index(c.scores.shape[0], c.max_len, c.scores.device)
+    keep = torch.empty(c.scores.shape, dtype=torch.bool, device=c.scores.device)
     length = index.shape[1]
-    return fake_compacted(keys, length), fake_compacted(values, length), index, lengths, keep
+    return fake_compacted(c.keys, length), fake_compacted(c.values, length), index, lengths, keep
 
 
-def _router(
-    scores,
-    candidate_mask,
-    keys,
-    values,
-    threshold=None,
-    max_keep=0,
-    min_keep=0,
-    max_len=None,
-    padding_side="left",
-    max_keep_per_row=None,
-    backend="auto",
-):
-    validate(
-        scores,
-        candidate_mask,
-        keys,
-        values,
-        threshold,
-        max_keep,
-        min_keep,
-        max_len,
-        padding_side,
-        max_keep_per_row,
-        backend,
-    )
-    chosen = SPEC.resolve(backend, scores.device)
+def _router(c: Call) -> tuple:
+    validate(c)
+    chosen = SPEC.resolve(c.backend, c.scores.device)
     if chosen == "reference":
-        cap = select_max_keep(max_keep, max_keep_per_row)
-        return prune_kv_reference(scores, candidate_mask, keys, values, threshold, cap, min_keep, max_len, padding_side)
-    if candidate_mask is None:
-        candidate_mask = torch.ones_like(scores, dtype=torch.bool)
-    left = padding_side == "left"
-    if chosen == "native":
-        return torch.ops.glimpse._prune_kv_native(
-            scores, candidate_mask, keys, values, threshold, max_keep, min_keep, max_keep_per_row, max_len, left
+        cap = select_max_keep(c.max_keep, c.max_keep_per_row)
+        return prune_kv_reference(
+            c.scores, c.candidate_mask, c.keys, c.values, c.threshold, cap, c.min_keep, c.max_len, c.padding_side
         )
-    return SPEC.triton_module().prune_kv_triton(
-        scores, candidate_mask, keys, values, threshold, max_keep, min_keep, max_keep_per_row, max_len, left
-    )
+    kernel = Kernel(
+        c.scores, all_true(c.scores, c.candidate_mask), c.keys, c.values, c.threshold, c.max_keep, c.min_keep,
+        c.max_keep_per_row, c.max_len, c.padding_side == "left",
+    )  # fmt: skip
+    return run_kernel(SPEC, chosen, kernel)
 
 
 define_op(OP, SCHEMA, _router, _fake)
+define_native(OP, Kernel, "(Tensor[], Tensor[], Tensor, Tensor, Tensor)")
 
 
 def prune_kv(
@@ -132,6 +96,7 @@ def prune_kv(
     candidate_mask: Tensor | None,
     keys: list[Tensor],
     values: list[Tensor],
+    *,
     threshold: float | None = None,
     max_keep: int | Tensor = 0,
     min_keep: int = 0,

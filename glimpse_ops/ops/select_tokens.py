@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
 from .. import _validation as v
 from .._backend import OpBackends, register
 from ..reference import select_tokens_reference
-from ._register import define_op, require_tensors, select_max_keep, split_max_keep
+from ._register import (
+    Call,
+    all_true,
+    define_native,
+    define_op,
+    require_tensors,
+    run_kernel,
+    select_max_keep,
+    split_max_keep,
+)
 
 OP = "select_tokens"
 SPEC = register(OpBackends(OP, native=("cpu",), triton="select_tokens"))
@@ -18,56 +29,56 @@ SCHEMA = (
 )
 
 
-def validate(
-    scores: Tensor,
-    candidate_mask: Tensor | None,
-    threshold: float | None,
-    max_keep: int,
-    min_keep: int,
-    max_keep_per_row: Tensor | None,
-    backend: str,
-    op: str = OP,
-) -> None:
-    """Shared with prune_kv and glimpse_prune, which pass their own name as ``op``."""
-    v.check_tensor(op, "scores", scores)
-    v.check_dtype(op, "scores", scores, (torch.float32,), "[B, S]")
-    v.check_rank(op, "scores", scores, 2, "fp32 [B, S]")
-    v.check_nonempty(op, "scores", scores, (0, 1), "fp32 [B, S]")
-    B, S = scores.shape
-    v.check_mask(op, "candidate_mask", candidate_mask, B, S)
-    v.check_select_args(op, B, threshold, max_keep, min_keep, max_keep_per_row)
-    v.check_same_device(op, {"scores": scores, "candidate_mask": candidate_mask, "max_keep": max_keep_per_row})
-    v.check_backend(op, backend)
+class Kernel(NamedTuple):
+    """What the native and Triton kernels take."""
+
+    scores: Tensor
+    candidate_mask: Tensor
+    threshold: float | None
+    max_keep: int
+    min_keep: int
+    max_keep_per_row: Tensor | None
 
 
-def _fake(scores, candidate_mask=None, threshold=None, max_keep=0, min_keep=0, max_keep_per_row=None, backend="auto"):
-    validate(scores, candidate_mask, threshold, max_keep, min_keep, max_keep_per_row, backend)
-    return torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
+def validate(c: Call, op: str = OP) -> None:
+    """Shared with prune_kv and glimpse_prune, which pass their own name as ``op``; ``c`` needs
+    scores, candidate_mask, threshold, max_keep, min_keep, max_keep_per_row and backend."""
+    v.check_tensor(op, "scores", c.scores)
+    v.check_dtype(op, "scores", c.scores, (torch.float32,), "[B, S]")
+    v.check_rank(op, "scores", c.scores, 2, "fp32 [B, S]")
+    v.check_nonempty(op, "scores", c.scores, (0, 1), "fp32 [B, S]")
+    B, S = c.scores.shape
+    v.check_mask(op, "candidate_mask", c.candidate_mask, B, S)
+    v.check_select_args(op, B, c.threshold, c.max_keep, c.min_keep, c.max_keep_per_row)
+    v.check_same_device(op, {"scores": c.scores, "candidate_mask": c.candidate_mask, "max_keep": c.max_keep_per_row})
+    v.check_backend(op, c.backend)
 
 
-def _router(scores, candidate_mask=None, threshold=None, max_keep=0, min_keep=0, max_keep_per_row=None, backend="auto"):
-    validate(scores, candidate_mask, threshold, max_keep, min_keep, max_keep_per_row, backend)
-    chosen = SPEC.resolve(backend, scores.device)
+def _fake(c: Call) -> Tensor:
+    validate(c)
+    return torch.empty(c.scores.shape, dtype=torch.bool, device=c.scores.device)
+
+
+def _router(c: Call) -> Tensor:
+    validate(c)
+    chosen = SPEC.resolve(c.backend, c.scores.device)
     if chosen == "reference":
-        cap = select_max_keep(max_keep, max_keep_per_row)
-        return select_tokens_reference(scores, candidate_mask, threshold, cap, min_keep)
-    if candidate_mask is None:
-        candidate_mask = torch.ones_like(scores, dtype=torch.bool)
-    if chosen == "native":
-        return torch.ops.glimpse._select_tokens_native(
-            scores, candidate_mask, threshold, max_keep, min_keep, max_keep_per_row
-        )
-    return SPEC.triton_module().select_tokens_triton(
-        scores, candidate_mask, threshold, max_keep, min_keep, max_keep_per_row
+        cap = select_max_keep(c.max_keep, c.max_keep_per_row)
+        return select_tokens_reference(c.scores, c.candidate_mask, c.threshold, cap, c.min_keep)
+    kernel = Kernel(
+        c.scores, all_true(c.scores, c.candidate_mask), c.threshold, c.max_keep, c.min_keep, c.max_keep_per_row
     )
+    return run_kernel(SPEC, chosen, kernel)
 
 
 define_op(OP, SCHEMA, _router, _fake)
+define_native(OP, Kernel, "Tensor")
 
 
 def select_tokens(
     scores: Tensor,
     candidate_mask: Tensor | None = None,
+    *,
     threshold: float | None = None,
     max_keep: int | Tensor = 0,
     min_keep: int = 0,

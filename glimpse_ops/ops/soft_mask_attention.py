@@ -7,16 +7,19 @@ per-row log-sum-exp L, which carries the autograd) and ``_soft_mask_attention_ba
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
 from .. import _validation as v
 from .._backend import OpBackends, register
 from ..reference import default_scale, soft_mask_attention_backward_reference, soft_mask_attention_forward_reference
-from ._register import define_op, require_tensors
+from ._register import Call, Signature, define_op, require_tensors, run_kernel
 
 OP = "soft_mask_attention"
 SPEC = register(OpBackends(OP, triton="soft_mask_attention", fp64=("reference",)))
+FORWARD_SPEC = register(OpBackends("_soft_mask_attention_forward", triton="soft_mask_attention", fp64=("reference",)))
 BACKWARD_SPEC = register(OpBackends("_soft_mask_attention_backward", triton="soft_mask_attention", fp64=("reference",)))
 SCHEMA = (
     "(Tensor q, Tensor k, Tensor v, Tensor key_weight, Tensor? key_mask=None, bool causal=True, "
@@ -33,27 +36,55 @@ BACKWARD_SCHEMA = (
 )
 
 
-def validate(q, k, v_, key_weight, key_mask, causal, scale, backend) -> None:
+class ForwardKernel(NamedTuple):
+    """What the Triton forward kernel takes."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    key_weight: Tensor
+    key_mask: Tensor | None
+    causal: bool
+    scale: float
+
+
+class BackwardKernel(NamedTuple):
+    """What the Triton backward kernels take."""
+
+    grad_out: Tensor
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    key_weight: Tensor
+    key_mask: Tensor | None
+    causal: bool
+    scale: float
+    out: Tensor
+    lse: Tensor
+
+
+def validate(c: Call) -> None:
+    q, key_weight = c.q, c.key_weight
     v.check_floating(OP, "q", q, "[B, H, N, D]")
     v.check_nonempty(OP, "q", q, (0, 1, 2, 3), "[B, H, N, D]")
-    for name, t in (("k", k), ("v", v_)):
+    for name, t in (("k", c.k), ("v", c.v)):
         v.check_floating(OP, name, t, "[B, Hkv, N, D]")
         if t.dtype != q.dtype:
             v.fail_type(OP, f"{name} must have the dtype of q ({v.dtype_name(q.dtype)}), got {v.describe(t)}")
         if t.shape[2] != q.shape[2]:
             v.fail_value(OP, f"{name} must have the sequence length of q ({q.shape[2]}), got {v.describe(t)}")
-    v.check_gqa(OP, q, k)
-    if v_.shape != k.shape:
-        v.fail_value(OP, f"v must have the shape of k {v.describe(k)}, got {v.describe(v_)}")
+    v.check_gqa(OP, q, c.k)
+    if c.v.shape != c.k.shape:
+        v.fail_value(OP, f"v must have the shape of k {v.describe(c.k)}, got {v.describe(c.v)}")
     B, N = q.shape[0], q.shape[2]
     v.check_tensor(OP, "key_weight", key_weight)
     v.check_dtype(OP, "key_weight", key_weight, v.FLOAT_DTYPES, "[B, N]")
     if tuple(key_weight.shape) != (B, N):
         v.fail_value(OP, f"key_weight must be [B, N] = [{B}, {N}], got {v.describe(key_weight)}")
-    v.check_mask(OP, "key_mask", key_mask, B, N)
-    v.check_same_device(OP, {"q": q, "k": k, "v": v_, "key_weight": key_weight, "key_mask": key_mask})
-    v.check_scale(OP, scale)
-    v.check_backend(OP, backend)
+    v.check_mask(OP, "key_mask", c.key_mask, B, N)
+    v.check_same_device(OP, {"q": q, "k": c.k, "v": c.v, "key_weight": key_weight, "key_mask": c.key_mask})
+    v.check_scale(OP, c.scale)
+    v.check_backend(OP, c.backend)
     if v.reads_data_cheaply(key_weight):
         w = key_weight.detach()
         inside = (w >= 0) & (w <= 1)
@@ -61,50 +92,53 @@ def validate(q, k, v_, key_weight, key_mask, causal, scale, backend) -> None:
             v.fail_value(OP, f"key_weight values must be in [0, 1], got {w[~inside][0].item()}")
 
 
-def _composite(q, k, v_, key_weight, key_mask=None, causal=True, scale=None, backend="auto"):
-    validate(q, k, v_, key_weight, key_mask, causal, scale, backend)
-    return torch.ops.glimpse._soft_mask_attention_forward(q, k, v_, key_weight, key_mask, causal, scale, backend)[0]
+def _composite(*args, **kwargs) -> Tensor:
+    c = SIGNATURE.bind(args, kwargs)
+    validate(c)
+    return torch.ops.glimpse._soft_mask_attention_forward(c.q, c.k, c.v, c.key_weight, c.key_mask, c.causal, c.scale,
+                                                          c.backend)[0]  # fmt: skip
 
 
-def _forward_fake(q, k, v_, key_weight, key_mask, causal, scale, backend="auto"):
-    return torch.empty_like(q), q.new_empty(
-        q.shape[:3], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32
-    )
+def _forward_fake(c: Call) -> tuple[Tensor, Tensor]:
+    lse_dtype = torch.float64 if c.q.dtype == torch.float64 else torch.float32
+    return torch.empty_like(c.q), c.q.new_empty(c.q.shape[:3], dtype=lse_dtype)
 
 
-def _forward_router(q, k, v_, key_weight, key_mask, causal, scale, backend="auto"):
-    chosen = SPEC.resolve(backend, q.device, q.dtype, q.shape[-1])
+def _forward_router(c: Call) -> tuple[Tensor, Tensor]:
+    chosen = SPEC.resolve(c.backend, c.q.device, c.q.dtype, c.q.shape[-1])
     if chosen == "reference":
-        return soft_mask_attention_forward_reference(q, k, v_, key_weight, key_mask, causal, scale)
-    return SPEC.triton_module().soft_mask_attention_forward_triton(
-        q, k, v_, key_weight, key_mask, causal, default_scale(q.shape[-1], scale)
-    )
+        return soft_mask_attention_forward_reference(c.q, c.k, c.v, c.key_weight, c.key_mask, c.causal, c.scale)
+    scale = default_scale(c.q.shape[-1], c.scale)
+    return run_kernel(FORWARD_SPEC, chosen, ForwardKernel(c.q, c.k, c.v, c.key_weight, c.key_mask, c.causal, scale))
 
 
-def _backward_fake(grad_out, q, k, v_, key_weight, key_mask, causal, scale, out, lse, backend="auto"):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v_), torch.empty_like(key_weight)
+def _backward_fake(c: Call) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return torch.empty_like(c.q), torch.empty_like(c.k), torch.empty_like(c.v), torch.empty_like(c.key_weight)
 
 
-def _backward_router(grad_out, q, k, v_, key_weight, key_mask, causal, scale, out, lse, backend="auto"):
-    chosen = BACKWARD_SPEC.resolve(backend, q.device, q.dtype, q.shape[-1])
+def _backward_router(c: Call) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    chosen = BACKWARD_SPEC.resolve(c.backend, c.q.device, c.q.dtype, c.q.shape[-1])
     if chosen == "triton":
-        return BACKWARD_SPEC.triton_module().soft_mask_attention_backward_triton(
-            grad_out, q, k, v_, key_weight, key_mask, causal, default_scale(q.shape[-1], scale), out, lse
-        )
-    return soft_mask_attention_backward_reference(grad_out, q, k, v_, key_weight, key_mask, causal, scale)
+        kernel = BackwardKernel(c.grad_out, c.q, c.k, c.v, c.key_weight, c.key_mask, c.causal,
+                                default_scale(c.q.shape[-1], c.scale), c.out, c.lse)  # fmt: skip
+        return run_kernel(BACKWARD_SPEC, chosen, kernel)
+    return soft_mask_attention_backward_reference(
+        c.grad_out, c.q, c.k, c.v, c.key_weight, c.key_mask, c.causal, c.scale
+    )
 
 
 torch.library.define(f"glimpse::{OP}", SCHEMA)
 torch.library.impl(f"glimpse::{OP}", "CompositeImplicitAutograd")(_composite)
-define_op("_soft_mask_attention_forward", FORWARD_SCHEMA, _forward_router, _forward_fake)
+SIGNATURE = Signature(OP, SCHEMA)
+FORWARD_SIGNATURE = define_op("_soft_mask_attention_forward", FORWARD_SCHEMA, _forward_router, _forward_fake)
 define_op("_soft_mask_attention_backward", BACKWARD_SCHEMA, _backward_router, _backward_fake)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v_, key_weight, key_mask, causal, scale, backend = inputs
+    c = FORWARD_SIGNATURE.bind(inputs, {})
     out, lse = output
-    ctx.save_for_backward(q, k, v_, key_weight, key_mask, out, lse)
-    ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
+    ctx.save_for_backward(c.q, c.k, c.v, c.key_weight, c.key_mask, out, lse)
+    ctx.causal, ctx.scale, ctx.backend = c.causal, c.scale, c.backend
 
 
 def _backward(ctx, grad_out, grad_lse):
@@ -112,7 +146,7 @@ def _backward(ctx, grad_out, grad_lse):
     dq, dk, dv, dw = torch.ops.glimpse._soft_mask_attention_backward(
         grad_out, q, k, v_, key_weight, key_mask, ctx.causal, ctx.scale, out, lse, ctx.backend
     )
-    return dq, dk, dv, dw, None, None, None, None
+    return (dq, dk, dv, dw) + (None,) * (len(FORWARD_SIGNATURE.names) - 4)
 
 
 torch.library.register_autograd("glimpse::_soft_mask_attention_forward", _backward, setup_context=_setup_context)
@@ -124,6 +158,7 @@ def soft_mask_attention(
     v: Tensor,
     key_weight: Tensor,
     key_mask: Tensor | None = None,
+    *,
     causal: bool = True,
     scale: float | None = None,
     backend: str = "auto",

@@ -257,7 +257,9 @@ def _constants(kernel) -> str:
 
 
 def run_worker(arch: int, quick: bool, only: str | None = None) -> ArchReport:
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    from glimpse_ops._backend import triton_interpreting
+
+    if triton_interpreting():
         raise SystemExit("compile_gate: unset TRITON_INTERPRET (the interpreter compiles nothing)")
     import torch
     import triton

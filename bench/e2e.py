@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from timing import peak_mib, sync, time_ms
 from torch import Tensor
 
+from glimpse_ops.layers import attention_mask
 from glimpse_ops.lvlm import LVLM, ATPPruner, GlimpsePruner, LVLMConfig, qwen2_5_vl_7b_shapes
-from glimpse_ops.lvlm.decoder import attention_mask
-from glimpse_ops.lvlm.model import Compacted, Prefix, finish_compacted
+from glimpse_ops.lvlm.model import Compacted, Prefix
 from glimpse_ops.lvlm.task import BOS, IMAGE
 from glimpse_ops.progress import Progress
 
@@ -203,14 +203,12 @@ def run_e2e_case(case: E2ECase, device: str, budget_s: float, progress: Progress
     with torch.no_grad():
         prefix = pruner.glimpse_prefix(model, images, ids, mask)
         ours_c, eager_c = pruner.prune_prefix(model, prefix), eager.prune_prefix(model, prefix)
-        ok, note = _check(ours_c, eager_c, finish_compacted(model, ours_c)[0], finish_compacted(model, eager_c)[0])
+        ok, note = _check(ours_c, eager_c, ours_c.finish(model)[0], eager_c.finish(model)[0])
         del ours_c, eager_c
         prefills: dict[str, Callable[[], tuple]] = {
             "unpruned": lambda: model.prefill(images, ids, mask),
             "glimpse_ops": lambda: pruner.prefill(model, images, ids, mask),
-            "eager": lambda: finish_compacted(
-                model, eager.prune_prefix(model, pruner.glimpse_prefix(model, images, ids, mask))
-            ),
+            "eager": lambda: eager.prune_prefix(model, pruner.glimpse_prefix(model, images, ids, mask)).finish(model),
         }
         overheads = {
             "glimpse_ops": lambda: pruner.prune_prefix(model, prefix),

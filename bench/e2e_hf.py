@@ -26,10 +26,8 @@ from dataclasses import dataclass
 import peers
 import torch
 from timing import peak_mib, sync, time_ms
-from torch import Tensor
 
-from glimpse_ops.hf import apply_glimpse_prune
-from glimpse_ops.hf.glimpse_prune import GlimpsePruneHandle, _Prefill
+from glimpse_ops.hf import SelectionInputs, apply_glimpse_prune, glimpse_prune_selection
 from glimpse_ops.progress import Progress
 
 KEEP_RATIO = 0.074
@@ -137,17 +135,14 @@ def make_inputs(case: HFCase, device: str) -> dict:
     }
 
 
-class EagerPatchHandle(GlimpsePruneHandle):
-    """The peer: the same hooks, selection and compaction as the public code writes them."""
-
-    def _select_and_compact(self, p: _Prefill, keys: list[Tensor], values: list[Tensor]):
-        a = self.adapter
-        probs = peers.eager_glimpse_scores(p.glimpse_q, keys[self.layer], p.valid, a.head_dim**-0.5)
-        scores = probs.mean(dim=(1, 2))
-        max_keep = max(1, math.ceil(int(p.visual.sum(dim=1).max()) * self.max_keep_ratio))  # host sync
-        keep = peers.eager_select(scores, p.visual, max_keep)  # non-candidates (text, padding) are kept
-        new_keys, new_values, index = peers.eager_compact(keys, values, keep)
-        return new_keys, new_values, index, scores
+def eager_selection(x: SelectionInputs):
+    """The peer: the same hooks, with selection and compaction as the public code writes them."""
+    probs = peers.eager_glimpse_scores(x.glimpse_q, x.keys[x.layer], x.valid, x.head_dim**-0.5)
+    scores = probs.mean(dim=(1, 2))
+    max_keep = int(x.max_keep.max())  # a host sync, as the public code has
+    keep = peers.eager_select(scores, x.visual, max_keep)  # non-candidates (text, padding) are kept
+    new_keys, new_values, index = peers.eager_compact(x.keys, x.values, keep)
+    return new_keys, new_values, index, scores
 
 
 class _Stop(Exception):
@@ -180,16 +175,14 @@ def run_hf_case(case: HFCase, device: str, budget_s: float, progress: Progress) 
     layer = max(0, math.ceil(2 * n_layers / 3) - 1)
     base = {"case": case.as_dict(), "name": case.name()}
     rows: list[dict] = []
-    patches = {"unpatched": None, "glimpse_ops": GlimpsePruneHandle, "eager_patch": EagerPatchHandle}
+    patches = {"unpatched": None, "glimpse_ops": glimpse_prune_selection, "eager_patch": eager_selection}
     reference: dict = {}
-    for name, handle_class in patches.items():
+    for name, selection in patches.items():
         row = {**base, "provider": name, "layer": layer}
         handle = (
             None
-            if handle_class is None
-            else apply_glimpse_prune(
-                model, layer=layer, threshold=None, max_keep_ratio=KEEP_RATIO, _handle_class=handle_class
-            )
+            if selection is None
+            else apply_glimpse_prune(model, layer=layer, threshold=None, max_keep_ratio=KEEP_RATIO, selection=selection)
         )
         try:
             with torch.no_grad():

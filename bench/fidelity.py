@@ -37,7 +37,7 @@ from glimpse_ops.lvlm import (
     evaluate,
     tiny,
     train_atp,
-    train_glimpse,
+    train_glimpse_pruner,
     train_lvlm,
 )  # noqa: E402
 from glimpse_ops.lvlm.checkpoint import save_trained  # noqa: E402
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     progress = Progress(lvlm_steps + glimpse_steps + 4 + len(ATP_TARGETS) * (atp_steps + 1))
     start = time.perf_counter()
     train_lvlm(model, lvlm_steps, seed=args.seed, progress=progress.step)
-    train_glimpse(model, pruner, glimpse_steps, seed=args.seed + 1, progress=progress.step)
+    train_glimpse_pruner(model, pruner, glimpse_steps, seed=args.seed + 1, progress=progress.step)
     pruner.eval()
     if args.save is not None:
         save_trained(args.save, model, pruner)

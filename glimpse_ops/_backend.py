@@ -36,6 +36,8 @@ def native_error() -> str | None:
 
 
 def triton_interpreting() -> bool:
+    """True under TRITON_INTERPRET=1: Triton kernels run on CPU tensors (slowly). The one
+    place that reads the variable."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .lvlm import LVLM, GlimpsePruner, make_batch, tiny, train_glimpse, train_lvlm
+from .lvlm import LVLM, GlimpsePruner, make_batch, tiny, train_glimpse_pruner, train_lvlm
 from .lvlm.checkpoint import load_trained
 from .lvlm.task import ANSWER_BASE, COLOR_NAMES, IMAGE, SHAPE_NAMES
 from .progress import Progress
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         pruner = GlimpsePruner(model)
         progress = Progress(sum(args.steps))
         train_lvlm(model, args.steps[0], seed=args.seed, progress=progress.step)
-        train_glimpse(model, pruner, args.steps[1], seed=args.seed + 1, progress=progress.step)
+        train_glimpse_pruner(model, pruner, args.steps[1], seed=args.seed + 1, progress=progress.step)
         pruner.eval()
     examples = run_examples(model, pruner, args.samples, seed=args.seed + 100)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,6 @@ TOLERANCES = {
 }
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def backend_device_params(op: str) -> list:

@@ -9,8 +9,9 @@ import pytest
 import torch
 from conftest import assert_close
 
+from glimpse_ops.atp_stage import spatial_scores
 from glimpse_ops.lvlm import LVLM, ATPPruner, make_batch, tiny, train_atp
-from glimpse_ops.lvlm.atp import answer_and_budget_loss, spatial_scores
+from glimpse_ops.lvlm.atp import answer_and_budget_loss
 from glimpse_ops.lvlm.model import positions_from_mask
 
 

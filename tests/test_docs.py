@@ -54,7 +54,7 @@ def test_readme_hf_example_runs_on_a_tiny_model(capsys):
     from glimpse_ops.hf import testing
 
     example = code_blocks("python")[1]
-    pruning = example[example.index("with glimpse_ops.hf.glimpse_prune") :]
+    pruning = example[example.index("with glimpse_ops.hf.pruned") :]
     namespace = {"model": testing.tiny_qwen2_5_vl(), "inputs": testing.qwen_inputs(batch=2, text_lengths=[2, 3])}
     exec(
         compile(
@@ -83,7 +83,7 @@ def test_readme_predictor_example_runs_on_a_tiny_model(tmp_path):
     namespace = {"model": model, "inputs": testing.qwen_inputs(batch=2, text_lengths=[2, 3])}
     exec(compile("import glimpse_ops.hf\n" + example, "README.md", "exec"), namespace)
     assert namespace["out"].shape[0] == 2
-    assert not hasattr(model, "_glimpse_ops_handle")
+    assert not hasattr(model, "_glimpse_ops_patch")
 
 
 def test_readme_training_example_runs_on_a_tiny_model(tmp_path):

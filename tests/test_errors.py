@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import INTERPRETING
 
 import glimpse_ops as g
+from glimpse_ops._backend import triton_interpreting
 
 f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -374,7 +374,7 @@ CASES = [
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 def test_bad_input_raises_clear_error(case, backend):
     name, call, exc_type, pattern = case
-    if name == "soft triton on cpu" and INTERPRETING:
+    if name == "soft triton on cpu" and triton_interpreting():
         pytest.skip("under TRITON_INTERPRET=1 the triton backend is available on CPU")
     if "backend" in name or "native" in name or "triton" in name:
         if backend == "reference":

@@ -77,7 +77,7 @@ def test_scores_and_compacted_caches_match_explicit_references(family):
     for h in hooks:
         h.remove()
     full_cache = stock.past_key_values
-    with hf.glimpse_prune(model, layer=K, max_keep_ratio=0.25) as handle:
+    with hf.pruned(model, layer=K, max_keep_ratio=0.25) as handle:
         with torch.no_grad():
             pruned = model(**x, use_cache=True)
         scores, index = handle.last_scores, handle.last_index
@@ -118,7 +118,7 @@ def test_decoding_continues_at_the_original_positions(family):
     _generate(model, x, 3)
     stock = [p.clone() for p in seen[1:]]
     seen.clear()
-    with hf.glimpse_prune(model, max_keep_ratio=0.25):
+    with hf.pruned(model, max_keep_ratio=0.25):
         _generate(model, x, 3)
     hook.remove()
     assert len(seen) == 3 and all(torch.equal(a, b) for a, b in zip(seen[1:], stock)), (
@@ -129,7 +129,7 @@ def test_decoding_continues_at_the_original_positions(family):
 def test_batch_with_unequal_keeps_equals_single_runs(family):
     model, inputs, _, seed = family
     x = inputs(batch=2, text_lengths=[2, 5], seed=seed)
-    with hf.glimpse_prune(model, threshold=None, max_keep_ratio=1.0) as handle:
+    with hf.pruned(model, threshold=None, max_keep_ratio=1.0) as handle:
         with torch.no_grad():
             model(**x)
         scores = handle.last_scores
@@ -146,7 +146,7 @@ def test_batch_with_unequal_keeps_equals_single_runs(family):
         for gap, t in sorted(candidates, reverse=True)
         if int((scores[0][visual[0]] > t).sum()) != int((scores[1][visual[1]] > t).sum())
     )
-    with hf.glimpse_prune(model, threshold=threshold, max_keep_ratio=1.0, min_keep=1) as handle:
+    with hf.pruned(model, threshold=threshold, max_keep_ratio=1.0, min_keep=1) as handle:
         batch = _scored_generate(model, x)
         kept = handle.last_kept_visual.tolist()
         for b in range(2):
@@ -182,7 +182,7 @@ def _scored_generate(model, x, n=4):
 def test_sampling_runs_on_a_patched_model():
     model = testing.tiny_qwen2_5_vl()
     x = testing.qwen_inputs(batch=2, text_lengths=[2, 4])
-    with hf.glimpse_prune(model, max_keep_ratio=0.1) as handle:
+    with hf.pruned(model, max_keep_ratio=0.1) as handle:
         out = model.generate(**x, max_new_tokens=3, do_sample=True, top_k=5)
         assert handle.last_kept_visual.tolist() == [2, 2]
     assert out.shape == (2, x["input_ids"].shape[1] + 3)
@@ -206,4 +206,4 @@ def test_errors():
     with pytest.raises(RuntimeError, match="found 5.24.0"):
         require_transformers("5.24.0")
     assert require_transformers("5.17.0") == "5.17.0"
-    assert not hasattr(model, "_glimpse_ops_handle")
+    assert not hasattr(model, "_glimpse_ops_patch")

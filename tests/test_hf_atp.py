@@ -8,8 +8,9 @@ import torch
 pytest.importorskip("transformers")  # CI installs it: the README test command
 
 from glimpse_ops import hf  # noqa: E402
+from glimpse_ops.atp_stage import spatial_scores  # noqa: E402
 from glimpse_ops.hf import testing  # noqa: E402
-from glimpse_ops.hf.atp import apply_atp, spatial_scores  # noqa: E402
+from glimpse_ops.hf.atp import apply_atp  # noqa: E402
 
 FAMILIES = {
     "qwen2_5_vl": (testing.tiny_qwen2_5_vl, testing.qwen_inputs),

@@ -44,7 +44,7 @@ def test_keep_everything_with_a_predictor_matches_the_stock_model(setup):
     with torch.no_grad():
         want = model(**x).logits[:, -1]
         want_ids = model.generate(**x, max_new_tokens=4, do_sample=False)
-    with hf.glimpse_prune(model, predictor=predictor, threshold=None, max_keep_ratio=1.0) as handle:
+    with hf.pruned(model, predictor=predictor, threshold=None, max_keep_ratio=1.0) as handle:
         with torch.no_grad():
             got = model(**x).logits[:, -1]
             ids = model.generate(**x, max_new_tokens=4, do_sample=False)
@@ -56,7 +56,7 @@ def test_keep_everything_with_a_predictor_matches_the_stock_model(setup):
 def test_batch_with_unequal_keeps_equals_single_runs(setup):
     model, predictor, seed = setup
     x = testing.qwen_inputs(batch=2, text_lengths=[2, 5], seed=seed)
-    with hf.glimpse_prune(model, predictor=predictor, threshold=None, max_keep_ratio=1.0) as handle:
+    with hf.pruned(model, predictor=predictor, threshold=None, max_keep_ratio=1.0) as handle:
         with torch.no_grad():
             model(**x)
         probs = handle.last_scores[x["input_ids"] == testing.IMAGE].view(2, -1)
@@ -64,7 +64,7 @@ def test_batch_with_unequal_keeps_equals_single_runs(setup):
     gaps = ranked[9:23] - ranked[8:22]
     at = 8 + int(gaps.argmax())
     threshold = float(ranked[at] + ranked[at + 1]) / 2  # in a wide gap: rounding cannot flip a token
-    with hf.glimpse_prune(model, predictor=predictor, threshold=threshold) as handle:
+    with hf.pruned(model, predictor=predictor, threshold=threshold) as handle:
         with torch.no_grad():
             batch = model(**x).logits[:, -1]
             kept = handle.last_kept_visual.tolist()
@@ -78,11 +78,11 @@ def test_batch_with_unequal_keeps_equals_single_runs(setup):
 def test_the_cap_keeps_the_top_tokens(setup):
     model, predictor, seed = setup
     x = testing.qwen_inputs(batch=1, seed=seed)
-    with hf.glimpse_prune(model, predictor=predictor, threshold=None, max_keep_ratio=1.0) as handle:
+    with hf.pruned(model, predictor=predictor, threshold=None, max_keep_ratio=1.0) as handle:
         with torch.no_grad():
             model(**x)
         probs = handle.last_scores[0]
-    with hf.glimpse_prune(model, predictor=predictor, threshold=0.0, max_keep_ratio=0.25) as handle:
+    with hf.pruned(model, predictor=predictor, threshold=0.0, max_keep_ratio=0.25) as handle:
         with torch.no_grad():
             model(**x)
         kept = handle.last_index[0]
@@ -98,7 +98,7 @@ def test_save_and_load_round_trip(setup, tmp_path):
     x = testing.qwen_inputs(batch=2, text_lengths=[2, 4], seed=seed)
     results = []
     for p in (predictor, str(path)):
-        with hf.glimpse_prune(model, predictor=p, threshold=None, max_keep_ratio=0.5) as handle:
+        with hf.pruned(model, predictor=p, threshold=None, max_keep_ratio=0.5) as handle:
             with torch.no_grad():
                 results.append((model(**x).logits, handle.last_index))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
@@ -169,7 +169,7 @@ def test_the_release_format_loads_and_prunes(tmp_path):
     assert torch.equal(predictor.glimpse.learnable_embeddings, modules["learnable_embeddings"][: K + 1])
     assert torch.equal(predictor.glimpse.le_norm.weight, modules["le_norm"]["weight"])
     x = testing.qwen_inputs(batch=2, text_lengths=[2, 4])
-    with hf.glimpse_prune(model, predictor=str(tmp_path), max_keep_ratio=0.25) as handle:
+    with hf.pruned(model, predictor=str(tmp_path), max_keep_ratio=0.25) as handle:
         out = model.generate(**x, max_new_tokens=3, do_sample=False)
         assert all(1 <= k <= 4 for k in handle.last_kept_visual.tolist())
     assert out.shape == (2, x["input_ids"].shape[1] + 3)
@@ -187,7 +187,7 @@ def test_predictor_errors(setup, tmp_path):
     torch.save({}, tmp_path / "new_modules_gp.pt")
     with pytest.raises(ValueError, match="one score layer"):
         GlimpsePredictor.from_release(tmp_path, model)
-    assert not hasattr(model, "_glimpse_ops_handle")
+    assert not hasattr(model, "_glimpse_ops_patch")
 
 
 def test_window_index_matches_transformers():

@@ -69,7 +69,7 @@ def test_training_moves_the_kept_fraction_and_saves_a_usable_predictor(setup, tm
     assert len(lines) == 12 and "kept" in lines[-1]
     assert all(p.requires_grad for p in model.parameters()), "train_glimpse restores requires_grad"
     x = {k: v for k, v in batch.items() if k != "answer_ids"}
-    with hf.glimpse_prune(model, predictor=str(path)) as handle:
+    with hf.pruned(model, predictor=str(path)) as handle:
         model.generate(**x, max_new_tokens=2, do_sample=False)
         assert handle.last_kept_visual is not None
 

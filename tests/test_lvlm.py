@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import assert_close
 
-from glimpse_ops.lvlm import LVLM, GlimpsePruner, GlimpseTopK, RandomPruner, compact_and_finish, make_batch, tiny
+from glimpse_ops.lvlm import LVLM, GlimpsePruner, GlimpseTopK, RandomPruner, make_batch, tiny
 from glimpse_ops.lvlm.model import positions_from_mask
 
 
@@ -81,7 +81,7 @@ class FixedScorePruner:
             visual = prefix.visual[b]
             scores[b, visual] = torch.rand(int(visual.sum()), generator=torch.Generator().manual_seed(seed))
         caps = torch.tensor(self.caps)
-        return compact_and_finish(model, prefix, scores, None, caps, 1, None)
+        return prefix.prune(scores, None, caps, 1, None).finish(model)
 
 
 @torch.no_grad()

@@ -129,3 +129,53 @@ def test_setup_reads_the_toolkit_root_through_an_nvcc_wrapper():
     root = _load_setup().toolkit_root(shutil.which("nvcc"))
     assert root is not None and (Path(root) / "bin" / "nvcc").exists()
     assert (Path(root) / "include" / "cuda_runtime.h").exists()
+
+
+def _imports_of(path: Path, package: str) -> set[str]:
+    """Absolute names of the glimpse_ops modules a file imports (any nesting level)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                name = ".".join(base + ([node.module] if node.module else []))
+            else:
+                name = node.module or ""
+            if name.startswith("glimpse_ops"):
+                found.add(name)
+                found.update(f"{name}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("glimpse_ops"))
+    return found
+
+
+def test_hf_integration_does_not_depend_on_the_reference_lvlm():
+    for path in (ROOT / "glimpse_ops" / "hf").glob("*.py"):
+        imported = _imports_of(path, "glimpse_ops.hf")
+        assert not any(name.startswith("glimpse_ops.lvlm") for name in imported), path.name
+
+
+def test_hf_modules_have_no_import_cycle():
+    modules = {p.stem: p for p in (ROOT / "glimpse_ops" / "hf").glob("*.py") if p.stem != "__init__"}
+    graph = {
+        name: {m.rsplit(".", 1)[-1] for m in _imports_of(path, "glimpse_ops.hf") if m.startswith("glimpse_ops.hf.")}
+        & set(modules)
+        for name, path in modules.items()
+    }
+    seen, stack = set(), []
+
+    def visit(node):
+        assert node not in stack, f"import cycle: {' -> '.join(stack + [node])}"
+        if node in seen:
+            return
+        stack.append(node)
+        for nxt in graph[node]:
+            visit(nxt)
+        stack.pop()
+        seen.add(node)
+
+    for name in graph:
+        visit(name)

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
+
+from glimpse_ops._backend import triton_interpreting
 
 NEG_INF = float("-inf")
 
 
-def interpreting() -> bool:
-    """True under TRITON_INTERPRET=1 (kernels run on CPU tensors, slowly)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def next_pow2(n: int) -> int:
@@ -35,7 +33,7 @@ def row_block(n: int, cap: int = 4096) -> int:
 
 
 def warps_for(block_elements: int) -> int:
-    if interpreting():
+    if triton_interpreting():
         return 1
     return 4 if block_elements <= 2048 else 8 if block_elements <= 8192 else 16
 
@@ -45,7 +43,7 @@ def launch_options(num_warps: int, num_stages: int | None = None) -> dict:
     many warps can hold (at most 255 per thread). Without an explicit cap, ptxas 13 (Triton
     3.9) sometimes stops far below it and spills a few bytes (seen for sm_80 by
     bench/compile_gate.py); with one it allocates what the kernel needs."""
-    if interpreting():
+    if triton_interpreting():
         return {"num_warps": 1}
     options = {"num_warps": num_warps, "maxnreg": min(255, 65536 // (32 * num_warps) // 8 * 8)}
     if num_stages is not None:
@@ -64,7 +62,7 @@ _ARCHES: dict = {}
 def target_arch(t: torch.Tensor) -> int:
     """Compute capability x10 that Triton compiles for on t's device (90 for sm_90a, 80 for
     sm_80); 0 under the interpreter. Launchers pick tile sizes by it."""
-    if interpreting():
+    if triton_interpreting():
         return 0
     from triton.runtime.driver import driver
 

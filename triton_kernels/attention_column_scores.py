@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import device_guard, dot_precision, interpreting, launch_options, next_pow2
+from ._utils import device_guard, dot_precision, launch_options, next_pow2, triton_interpreting
 
 
 @triton.jit
@@ -211,7 +211,7 @@ def attention_column_scores_triton(q, k, query_mask, key_mask, causal: bool, sca
     lse = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
     out = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
     # fp32 inputs take ieee dots on FMA units: far more registers per tile (compile_gate).
-    block = 128 if interpreting() else 16 if q.dtype == torch.float32 else (64 if D <= 64 else 32)
+    block = 128 if triton_interpreting() else 16 if q.dtype == torch.float32 else (64 if D <= 64 else 32)
     BLOCK_D = max(16, next_pow2(D))
     km = key_mask if key_mask is not None else lse
     qm = query_mask if query_mask is not None else lse

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import device_guard, interpreting, next_pow2, warp_options
+from ._utils import device_guard, next_pow2, triton_interpreting, warp_options
 
 _TL_DTYPES = {
     torch.float32: tl.float32,
@@ -111,7 +111,7 @@ def compact_kv_triton(keys, values, index, out_keys=None, out_values=None):
     outputs = list(out_keys) + list(out_values)
     if L > 0:
         BLOCK_D = next_pow2(D)
-        BLOCK_T = max(1, min(256 if interpreting() else 64, 8192 // BLOCK_D))
+        BLOCK_T = max(1, min(256 if triton_interpreting() else 64, 8192 // BLOCK_D))
         with device_guard(index):
             _compact_kv_kernel[(len(sources) * B * Hkv, triton.cdiv(L, BLOCK_T))](
                 _device_table(sources),

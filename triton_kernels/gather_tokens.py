@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import device_guard, interpreting, next_pow2, warp_options
+from ._utils import device_guard, next_pow2, triton_interpreting, warp_options
 
 
 @triton.jit
@@ -40,7 +40,7 @@ def gather_tokens_triton(x, index, pad_value):
         dst = out
         pad = float(pad_value) if x.is_floating_point() else int(pad_value)
     block_i = min(next_pow2(inner), 1024)
-    tile = 16384 if interpreting() else 4096
+    tile = 16384 if triton_interpreting() else 4096
     block_t = max(1, min(tile // block_i, next_pow2(B * L)))
     grid = (triton.cdiv(B * L, block_t), triton.cdiv(inner, block_i))
     with device_guard(x):

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import device_guard, dot_precision, interpreting, next_pow2, row_block, warp_options
+from ._utils import device_guard, dot_precision, next_pow2, row_block, triton_interpreting, warp_options
 
 LOGITS, PROBS, LOG_PROBS = 0, 1, 2
 
@@ -135,7 +135,7 @@ def glimpse_scores_triton(q, k, key_mask, scale: float, normalize: int) -> torch
     R = (H // Hkv) * G
     out = torch.empty((B, H, G, S), dtype=torch.float32, device=q.device)
     BLOCK_R, BLOCK_D = max(16, next_pow2(R)), max(16, next_pow2(D))
-    BLOCK_S = 256 if interpreting() else _key_block(q.dtype, 64 if BLOCK_R * BLOCK_D <= 64 * 128 else 32)
+    BLOCK_S = 256 if triton_interpreting() else _key_block(q.dtype, 64 if BLOCK_R * BLOCK_D <= 64 * 128 else 32)
     mask = key_mask if key_mask is not None else out  # unused when HAS_MASK is False
     with device_guard(q):
         _glimpse_logits_kernel[(B * Hkv, triton.cdiv(S, BLOCK_S))](
@@ -350,7 +350,7 @@ def glimpse_scores_backward_triton(grad_out, q, k, key_mask, scale: float, norma
     row_sums = torch.empty((B * H * G,), dtype=torch.float32, device=q.device)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     BLOCK_R, BLOCK_D = max(16, next_pow2(R)), max(16, next_pow2(D))
-    BLOCK_S = 256 if interpreting() else _key_block(q.dtype, 32)
+    BLOCK_S = 256 if triton_interpreting() else _key_block(q.dtype, 32)
     chunks = max(1, min(triton.cdiv(_DQ_PROGRAMS, B * Hkv), triton.cdiv(S, BLOCK_S)))
     chunk = triton.cdiv(triton.cdiv(S, chunks), BLOCK_S) * BLOCK_S
     chunks = triton.cdiv(S, chunk)

@@ -9,7 +9,7 @@ import triton.language as tl
 
 from glimpse_ops._validation import check_kept_lengths
 
-from ._utils import device_guard, interpreting, row_block, warp_options
+from ._utils import device_guard, row_block, triton_interpreting, warp_options
 
 
 @triton.jit
@@ -49,6 +49,6 @@ def keep_index_triton(keep, max_len: int | None, left_padding: bool):
         _keep_index_kernel[(B,)](
             keep, index, lengths, S, max_len, *keep.stride(), LEFT=left_padding, BLOCK=block, **warp_options(block)
         )
-    if keep.device.type == "cpu" and interpreting():  # free to check here; on GPU it would cost a sync
+    if keep.device.type == "cpu" and triton_interpreting():  # free to check here; on GPU it would cost a sync
         check_kept_lengths(lengths, max_len)
     return index, lengths

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import device_guard, dot_precision, interpreting, launch_options, next_pow2, target_arch
+from ._utils import device_guard, dot_precision, launch_options, next_pow2, target_arch, triton_interpreting
 
 
 @triton.jit
@@ -292,7 +292,7 @@ def _tiles(q: torch.Tensor, backward: bool) -> dict:
     """Launch parameters for q's head dim, dtype and GPU."""
     D = q.shape[-1]
     BLOCK_D = max(16, next_pow2(D))
-    if interpreting():
+    if triton_interpreting():
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=BLOCK_D, **launch_options(1))
     kind = "fp32" if q.dtype == torch.float32 else "half"
     bound = next(b for b in (32, 64, 128, 256) if BLOCK_D <= b and (kind == "half" or b > 64))

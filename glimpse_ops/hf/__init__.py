@@ -11,8 +11,9 @@ patch is applied or a tiny test model is built.
 
 from .adapters import SUPPORTED_MODEL_TYPES
 from .atp import ATPHandle, apply_atp
-from .glimpse_prune import GlimpsePruneHandle, apply_glimpse_prune, glimpse_prune
 from .predictor import GlimpsePredictor
+from .prune import apply_glimpse_prune, pruned
+from .prune_hooks import GlimpsePruneHandle, SelectionInputs, glimpse_prune_selection
 from .train import train_glimpse
 
 __all__ = [
@@ -22,6 +23,8 @@ __all__ = [
     "GlimpsePredictor",
     "GlimpsePruneHandle",
     "apply_glimpse_prune",
-    "glimpse_prune",
+    "glimpse_prune_selection",
+    "pruned",
+    "SelectionInputs",
     "train_glimpse",
 ]

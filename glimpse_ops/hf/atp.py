@@ -1,6 +1,6 @@
 """ATP (adaptive token pruning) on HF Qwen2.5-VL / Qwen2-VL / LLaVA instances.
 
-The stages are ``glimpse_ops.lvlm.atp.ATPStage`` (redundancy from ``attention_column_scores``,
+The stages are ``glimpse_ops.atp_stage.ATPStage`` (redundancy from ``attention_column_scores``,
 nested-grid spatial score, per-instance thresholds; see that module for the choices). The
 text model's attention runs through a registered attention function, ``glimpse_atp``
 (with ``sdpa_mask`` registered as its mask function), which the handle switches on:
@@ -24,14 +24,14 @@ import torch
 from torch import Tensor, nn
 
 from .. import gather_tokens, prune_kv, soft_mask_attention
-from ..lvlm.atp import TAU, ATPStage, spatial_scores
-from ..lvlm.decoder import attention_mask
+from ..atp_stage import TAU, ATPStage, spatial_scores
+from ..layers import attention_mask
 from ._compat import require_transformers
-from .adapters import Adapter, adapter_for
-from .glimpse_prune import gather_rope, prefill_masks, vit_grid
+from .adapters import adapter_for
+from .hooks import PatchHandle, ensure_unpatched, gather_rope, prefill_masks, vit_grid
 
 ATTENTION_NAME = "glimpse_atp"
-_HANDLE_ATTR = "_glimpse_ops_atp_handle"
+_ATTENTION_ATTR = "_glimpse_ops_atp_handle"  # on each attention module: the handle its attention asks
 
 
 def _register_attention() -> None:
@@ -47,7 +47,7 @@ def _atp_attention(
 ):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    handle = getattr(module, _HANDLE_ATTR, None)
+    handle = getattr(module, _ATTENTION_ATTR, None)
     if handle is None or handle.state is None or module.layer_idx < handle.first:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     return handle.attend(module.layer_idx, query, key, value, scaling), None
@@ -67,13 +67,12 @@ class _State:
 
 
 @dataclass
-class ATPHandle:
-    model: nn.Module
-    adapter: Adapter
+class ATPHandle(PatchHandle):
+    """Returned by ``apply_atp``; ``remove()`` restores the model exactly."""
+
     stages: nn.ModuleDict
     mode: str
     previous_attention: str
-    hooks: list = field(default_factory=list)
     state: _State | None = None
     cache: object = None
     grid: list | None = None
@@ -93,15 +92,10 @@ class ATPHandle:
         n_visual = self.state.visual.sum(dim=1).float().mean()
         return (self.kept.float().mean() - target).abs() / n_visual
 
-    def remove(self) -> None:
-        for hook in self.hooks:
-            hook.remove()
-        self.hooks.clear()
+    def _restore(self) -> None:
         for layer in self.adapter.layers:
-            layer.self_attn.__dict__.pop(_HANDLE_ATTR, None)
+            layer.self_attn.__dict__.pop(_ATTENTION_ATTR, None)
         self.model.set_attn_implementation({"text_config": self.previous_attention})
-        if getattr(self.model, _HANDLE_ATTR, None) is self:
-            delattr(self.model, _HANDLE_ATTR)
         self.state = None
 
     # --- prefill bookkeeping ------------------------------------------------------------------
@@ -234,8 +228,7 @@ def apply_atp(
     require_transformers()
     if mode not in ("train", "infer"):
         raise ValueError(f"glimpse_ops.hf.apply_atp: mode must be 'train' or 'infer', got {mode!r}")
-    if getattr(model, _HANDLE_ATTR, None) is not None or getattr(model, "_glimpse_ops_handle", None) is not None:
-        raise RuntimeError("glimpse_ops.hf.apply_atp: the model is already patched; call remove() on its handle first")
+    ensure_unpatched(model, "apply_atp")
     adapter = adapter_for(model)
     n_layers = len(adapter.layers)
     if not layers or list(layers) != sorted(set(layers)) or layers[0] < 0 or layers[-1] >= n_layers:
@@ -251,9 +244,10 @@ def apply_atp(
         )
     _register_attention()
     handle = ATPHandle(model, adapter, stages, mode, adapter.attn_implementation)
+    handle.claim("apply_atp")
     model.set_attn_implementation({"text_config": ATTENTION_NAME})
     for layer in adapter.layers:
-        layer.self_attn.__dict__[_HANDLE_ATTR] = handle
+        layer.self_attn.__dict__[_ATTENTION_ATTR] = handle
     handle.hooks.append(adapter.multimodal.register_forward_pre_hook(handle._on_multimodal, with_kwargs=True))
     visual = getattr(model.model, "visual", None)
     if visual is not None:
@@ -262,5 +256,4 @@ def apply_atp(
         handle.hooks.append(layer.register_forward_pre_hook(handle._before_layer(index), with_kwargs=True))
         if str(index) in stages:
             handle.hooks.append(layer.register_forward_hook(handle._after_stage(index), with_kwargs=True))
-    setattr(model, _HANDLE_ATTR, handle)
     return handle

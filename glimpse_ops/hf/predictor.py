@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..lvlm.decoder import RMSNorm, apply_rope
+from ..layers import RMSNorm, apply_rope
 
 
 def grid_rope(grid_hw: list[tuple[int, int]], head_dim: int, device) -> tuple[Tensor, Tensor]:

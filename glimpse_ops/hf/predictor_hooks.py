@@ -1,6 +1,6 @@
 """The hooks of GlimpsePrune with a trained glimpse token and VIP (Qwen2.5-VL).
 
-On top of the training-free hooks (``glimpse_prune.py``): ViT block outputs are kept at the
+On top of the training-free hooks (``prune_hooks.py``): ViT block outputs are kept at the
 predictor's levels; a pre-hook on the text model appends the glimpse (its input embedding,
 a 1 on the 2-D mask, position last + 1 on every M-RoPE axis); pre-hooks on layers 1..K add
 the per-layer injections to it. After layer K its logits over the visual keys
@@ -17,8 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import glimpse_scores, prune_kv
-from .glimpse_prune import GlimpsePruneHandle, _Prefill, vit_grid
+from .hooks import vit_grid
 from .predictor import GlimpsePredictor, window_index
+from .prune_hooks import GlimpsePruneHandle, _Prefill
 
 
 @dataclass

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..lvlm.decoder import attention_mask
+from ..layers import attention_mask
 from .adapters import adapter_for
-from .glimpse_prune import layer_mask
+from .hooks import layer_mask
 from .predictor import GlimpsePredictor
 from .predictor_hooks import PredictorPruneHandle
 

@@ -6,29 +6,29 @@ arbitrary position ids, GQA, SwiGLU, a per-layer KV cache); ``GlimpsePruner``,
 ``ATPPruner`` prunes at several layers with learned per-instance thresholds (ATP-LLaVA).
 """
 
-from .atp import ATPPruner, ATPStage
+from .atp import ATPPruner
 from .config import LVLMConfig, qwen2_5_vl_7b_shapes, tiny
-from .glimpse import GlimpsePruner, GlimpseTopK, RandomPruner, VisualImportancePredictor
-from .model import LVLM, DecodeState, compact_and_finish
+from .glimpse import GlimpsePruner, GlimpseTopK, LVLMImportancePredictor, RandomPruner
+from .model import LVLM, Compacted, DecodeState, Prefix
 from .task import Batch, make_batch
-from .train import evaluate, train_atp, train_glimpse, train_lvlm
+from .train import evaluate, train_atp, train_glimpse_pruner, train_lvlm
 
 __all__ = [
     "ATPPruner",
-    "ATPStage",
     "LVLM",
     "LVLMConfig",
     "DecodeState",
     "GlimpsePruner",
     "GlimpseTopK",
     "RandomPruner",
-    "VisualImportancePredictor",
+    "LVLMImportancePredictor",
     "Batch",
     "make_batch",
-    "compact_and_finish",
+    "Compacted",
+    "Prefix",
     "evaluate",
     "train_atp",
-    "train_glimpse",
+    "train_glimpse_pruner",
     "train_lvlm",
     "tiny",
     "qwen2_5_vl_7b_shapes",

@@ -17,7 +17,7 @@ Differences from the paper, chosen for a 16-token toy:
   of 2D RoPE; it standardizes each head's glimpse logits over the visual tokens before its
   input projection. (A LayerNorm over the heads of each token, tried first, erased the
   per-token magnitude that marks the named cell; training then stalled near 60% hits.)
-* Instead of the paper's LM loss through the glimpse, ``train_glimpse`` adds a cross
+* Instead of the paper's LM loss through the glimpse, ``train_glimpse_pruner`` adds a cross
   entropy on the glimpse's own per-head logits over the visual tokens (``score_loss``).
   The toy LM is late-fusion (text sees the image only after layer K), so its layer-K text
   queries were never trained to match visual keys; this loss gives the glimpse a direct
@@ -33,20 +33,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import glimpse_prune, glimpse_scores, keep_index
-from .decoder import RMSNorm
-from .model import (
-    LVLM,
-    Compacted,
-    DecodeState,
-    Prefix,
-    compact_and_finish,
-    compact_prefix,
-    finish_compacted,
-    gather_prefix,
-)
+from ..layers import RMSNorm
+from .model import LVLM, Compacted, DecodeState, Prefix
 
 
-class GlimpseToken(nn.Module):
+class LVLMGlimpseToken(nn.Module):
     """Rows [K + 1, d]: row 0 is the glimpse's input embedding, row l is added to its
     residual stream before layer l (deep-prompt injection), each through Linear + RMSNorm."""
 
@@ -59,7 +50,7 @@ class GlimpseToken(nn.Module):
         return self.norm(self.proj(self.rows[layer]))
 
 
-class VisualImportancePredictor(nn.Module):
+class LVLMImportancePredictor(nn.Module):
     """(per-head glimpse scores [B, Nv, H], ViT taps [B, Nv, C] each) -> keep logits [B, Nv]."""
 
     def __init__(self, heads: int, vit_dim: int, n_taps: int, width: int, n_visual: int) -> None:
@@ -92,8 +83,8 @@ class GlimpsePruner(nn.Module):
     ) -> None:
         super().__init__()
         c = model.config
-        self.glimpse = GlimpseToken(c.hidden, c.prune_layer)
-        self.vip = VisualImportancePredictor(c.heads, c.vit_dim, c.vit_layers, c.vip_width, c.visual_tokens)
+        self.glimpse = LVLMGlimpseToken(c.hidden, c.prune_layer)
+        self.vip = LVLMImportancePredictor(c.heads, c.vit_dim, c.vit_layers, c.vip_width, c.visual_tokens)
         self.threshold, self.max_keep_ratio, self.min_keep = threshold, max_keep_ratio, min_keep
 
     def _append_glimpse(self, h: Tensor, positions: Tensor, valid: Tensor):
@@ -155,14 +146,14 @@ class GlimpsePruner(nn.Module):
         S, n_visual = prefix.visual.shape[1], model.config.visual_tokens
         scores = self.keep_scores(self.vip(head_scores, prefix.taps), visual_index, S)
         max_keep = _budget(n_visual, self.max_keep_ratio)
-        return compact_prefix(prefix, scores, self.threshold, max_keep, self.min_keep, _max_len(S, n_visual, max_keep))
+        return prefix.prune(scores, self.threshold, max_keep, self.min_keep, _max_len(S, n_visual, max_keep))
 
     def prefill(
         self, model: LVLM, images: Tensor, input_ids: Tensor, attention_mask: Tensor
     ) -> tuple[Tensor, DecodeState, dict]:
         """Pruned prefill: (logits of the last prompt slot [B, V], decode state, info)."""
         prefix = self.glimpse_prefix(model, images, input_ids, attention_mask)
-        return finish_compacted(model, self.prune_prefix(model, prefix))
+        return self.prune_prefix(model, prefix).finish(model)
 
 
 class GlimpseTopK:
@@ -191,7 +182,7 @@ class GlimpseTopK:
             max_len=_max_len(S, n_visual, self.budget),
             padding_side="left",
         )
-        return finish_compacted(model, gather_prefix(prefix, index, lengths, new_k, new_v))
+        return prefix.gather(index, lengths, new_k, new_v).finish(model)
 
 
 class RandomPruner:
@@ -204,9 +195,8 @@ class RandomPruner:
         prefix = model.run_prefix(images, input_ids, attention_mask)
         scores = torch.rand(input_ids.shape, generator=self.generator).to(input_ids.device)
         S = input_ids.shape[1]
-        return compact_and_finish(
-            model, prefix, scores, None, self.budget, 1, _max_len(S, model.config.visual_tokens, self.budget)
-        )
+        max_len = _max_len(S, model.config.visual_tokens, self.budget)
+        return prefix.prune(scores, None, self.budget, 1, max_len).finish(model)
 
 
 def score_loss(head_scores: Tensor, target_cell: Tensor) -> Tensor:

@@ -9,8 +9,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import gather_tokens, prune_kv
+from ..layers import rope
 from .config import LVLMConfig
-from .decoder import KV, Decoder, rope
+from .decoder import KV, Decoder
 from .task import IMAGE
 from .vit import VisionEncoder
 
@@ -41,6 +42,44 @@ class Prefix:
     visual: Tensor
     taps: list[Tensor]
     glimpse_q: Tensor | None = None
+
+    def prune(
+        self, scores: Tensor, threshold: float | None, max_keep: int | Tensor, min_keep: int, max_len: int | None
+    ) -> Compacted:
+        """Select among the visual tokens by ``scores`` [B, S] fp32 and compact the caches of
+        layers 0..K (one prune_kv call), then gather hidden states, positions, validity and
+        the visual mask the same way. No host sync when ``max_len`` is given."""
+        S = scores.shape[1]
+        keys = [k[:, :, :S] for k, _ in self.caches]  # drop anything appended (the glimpse)
+        values = [v[:, :, :S] for _, v in self.caches]
+        new_keys, new_values, index, lengths, keep = prune_kv(
+            scores, self.visual, keys, values, threshold=threshold, max_keep=max_keep, min_keep=min_keep,
+            max_len=max_len, padding_side="left",
+        )  # fmt: skip
+        return self.gather(index, lengths, new_keys, new_values, keep)
+
+    def gather(
+        self,
+        index: Tensor,
+        lengths: Tensor,
+        new_keys: list[Tensor],
+        new_values: list[Tensor],
+        keep: Tensor | None = None,
+    ) -> Compacted:
+        """After the caches of layers 0..K were compacted by ``index`` [B, Lmax]: gather hidden
+        states, positions, validity and the visual mask the same way (anything appended after
+        the prompt, such as the glimpse, is dropped)."""
+        S = self.visual.shape[1]
+        return Compacted(
+            hidden=gather_tokens(self.hidden[:, :S], index, pad_value=0.0),
+            positions=gather_tokens(self.positions[:, :S], index, pad_value=0),
+            valid=gather_tokens(self.valid[:, :S], index, pad_value=False),
+            visual=gather_tokens(self.visual, index, pad_value=False),
+            caches=list(zip(new_keys, new_values)),
+            index=index,
+            lengths=lengths,
+            keep=keep,
+        )
 
 
 def positions_from_mask(attention_mask: Tensor) -> Tensor:
@@ -169,71 +208,11 @@ class Compacted:
     lengths: Tensor
     keep: Tensor | None = None
 
-
-def compact_prefix(
-    prefix: Prefix, scores: Tensor, threshold: float | None, max_keep: int | Tensor, min_keep: int, max_len: int | None
-) -> Compacted:
-    """Select among the visual tokens by ``scores`` [B, S] fp32 and compact the caches of
-    layers 0..K (one prune_kv call), then gather hidden states, positions, validity and the
-    visual mask the same way. No host sync when ``max_len`` is given."""
-    S = scores.shape[1]
-    keys = [k[:, :, :S] for k, _ in prefix.caches]  # drop anything appended (the glimpse)
-    values = [v[:, :, :S] for _, v in prefix.caches]
-    new_keys, new_values, index, lengths, keep = prune_kv(
-        scores,
-        prefix.visual,
-        keys,
-        values,
-        threshold=threshold,
-        max_keep=max_keep,
-        min_keep=min_keep,
-        max_len=max_len,
-        padding_side="left",
-    )
-    return gather_prefix(prefix, index, lengths, new_keys, new_values, keep)
-
-
-def gather_prefix(
-    prefix: Prefix,
-    index: Tensor,
-    lengths: Tensor,
-    new_keys: list[Tensor],
-    new_values: list[Tensor],
-    keep: Tensor | None = None,
-) -> Compacted:
-    """After the caches of layers 0..K were compacted by ``index`` [B, Lmax]: gather hidden
-    states, positions, validity and the visual mask the same way (anything appended after
-    the prompt, such as the glimpse, is dropped)."""
-    S = prefix.visual.shape[1]
-    return Compacted(
-        hidden=gather_tokens(prefix.hidden[:, :S], index, pad_value=0.0),
-        positions=gather_tokens(prefix.positions[:, :S], index, pad_value=0),
-        valid=gather_tokens(prefix.valid[:, :S], index, pad_value=False),
-        visual=gather_tokens(prefix.visual, index, pad_value=False),
-        caches=list(zip(new_keys, new_values)),
-        index=index,
-        lengths=lengths,
-        keep=keep,
-    )
-
-
-def finish_compacted(model: LVLM, compacted: Compacted) -> tuple[Tensor, DecodeState, dict]:
-    """Layers K+1.. on the kept tokens: (logits of the last slot [B, V], the decode state,
-    info with the index, lengths, selection and kept visual count per sample)."""
-    c = compacted
-    logits, state = model.finish(c.hidden, c.positions, c.valid, c.caches, model.config.prune_layer + 1, c.visual)
-    return logits, state, {"index": c.index, "lengths": c.lengths, "keep": c.keep, "kept_visual": c.visual.sum(dim=1)}
-
-
-def compact_and_finish(
-    model: LVLM,
-    prefix: Prefix,
-    scores: Tensor,
-    threshold: float | None,
-    max_keep: int | Tensor,
-    min_keep: int,
-    max_len: int | None,
-) -> tuple[Tensor, DecodeState, dict]:
-    """The one-shot pruning step (``compact_prefix``) followed by layers K+1.. on the kept
-    tokens (``finish_compacted``). Kept tokens keep their original positions."""
-    return finish_compacted(model, compact_prefix(prefix, scores, threshold, max_keep, min_keep, max_len))
+    def finish(self, model: LVLM) -> tuple[Tensor, DecodeState, dict]:
+        """Layers K+1.. on the kept tokens: (logits of the last slot [B, V], the decode state,
+        info with the index, lengths, selection and kept visual count per sample)."""
+        logits, state = model.finish(
+            self.hidden, self.positions, self.valid, self.caches, model.config.prune_layer + 1, self.visual
+        )
+        info = {"index": self.index, "lengths": self.lengths, "keep": self.keep, "kept_visual": self.visual.sum(dim=1)}
+        return logits, state, info

@@ -53,7 +53,7 @@ def train_lvlm(
     return loss.item()
 
 
-def train_glimpse(
+def train_glimpse_pruner(
     model: LVLM,
     pruner: GlimpsePruner,
     steps: int,

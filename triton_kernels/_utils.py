@@ -11,8 +11,6 @@ from glimpse_ops._backend import triton_interpreting
 NEG_INF = float("-inf")
 
 
-
-
 def next_pow2(n: int) -> int:
     return 1 << (max(int(n), 1) - 1).bit_length()
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
+from helpers import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO_ROOT
 README = (ROOT / "README.md").read_text()
 
 
@@ -29,6 +29,28 @@ def test_ci_runs_the_readme_gpu_install_command():
     marker = "# --- README GPU install command: keep identical to README.md ---"
     assert marker in ci
     assert ci.split(marker, 1)[1].strip().splitlines()[0].strip() == gpu_install
+
+
+def test_readme_layout_matches_the_tree():
+    """Every top-level entry the layout names exists, and every tracked module and folder of the
+    product (top level, glimpse_ops/, its sub-packages, bench/, tests/) is named in it."""
+    layout = README.split("## Layout", 1)[1].split("```", 2)[1]
+    named = set(re.findall(r"[\w.<>-]+(?:/[\w.<>-]+)*/?", layout))
+    for line in layout.splitlines():
+        head = line.split(" ", 1)[0]
+        if head:
+            assert (ROOT / head.rstrip("/")).exists(), f"README layout names {head}, which does not exist"
+    expected = {"csrc/", "triton_kernels/", "glimpse_ops/", "bench/", "tests/", "docs/DESIGN.md", "setup.py"}
+    for folder in ("glimpse_ops", "glimpse_ops/hf", "glimpse_ops/lvlm", "bench", "tests"):
+        for path in (ROOT / folder).iterdir():
+            if path.name.startswith(("__", ".")) or path.suffix not in (".py", ".sh", ""):
+                continue
+            if path.name in ("__init__.py",) or (path.is_dir() and not any(path.glob("*.py"))):
+                continue
+            expected.add(path.stem if path.suffix else path.name)
+    words = " ".join(named)
+    missing = sorted(e for e in expected if e.rstrip("/") not in words)
+    assert not missing, f"README layout does not mention {missing}"
 
 
 def test_readme_example_runs():

@@ -1,74 +1,18 @@
-"""gather_tokens, compact_kv and prune_kv against their references."""
+"""compact_kv and compact_kv_into against the reference: ragged rows, both padding sides,
+strided cache views, caller-provided outputs, and a property test over random keep masks."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_equal, backend_device_params, dtypes_for, non_contiguous, random_keep_scores
+from helpers import assert_equal, backend_device_params, dtypes_for, kv_layers, non_contiguous, ragged_index
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from glimpse_ops import compact_kv, compact_kv_into, gather_tokens, keep_index, prune_kv
-from glimpse_ops.reference import (
-    compact_kv_reference,
-    gather_tokens_reference,
-    keep_index_reference,
-    prune_kv_reference,
-    select_tokens_reference,
-)
+from glimpse_ops import compact_kv, compact_kv_into
+from glimpse_ops.reference import compact_kv_reference, keep_index_reference
 
-GATHER = backend_device_params("gather_tokens")
 COMPACT = backend_device_params("compact_kv")
-PRUNE = backend_device_params("prune_kv")
-
-
-def ragged_index(batch: int, seq: int, device: str, padding_side: str = "left", max_len: int | None = None):
-    """An index from rows that keep 5% .. 100% of their tokens."""
-    ratios = torch.linspace(0.05, 1.0, batch)[:, None].to(device)
-    keep = torch.rand(batch, seq, device=device) < ratios
-    keep[:, -1] = True
-    return keep_index_reference(keep, max_len, padding_side)[0]
-
-
-def kv_layers(n_layers: int, batch: int, kv_heads: int, seq: int, dim: int, dtype, device):
-    make = lambda: torch.randn(batch, kv_heads, seq, dim, device=device).to(dtype)  # noqa: E731
-    return [make() for _ in range(n_layers)], [make() for _ in range(n_layers)]
-
-
-@pytest.mark.parametrize("bd", GATHER)
-@pytest.mark.parametrize("seq", [1, 577, 4099])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.bool])
-def test_gather_tokens_matches_reference(bd, seed, seq, dtype):
-    backend, device = bd
-    x = (torch.randn(3, seq, 5, device=device) * 10).to(dtype)
-    index = ragged_index(3, seq, device)
-    pad = True if dtype == torch.bool else 7
-    got = gather_tokens(x, index, pad_value=pad, backend=backend)
-    assert_equal("out", got, gather_tokens_reference(x, index, pad))
-
-
-@pytest.mark.parametrize("bd", GATHER)
-def test_gather_tokens_position_ids_view_and_noncontiguous(bd, seed):
-    backend, device = bd
-    positions = torch.randint(0, 1000, (3, 2, 577), device=device)  # M-RoPE [3, B, S]
-    index = ragged_index(2, 577, device, "right")
-    got = gather_tokens(positions.permute(1, 2, 0), index, pad_value=1, backend=backend).permute(2, 0, 1)
-    want = torch.stack([gather_tokens_reference(p, index, 1) for p in positions])
-    assert_equal("positions", got, want)
-    hidden = non_contiguous(torch.randn(2, 577, 64, device=device))
-    before = hidden.clone()
-    assert_equal(
-        "hidden",
-        gather_tokens(hidden, index, pad_value=0.0, backend=backend),
-        gather_tokens_reference(hidden, index, 0.0),
-    )
-    assert torch.equal(hidden, before)
-    mask2d = torch.rand(2, 577, device=device) < 0.5
-    assert_equal(
-        "mask",
-        gather_tokens(mask2d, index, pad_value=False, backend=backend),
-        gather_tokens_reference(mask2d, index, False),
-    )
 
 
 @pytest.mark.parametrize("bd", COMPACT)
@@ -108,37 +52,6 @@ def test_compact_kv_no_layers(bd):
     assert compact_kv([], [], index, backend=backend) == ([], [])
 
 
-@pytest.mark.parametrize("bd", PRUNE)
-@pytest.mark.parametrize("seq", [577, 4099])
-@pytest.mark.parametrize("max_len", [None, 4200])
-def test_prune_kv_matches_reference(bd, seed, seq, max_len):
-    backend, device = bd
-    dtype = dtypes_for(backend, device)[-1]
-    scores = random_keep_scores(3, seq, device)
-    candidates = torch.zeros(3, seq, dtype=torch.bool, device=device)
-    candidates[:, 10 : seq - 10] = True
-    keys, values = kv_layers(4, 3, 2, seq, 64, dtype, device)
-    caps = torch.tensor([seq // 20, seq // 10, 0], device=device)
-    got = prune_kv(
-        scores,
-        candidates,
-        keys,
-        values,
-        threshold=0.8,
-        max_keep=caps,
-        min_keep=1,
-        max_len=max_len,
-        padding_side="left",
-        backend=backend,
-    )
-    want = prune_kv_reference(scores, candidates, keys, values, 0.8, caps, 1, max_len, "left")
-    for name, a, b in zip(("index", "lengths", "keep"), got[2:], want[2:]):
-        assert_equal(name, a, b)
-    for a, b in zip(got[0] + got[1], want[0] + want[1]):
-        assert_equal("kv", a, b)
-    assert len(set(got[3].tolist())) == 3, "the rows keep different counts"
-
-
 @settings(max_examples=40, deadline=None)
 @given(
     data=st.data(),
@@ -165,13 +78,6 @@ def test_property_compact_kv_matches_reference(data, batch, seq, n_layers, side)
             for slot, pos in enumerate(index[b].tolist()):
                 expected = torch.zeros_like(src[b, :, 0]) if pos < 0 else src[b, :, pos]
                 assert torch.equal(t[b, :, slot], expected)
-
-
-def test_keep_index_and_select_compose_like_prune_kv(seed):
-    scores = random_keep_scores(2, 100, "cpu")
-    keep = select_tokens_reference(scores, None, None, 10, 0)
-    index, lengths = keep_index(keep, max_len=None)
-    assert lengths.tolist() == [10, 10] and index.shape == (2, 10)
 
 
 @pytest.mark.parametrize("bd", COMPACT)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_equal, backend_device_params, non_contiguous, random_keep_scores
+from helpers import assert_equal, backend_device_params, non_contiguous, random_keep_scores
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

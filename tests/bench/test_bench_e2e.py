@@ -3,11 +3,11 @@
 import json
 import math
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import REPO_ROOT
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+sys.path.insert(0, str(REPO_ROOT / "bench"))
 
 
 @pytest.mark.slow

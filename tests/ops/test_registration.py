@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICES, backend_device_params
+from helpers import DEVICES, backend_device_params
 
 import glimpse_ops as g
 from glimpse_ops.reference import keep_index_reference

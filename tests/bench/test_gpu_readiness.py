@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from helpers import REPO_ROOT
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+sys.path.insert(0, str(REPO_ROOT / "bench"))
 
 import compile_gate  # noqa: E402
 import gpu_check  # noqa: E402

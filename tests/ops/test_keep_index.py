@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_equal, backend_device_params, non_contiguous
+from helpers import assert_equal, backend_device_params, non_contiguous
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close, assert_equal, random_keep_scores
+from helpers import assert_close, assert_equal, random_keep_scores
 
 import glimpse_ops as g
 from glimpse_ops import reference as ref
@@ -16,6 +16,9 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 
 B, H, HKV, S, D, LAYERS = 3, 8, 2, 577, 128, 4
 VISUAL = slice(40, 540)
+
+# (atol, rtol) by the compared tensor's dtype
+TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (2e-2, 2e-2)}
 
 
 def _inputs(dtype: torch.dtype) -> dict:
@@ -128,7 +131,7 @@ def test_glimpse_prune_graph_replay(dtype, seed):
             max_len,
             "left",
         )
-        assert_close("scores", out[4], want[4])
+        assert_close("scores", out[4], want[4], TOLERANCES[want[4].dtype])
         assert_equal("lengths", out[3], want[3])
         # Scores of near-equal tokens may rank differently in half precision: compare the kept
         # rows through the kernel's own index.
@@ -167,4 +170,4 @@ def test_soft_mask_attention_inductor_backward(seed):
     eager = torch.autograd.grad(loss(q, k, v, w), (q, k, v, w))
     compiled = torch.autograd.grad(torch.compile(loss, fullgraph=True)(q, k, v, w), (q, k, v, w))
     for name, a, b in zip("qkvw", compiled, eager):
-        assert_close(f"d{name}", a, b)
+        assert_close(f"d{name}", a, b, TOLERANCES[b.dtype])

@@ -1,0 +1,137 @@
+"""Test helpers shared by every test file (fixtures live in conftest.py).
+
+* ``backend_device_params(op)`` yields one pytest param per (backend, device) that can run
+  the op here, with ids like ``native-cpu`` and marks ``cuda`` / ``triton_interpreter``.
+* ``assert_close(name, actual, expected, tolerance)`` compares with an ``(atol, rtol)`` pair
+  taken from the calling file's own tolerance table and prints a diff that says where;
+  ``assert_equal`` is exact (indices, masks, copied values).
+* Input builders: tie-free keep scores, ragged keep indices, KV layers, q/k/v, padding masks
+  and non-contiguous copies.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from glimpse_ops._backend import REGISTRY
+from glimpse_ops.reference import keep_index_reference
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+Tolerance = tuple[float, float]
+
+
+def backend_device_params(op: str) -> list:
+    params = []
+    for device in DEVICES:
+        for backend in REGISTRY[op].available(device):
+            marks = []
+            if device == "cuda":
+                marks.append(pytest.mark.cuda)
+            if backend == "triton" and device == "cpu":
+                marks.append(pytest.mark.triton_interpreter)
+            params.append(pytest.param((backend, device), id=f"{backend}-{device}", marks=marks))
+    return params
+
+
+def dtypes_for(backend: str, device: str) -> list[torch.dtype]:
+    """The Triton interpreter's bf16 dot is unreliable: fp32/fp16 only there."""
+    if backend == "triton" and device == "cpu":
+        return [torch.float32, torch.float16]
+    return [torch.float32, torch.float16, torch.bfloat16]
+
+
+def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, tolerance: Tolerance) -> None:
+    """|actual - expected| <= atol + rtol * |expected| elementwise (same-signed infinities and
+    NaNs in the same places count as equal), with a diff that says where."""
+    atol, rtol = tolerance
+    actual = actual.detach().cpu().double()
+    expected = expected.detach().cpu().double()
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    both_inf = torch.isinf(actual) & torch.isinf(expected) & (torch.sign(actual) == torch.sign(expected))
+    nan_mismatch = torch.isnan(actual) != torch.isnan(expected)
+    diff = torch.where(both_inf | (torch.isnan(actual) & torch.isnan(expected)), 0.0, (actual - expected).abs())
+    bad = nan_mismatch | (diff > atol + rtol * expected.abs().nan_to_num(0, 0, 0)) | diff.isnan()
+    if bad.any():
+        where = bad.nonzero()[:5].tolist()
+        raise AssertionError(
+            f"{name}: {int(bad.sum())} of {bad.numel()} elements differ (atol={atol:g}, rtol={rtol:g}); "
+            f"max abs diff {diff.nan_to_num(float('inf')).max().item():.3g}; NaN mismatches {int(nan_mismatch.sum())}; "
+            f"first at {where}: got {[actual[tuple(i)].item() for i in where]}, "
+            f"expected {[expected[tuple(i)].item() for i in where]}"
+        )
+
+
+def assert_equal(name: str, actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Exact equality for indices and masks."""
+    actual, expected = actual.cpu(), expected.cpu()
+    assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != {expected.dtype}"
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    if not torch.equal(actual, expected):
+        bad = (actual != expected).nonzero()[:5].tolist()
+        raise AssertionError(f"{name}: {int((actual != expected).sum())} entries differ, first at {bad}")
+
+
+def random_keep_scores(batch: int, seq: int, device: str) -> torch.Tensor:
+    """Tie-free fp32 scores: a random permutation per row, scaled into (0, 1)."""
+    return torch.stack([torch.randperm(seq, device=device) for _ in range(batch)]).float() / seq
+
+
+def non_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """The same values in a tensor whose last-but-one dims are strided (a sliced buffer)."""
+    wide = torch.empty(*t.shape[:-1], t.shape[-1] * 2, dtype=t.dtype, device=t.device)
+    view = wide[..., ::2] if t.dim() == 1 else wide[..., : t.shape[-1]]
+    view.copy_(t)
+    return view
+
+
+def ragged_index(
+    batch: int, seq: int, device: str, padding_side: str = "left", max_len: int | None = None
+) -> torch.Tensor:
+    """A keep index [B, L] int64 from rows that keep 5% .. 100% of their tokens."""
+    ratios = torch.linspace(0.05, 1.0, batch)[:, None].to(device)
+    keep = torch.rand(batch, seq, device=device) < ratios
+    keep[:, -1] = True
+    return keep_index_reference(keep, max_len, padding_side)[0]
+
+
+def kv_layers(
+    n_layers: int, batch: int, kv_heads: int, seq: int, dim: int, dtype: torch.dtype, device: str
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Random keys and values, each [B, Hkv, S, D] of ``dtype``, one per layer."""
+
+    def make() -> torch.Tensor:
+        return torch.randn(batch, kv_heads, seq, dim, device=device).to(dtype)
+
+    return [make() for _ in range(n_layers)], [make() for _ in range(n_layers)]
+
+
+def glimpse_qk(
+    batch: int, heads: int, kv_heads: int, glimpses: int, seq: int, dim: int, dtype: torch.dtype, device: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Glimpse queries [B, H, G, D] and keys [B, Hkv, S, D]."""
+    q = torch.randn(batch, heads, glimpses, dim, device=device).to(dtype)
+    k = torch.randn(batch, kv_heads, seq, dim, device=device).to(dtype)
+    return q, k
+
+
+def left_padding_mask(batch: int, seq: int, device: str) -> torch.Tensor:
+    """[B, S] bool: left padding of different lengths; with seq > 1 the last row is half padding."""
+    mask = torch.ones(batch, seq, dtype=torch.bool, device=device)
+    for b in range(batch):
+        mask[b, : (b * seq) // max(batch - 1, 1) // 2] = False
+    return mask
+
+
+def attention_qkv(
+    batch: int, heads: int, kv_heads: int, seq: int, dim: int, dtype: torch.dtype, device: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q [B, H, S, D], k and v [B, Hkv, S, D]."""
+
+    def make(h: int) -> torch.Tensor:
+        return torch.randn(batch, h, seq, dim, device=device).to(dtype)
+
+    return make(heads), make(kv_heads), make(kv_heads)

@@ -1,0 +1,51 @@
+"""prune_kv against its reference (selection, index, lengths, compacted caches), and the
+composition of select_tokens and keep_index it stands for."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_equal, backend_device_params, dtypes_for, kv_layers, random_keep_scores
+
+from glimpse_ops import keep_index, prune_kv
+from glimpse_ops.reference import prune_kv_reference, select_tokens_reference
+
+PRUNE = backend_device_params("prune_kv")
+
+
+@pytest.mark.parametrize("bd", PRUNE)
+@pytest.mark.parametrize("seq", [577, 4099])
+@pytest.mark.parametrize("max_len", [None, 4200])
+def test_prune_kv_matches_reference(bd, seed, seq, max_len):
+    backend, device = bd
+    dtype = dtypes_for(backend, device)[-1]
+    scores = random_keep_scores(3, seq, device)
+    candidates = torch.zeros(3, seq, dtype=torch.bool, device=device)
+    candidates[:, 10 : seq - 10] = True
+    keys, values = kv_layers(4, 3, 2, seq, 64, dtype, device)
+    caps = torch.tensor([seq // 20, seq // 10, 0], device=device)
+    got = prune_kv(
+        scores,
+        candidates,
+        keys,
+        values,
+        threshold=0.8,
+        max_keep=caps,
+        min_keep=1,
+        max_len=max_len,
+        padding_side="left",
+        backend=backend,
+    )
+    want = prune_kv_reference(scores, candidates, keys, values, 0.8, caps, 1, max_len, "left")
+    for name, a, b in zip(("index", "lengths", "keep"), got[2:], want[2:]):
+        assert_equal(name, a, b)
+    for a, b in zip(got[0] + got[1], want[0] + want[1]):
+        assert_equal("kv", a, b)
+    assert len(set(got[3].tolist())) == 3, "the rows keep different counts"
+
+
+def test_keep_index_and_select_compose_like_prune_kv(seed):
+    scores = random_keep_scores(2, 100, "cpu")
+    keep = select_tokens_reference(scores, None, None, 10, 0)
+    index, lengths = keep_index(keep, max_len=None)
+    assert lengths.tolist() == [10, 10] and index.shape == (2, 10)

@@ -147,7 +147,47 @@ def _extensions():
     return [extension]
 
 
+WHEEL_COMMANDS = ("bdist_wheel", "editable_wheel", "dist_info")
+
+
+def missing_wheel_message(argv: list[str]) -> str | None:
+    """Why the command in ``argv`` cannot run here, when it needs setuptools' ``bdist_wheel``
+    and neither setuptools (>= 70.1 ships it) nor the ``wheel`` package provides it. Without
+    this, ``pip install --no-build-isolation`` with an older setuptools and no ``wheel``
+    stops at ``invalid command 'bdist_wheel'``."""
+    import importlib.util
+
+    if not any(command in argv for command in WHEEL_COMMANDS):
+        return None
+    if importlib.util.find_spec("setuptools.command.bdist_wheel") or importlib.util.find_spec("wheel"):
+        return None
+    return (
+        "glimpse-ops: building a wheel (pip install, also editable) needs setuptools' bdist_wheel: "
+        "this setuptools is older than 70.1 and the `wheel` package is not installed. "
+        'Run `pip install "setuptools>=70.1"` (or `pip install wheel`), then install again.'
+    )
+
+
+def delegated_develop_message(argv: list[str], setuptools_version: str) -> str | None:
+    """Why ``setup.py develop`` cannot work here: setuptools >= 80 runs it as ``pip install -e .
+    --use-pep517`` in an isolated build (which compiles against a freshly fetched torch, not the
+    installed one), and a pip older than 21.3 answers that by calling ``setup.py develop``
+    again, which fails. pip >= 21.3 installs editable through PEP 660 and never gets here."""
+    if "develop" not in argv or int(setuptools_version.split(".")[0]) < 80:
+        return None
+    return (
+        f"glimpse-ops: `setup.py develop` (what pip < 21.3 runs for `pip install -e .`) is handed back to "
+        f"pip by setuptools {setuptools_version} in an isolated build. Upgrade pip (`pip install -U pip`; "
+        'any pip >= 21.3) and run `pip install --no-build-isolation -e .`, or keep this pip with "setuptools<80".'
+    )
+
+
 if __name__ == "__main__":  # pip runs this file as __main__; tests import its helpers
+    import setuptools
+
+    for message in (missing_wheel_message(sys.argv), delegated_develop_message(sys.argv, setuptools.__version__)):
+        if message is not None:
+            raise SystemExit(message)
     from torch.utils.cpp_extension import BuildExtension
 
     setup(ext_modules=_extensions(), cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})

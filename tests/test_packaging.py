@@ -87,6 +87,35 @@ def test_pyproject_lists_every_package():
     assert config["tool"]["setuptools"]["package-dir"] == {"glimpse_ops.triton_kernels": "triton_kernels"}
 
 
+def test_setup_names_the_fix_when_bdist_wheel_is_missing(monkeypatch):
+    """setuptools < 70.1 without the wheel package: pip's metadata step would stop at
+    ``invalid command 'bdist_wheel'``; setup.py says what to install instead."""
+    import importlib.util
+
+    setup = _load_setup()
+    real_find_spec = importlib.util.find_spec
+    assert setup.missing_wheel_message(["setup.py", "develop"]) is None  # legacy develop needs no wheel
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in ("wheel", "setuptools.command.bdist_wheel") else real_find_spec(name, *a),
+    )
+    for command in ("dist_info", "editable_wheel", "bdist_wheel"):
+        message = setup.missing_wheel_message(["setup.py", command, "--output-dir", "x"])
+        assert message is not None and "setuptools>=70.1" in message and "pip install wheel" in message
+    assert setup.missing_wheel_message(["setup.py", "develop"]) is None
+    monkeypatch.setattr(importlib.util, "find_spec", real_find_spec)
+    assert setup.missing_wheel_message(["setup.py", "dist_info"]) is None  # this environment can build
+
+
+def test_setup_refuses_develop_that_setuptools_hands_back_to_pip():
+    setup = _load_setup()
+    assert setup.delegated_develop_message(["setup.py", "develop", "--no-deps"], "79.0.1") is None
+    assert setup.delegated_develop_message(["setup.py", "editable_wheel"], "80.9.0") is None
+    message = setup.delegated_develop_message(["setup.py", "develop", "--no-deps"], "80.9.0")
+    assert message is not None and "pip install -U pip" in message and "setuptools<80" in message
+
+
 def test_setup_builds_no_cuda_extension_without_cuda_sources(monkeypatch):
     setup = _load_setup()
     assert setup.cuda_sources() == [], "csrc/cuda has sources: update this test and the README"

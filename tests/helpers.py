@@ -135,3 +135,19 @@ def attention_qkv(
         return torch.randn(batch, h, seq, dim, device=device).to(dtype)
 
     return make(heads), make(kv_heads), make(kv_heads)
+
+
+def centered_predictor(model, predictor, inputs: dict):
+    """A trained-mode GlimpsePredictor (changed in place) whose output bias is moved so that
+    about half of ``inputs``' visual tokens have sigmoid > 0.5 (a random VIP puts them all on
+    one side of the release's default threshold). Needs transformers."""
+    from glimpse_ops import hf
+    from glimpse_ops.hf import testing
+
+    with hf.pruned(model, predictor=predictor, fixed_keep_ratio=1.0) as handle:
+        with torch.no_grad():
+            model(**inputs)
+        probs = handle.last_scores[inputs["input_ids"] == testing.IMAGE]
+    with torch.no_grad():
+        predictor.vip.attn_out_projs[-1].bias -= torch.logit(probs.median().double()).float()
+    return predictor

@@ -14,6 +14,7 @@ from .atp import ATPHandle, apply_atp
 from .predictor import GlimpsePredictor
 from .prune import apply_glimpse_prune, pruned
 from .prune_hooks import GlimpsePruneHandle, SelectionInputs, glimpse_prune_selection
+from .release import load_release
 from .train import train_glimpse
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "GlimpsePruneHandle",
     "apply_glimpse_prune",
     "glimpse_prune_selection",
+    "load_release",
     "pruned",
     "SelectionInputs",
     "train_glimpse",

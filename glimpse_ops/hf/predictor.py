@@ -1,11 +1,13 @@
 """GlimpsePrune's trained parts for HF Qwen2.5-VL: the glimpse token and the VIP.
 
-Written from the description in research/glimpseprune.md (section 3) with the parameter
+Written from the description of the GlimpsePrune method and release with the parameter
 names of the public release, so that its ``new_modules_gp.pt`` loads directly
-(``GlimpsePredictor.from_release``):
+(``glimpse_ops.hf.release.load_release``):
 
 * ``learnable_embeddings`` [n_rows, 1, d], ``le_proj`` (Linear d->d), ``le_norm`` (RMSNorm):
-  row 0 is the glimpse's input embedding, row l (1..K) is added before layer l.
+  row i belongs to layer ``glimpse_layers[i]`` (the release's ``le_layers``, default 0..K):
+  layer 0's row is the glimpse's input embedding, the others are added to it before their
+  layer.
 * ``attn_fuser`` (the VIP): ``attn_in_proj`` (Linear n_score_layers*H -> F), and per ViT
   level i (deep to shallow) ``cond_in_projs.i`` (Linear C_vit -> Cc) and ``layers.i``:
   RMSNorm ``norm1``/``norm2``, ``attn`` (q/k: Linear(F+Cc -> F+Cc) over concat(norm1(x), c),
@@ -27,16 +29,23 @@ from torch import Tensor, nn
 from ..layers import RMSNorm, apply_rope
 
 
-def grid_rope(grid_hw: list[tuple[int, int]], head_dim: int, device) -> tuple[Tensor, Tensor]:
-    """cos, sin [N, head_dim] for the merged-grid (row, col) of every token, raster order per
-    image: half of the frequencies rotate with the row, half with the column."""
+def grid_rope(
+    grid_hw: list[tuple[int, int]], head_dim: int, device, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor]:
+    """cos, sin [N, head_dim] of ``dtype`` for the merged-grid (row, col) of every token, raster
+    order per image: half of the frequencies rotate with the row, half with the column.
+
+    Computed like the release's table: inverse frequencies and positions in ``dtype``, their
+    outer product and cos/sin in ``dtype`` (in bf16 that rounds the angles; exact in fp32)."""
     dim = head_dim // 2
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim))
+    inv_freq = (1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim))).to(dtype)
+    longest = max(max(h, w) for h, w in grid_hw)
+    table = torch.outer(torch.arange(longest, device=device, dtype=dtype), inv_freq)  # [longest, dim / 2]
     rows, cols = [], []
     for h, w in grid_hw:
         rows.append(torch.arange(h, device=device).repeat_interleave(w))
         cols.append(torch.arange(w, device=device).repeat(h))
-    freqs = torch.cat([torch.cat(rows)[:, None] * inv_freq, torch.cat(cols)[:, None] * inv_freq], dim=1)  # [N, dim]
+    freqs = torch.cat([table[torch.cat(rows)], table[torch.cat(cols)]], dim=1)  # [N, dim]
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
 
@@ -90,7 +99,7 @@ class FuserLayer(nn.Module):
 class VisualImportancePredictor(nn.Module):
     """glimpse logits [N, n_score_layers * H] over all visual tokens of a batch (images in
     order, raster order within each), ViT features per level (deep to shallow) [N, C_vit]
-    and each image's merged grid (h, w) -> keep logits fp32 [N]."""
+    and each image's merged grid (h, w) -> keep logits [N] in the module's dtype."""
 
     def __init__(
         self, score_channels: int, vit_dim: int, levels: int, width: int = 256, cond: int = 512, heads: int = 4
@@ -114,29 +123,34 @@ class VisualImportancePredictor(nn.Module):
             )
         dtype = self.attn_in_proj.weight.dtype
         x = self.attn_in_proj(scores.to(dtype))
-        rope = grid_rope(grid_hw, self.qk_head_dim, x.device)
+        rope = grid_rope(grid_hw, self.qk_head_dim, x.device, dtype)
         sizes = [h * w for h, w in grid_hw]
         for proj, layer, features in zip(self.cond_in_projs, self.layers, vit_features):
             x = layer(x, proj(features.to(dtype)), rope, sizes)
-        return self.attn_out_projs[-1](x).squeeze(-1).float()
+        return self.attn_out_projs[-1](x).squeeze(-1)
 
 
 class GlimpseToken(nn.Module):
-    """``learnable_embeddings`` [n_rows, 1, d] through ``le_proj`` and ``le_norm``."""
+    """``learnable_embeddings`` [n_rows, 1, d] through ``le_proj`` and ``le_norm`` (RMSNorm
+    with the text model's ``eps``, as the release builds it)."""
 
-    def __init__(self, hidden: int, rows: int) -> None:
+    def __init__(self, hidden: int, rows: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.learnable_embeddings = nn.Parameter(torch.randn(rows, 1, hidden) * 0.02)
         self.le_proj = nn.Linear(hidden, hidden)
-        self.le_norm = RMSNorm(hidden)
+        self.le_norm = RMSNorm(hidden, eps)
 
-    def row(self, layer: int) -> Tensor:
-        """[1, d]: the input embedding (layer 0) or the injection before ``layer``."""
-        return self.le_norm(self.le_proj(self.learnable_embeddings[layer]))
+    def row(self, index: int) -> Tensor:
+        """[1, d]: embedding row ``index`` (see ``GlimpsePredictor.row_for_layer``)."""
+        return self.le_norm(self.le_proj(self.learnable_embeddings[index]))
 
 
 @dataclass
 class PredictorConfig:
+    """Sizes and settings of a predictor. The last group are the release's defaults for the keep
+    rule (``reduce_threshold``, ``min_remain_num``, ``max_remain_ratio``, ``fixed_remain_ratio``),
+    which ``apply_glimpse_prune`` uses for the arguments it is not given."""
+
     score_layer: int  # K: the glimpse is read and the sequence compacted after this layer
     vit_layers: tuple[int, ...]  # ViT blocks whose outputs condition the VIP, deep to shallow
     heads: int
@@ -145,6 +159,13 @@ class PredictorConfig:
     width: int = 256
     cond: int = 512
     fuse_heads: int = 4
+    glimpse_layers: tuple[int, ...] | None = None  # the layer of each embedding row (release: le_layers); None: 0..K
+    le_norm_eps: float = 1e-6  # the glimpse's RMSNorm eps (release: the text model's rms_norm_eps)
+    use_attention_logits: bool = True  # VIP input: raw logits, else log-softmax over the valid keys
+    reduce_threshold: float = 0.5
+    min_remain_num: int = 1
+    max_remain_ratio: float | None = None
+    fixed_remain_ratio: float | None = None
 
 
 class GlimpsePredictor(nn.Module):
@@ -153,10 +174,34 @@ class GlimpsePredictor(nn.Module):
     def __init__(self, config: PredictorConfig) -> None:
         super().__init__()
         self.config = config
-        self.glimpse = GlimpseToken(config.hidden, config.score_layer + 1)
+        layers = self.glimpse_layers
+        if 0 not in layers or any(not 0 <= layer <= config.score_layer for layer in layers):
+            raise ValueError(
+                f"GlimpsePredictor: glimpse_layers must hold layer 0 (the input embedding) and layers up to the "
+                f"score layer {config.score_layer} only, got {layers}"
+            )
+        self.glimpse = GlimpseToken(config.hidden, len(layers), config.le_norm_eps)
         self.vip = VisualImportancePredictor(
             config.heads, config.vit_dim, len(config.vit_layers), config.width, config.cond, config.fuse_heads
         )
+
+    @property
+    def glimpse_layers(self) -> tuple[int, ...]:
+        """The decoder layers that get an embedding row: 0 (the glimpse's input embedding) and
+        those whose input the row is added to, all <= the score layer."""
+        layers = self.config.glimpse_layers
+        return tuple(range(self.config.score_layer + 1)) if layers is None else tuple(layers)
+
+    def row_for_layer(self, layer: int) -> Tensor | None:
+        """[1, d] in the predictor's dtype: the glimpse's input embedding (layer 0) or what is
+        added to it before ``layer``; None for a layer without a row."""
+        layers = self.glimpse_layers
+        return self.glimpse.row(layers.index(layer)) if layer in layers else None
+
+    def keep_probs(self, logits: Tensor) -> Tensor:
+        """fp32 keep probabilities: sigmoid in the predictor's dtype (as the release does, so a
+        bf16 predictor rounds them like the release before the threshold), then fp32."""
+        return torch.sigmoid(logits).float()
 
     @classmethod
     def for_model(cls, model: nn.Module, score_layer: int, vit_layers: tuple[int, ...], **sizes) -> GlimpsePredictor:
@@ -167,41 +212,6 @@ class GlimpsePredictor(nn.Module):
                 score_layer, tuple(vit_layers), text.num_attention_heads, text.hidden_size, vision.hidden_size, **sizes
             )
         )
-
-    @classmethod
-    def from_release(cls, folder: str | Path, model: nn.Module) -> GlimpsePredictor:
-        """Load the public GlimpsePrune release's ``config.json`` + ``new_modules_gp.pt``."""
-        folder = Path(folder)
-        release = json.loads((folder / "config.json").read_text())
-        modules = torch.load(folder / "new_modules_gp.pt", map_location="cpu", weights_only=True)
-        return cls.from_release_state(release, modules, model)
-
-    @classmethod
-    def from_release_state(cls, release: dict, modules: dict, model: nn.Module) -> GlimpsePredictor:
-        """The release's config keys (``selected_layers``, ``selected_visual_layers``,
-        ``attn_fuse_size``, ``visual_cond_size``, ``attn_fuse_num_heads``) and its module dict
-        (``attn_fuser``, ``learnable_embeddings``, ``le_proj``, ``le_norm``) -> a predictor."""
-        layers = list(release["selected_layers"])
-        if len(layers) != 1:
-            raise ValueError(f"GlimpsePredictor: one score layer is supported, the release lists {layers}")
-        for key in ("attn_fuser", "learnable_embeddings", "le_proj", "le_norm"):
-            if key not in modules:
-                raise ValueError(f"GlimpsePredictor: the release's modules lack {key!r} (found {sorted(modules)})")
-        predictor = cls.for_model(
-            model,
-            layers[0],
-            tuple(release["selected_visual_layers"]),
-            width=release.get("attn_fuse_size", 256),
-            cond=release.get("visual_cond_size", 512),
-            fuse_heads=release.get("attn_fuse_num_heads", 4),
-        )
-        rows = predictor.glimpse.learnable_embeddings.shape[0]
-        state = {"glimpse.learnable_embeddings": modules["learnable_embeddings"][:rows]}  # rows past K are never used
-        state.update({f"glimpse.le_proj.{k}": v for k, v in modules["le_proj"].items()})
-        state.update({f"glimpse.le_norm.{k}": v for k, v in modules["le_norm"].items()})
-        state.update({f"vip.{k}": v for k, v in modules["attn_fuser"].items() if "rotary" not in k})
-        predictor.load_state_dict(state, strict=True)
-        return predictor
 
     def save(self, path: str | Path) -> None:
         """safetensors weights plus the config in its metadata."""
@@ -217,8 +227,10 @@ class GlimpsePredictor(nn.Module):
 
         with safe_open(str(path), "pt") as f:
             meta = f.metadata()
-        config = PredictorConfig(**{k: json.loads(v) for k, v in meta.items()})
+        config = PredictorConfig(**{k: json.loads(v) for k, v in meta.items()})  # older files: defaults
         config.vit_layers = tuple(config.vit_layers)
+        if config.glimpse_layers is not None:
+            config.glimpse_layers = tuple(config.glimpse_layers)
         predictor = cls(config)
         predictor.load_state_dict(load_file(str(path)))
         return predictor

@@ -137,19 +137,32 @@ def _left_pad(rows: list[list[int]]) -> tuple[Tensor, Tensor]:
 def qwen_inputs(batch: int = 1, grid: int = 8, text_lengths: list[int] | None = None, seed: int = 0) -> dict:
     """Inputs for ``tiny_qwen2_5_vl`` and ``tiny_qwen2_vl``: one image per sample of ``grid`` x ``grid`` patches
     (grid**2 / 4 image tokens), random text after it, left padding for unequal lengths."""
+    return qwen_image_inputs([[(grid, grid)]] * batch, text_lengths, seed)
+
+
+def qwen_image_inputs(
+    images: list[list[tuple[int, int]]], text_lengths: list[int] | None = None, seed: int = 0
+) -> dict:
+    """Inputs for the tiny Qwen models with any images per sample: ``images[b]`` lists sample
+    b's images as (h, w) in patches (even numbers: h * w / 4 image tokens each), each image
+    between its vision start and end tokens, random text after them, left padding."""
     g = torch.Generator().manual_seed(seed)
-    lengths = text_lengths or [4] * batch
-    n_image = grid * grid // 4
-    rows = [
-        [BOS, VISION_START] + [IMAGE] * n_image + [VISION_END] + torch.randint(3, 200, (n,), generator=g).tolist()
-        for n in lengths
-    ]
+    lengths = text_lengths or [4] * len(images)
+    rows = []
+    for sample, n_text in zip(images, lengths):
+        row = [BOS]
+        for h, w in sample:
+            if h % 2 or w % 2:
+                raise ValueError(f"qwen_image_inputs: image sides must be even (2x2 merge), got {h}x{w}")
+            row += [VISION_START] + [IMAGE] * (h * w // 4) + [VISION_END]
+        rows.append(row + torch.randint(3, 200, (n_text,), generator=g).tolist())
     ids, mask = _left_pad(rows)
+    grids = [[1, h, w] for sample in images for h, w in sample]
     return {
         "input_ids": ids,
         "attention_mask": mask.long(),
-        "pixel_values": torch.randn(batch * grid * grid, 3 * 2 * 2 * 2, generator=g),
-        "image_grid_thw": torch.tensor([[1, grid, grid]] * batch),
+        "pixel_values": torch.randn(sum(h * w for _, h, w in grids), 3 * 2 * 2 * 2, generator=g),
+        "image_grid_thw": torch.tensor(grids),
         "mm_token_type_ids": (ids == IMAGE).long(),
     }
 

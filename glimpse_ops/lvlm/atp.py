@@ -1,6 +1,6 @@
 """ATP-LLaVA (adaptive token pruning) on the reference LVLM.
 
-ATP's code is not public; ``research/peer_pruners.md`` lists what is known. What this
+ATP's code is not public; this follows the ATP-LLaVA paper. What this
 module does, and the choices made where the sources are silent:
 
 * **Stages.** An ``ATPStage`` sits at a chosen decoder layer l. It scores the visual tokens

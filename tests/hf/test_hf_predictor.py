@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
+from helpers import assert_close, centered_predictor
 
 pytest.importorskip("transformers")  # CI installs it: the README test command
 
@@ -15,6 +14,10 @@ from glimpse_ops.hf.predictor import GlimpsePredictor, window_index  # noqa: E40
 
 K, VIT_LEVELS = 3, (1, 0)
 SIZES = dict(width=32, cond=32, fuse_heads=2)
+
+# (atol, rtol) by dtype: logits of the same prompt, and of a padded batch against single runs
+TOLERANCES = {torch.float32: (1e-5, 1e-5)}
+LOGIT_TOLERANCES = {torch.float32: (1e-4, 1e-4)}
 
 
 @pytest.fixture
@@ -44,19 +47,19 @@ def test_keep_everything_with_a_predictor_matches_the_stock_model(setup):
     with torch.no_grad():
         want = model(**x).logits[:, -1]
         want_ids = model.generate(**x, max_new_tokens=4, do_sample=False)
-    with hf.pruned(model, predictor=predictor, threshold=None, max_keep_ratio=1.0) as handle:
+    with hf.pruned(model, predictor=predictor, fixed_keep_ratio=1.0) as handle:
         with torch.no_grad():
             got = model(**x).logits[:, -1]
             ids = model.generate(**x, max_new_tokens=4, do_sample=False)
         assert handle.last_kept_visual.tolist() == [16, 16]
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert_close("logits", got, want, TOLERANCES[torch.float32])
     assert torch.equal(ids, want_ids), "the glimpse is dropped before anything attends to it"
 
 
 def test_batch_with_unequal_keeps_equals_single_runs(setup):
     model, predictor, seed = setup
     x = testing.qwen_inputs(batch=2, text_lengths=[2, 5], seed=seed)
-    with hf.pruned(model, predictor=predictor, threshold=None, max_keep_ratio=1.0) as handle:
+    with hf.pruned(model, predictor=predictor, fixed_keep_ratio=1.0) as handle:
         with torch.no_grad():
             model(**x)
         probs = handle.last_scores[x["input_ids"] == testing.IMAGE].view(2, -1)
@@ -72,13 +75,13 @@ def test_batch_with_unequal_keeps_equals_single_runs(setup):
             for b in range(2):
                 one = model(**_single(x, b)).logits[0, -1]
                 assert int(handle.last_kept_visual[0]) == kept[b]
-                torch.testing.assert_close(batch[b], one, rtol=1e-4, atol=1e-4)
+                assert_close(f"logits[{b}]", batch[b], one, LOGIT_TOLERANCES[torch.float32])
 
 
 def test_the_cap_keeps_the_top_tokens(setup):
     model, predictor, seed = setup
     x = testing.qwen_inputs(batch=1, seed=seed)
-    with hf.pruned(model, predictor=predictor, threshold=None, max_keep_ratio=1.0) as handle:
+    with hf.pruned(model, predictor=predictor, fixed_keep_ratio=1.0) as handle:
         with torch.no_grad():
             model(**x)
         probs = handle.last_scores[0]
@@ -98,96 +101,10 @@ def test_save_and_load_round_trip(setup, tmp_path):
     x = testing.qwen_inputs(batch=2, text_lengths=[2, 4], seed=seed)
     results = []
     for p in (predictor, str(path)):
-        with hf.pruned(model, predictor=p, threshold=None, max_keep_ratio=0.5) as handle:
+        with hf.pruned(model, predictor=p, fixed_keep_ratio=0.5) as handle:
             with torch.no_grad():
                 results.append((model(**x).logits, handle.last_index))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
-
-
-def _release_modules(model, n_le_rows: int, width: int, cond: int, levels: int) -> dict:
-    """A state dict with the public GlimpsePrune release's names and shapes (random values)."""
-    d, heads, vit = (
-        model.config.text_config.hidden_size,
-        model.config.text_config.num_attention_heads,
-        model.config.vision_config.hidden_size,
-    )
-    g = torch.Generator().manual_seed(0)
-
-    def r(*shape):
-        return torch.randn(*shape, generator=g) * 0.1
-
-    fuser = {"attn_in_proj.weight": r(width, heads), "attn_in_proj.bias": r(width)}
-    for i in range(levels):
-        fuser |= {
-            f"cond_in_projs.{i}.weight": r(cond, vit),
-            f"cond_in_projs.{i}.bias": r(cond),
-            f"layers.{i}.norm1.weight": 1 + r(width),
-            f"layers.{i}.norm2.weight": 1 + r(width),
-            f"layers.{i}.attn.q_proj.weight": r(width + cond, width + cond),
-            f"layers.{i}.attn.k_proj.weight": r(width + cond, width + cond),
-            f"layers.{i}.attn.v_proj.weight": r(width, width),
-            f"layers.{i}.attn.o_proj.weight": r(width, width),
-            f"layers.{i}.mlp.gate_proj.weight": r(2 * width, width),
-            f"layers.{i}.mlp.gate_proj.bias": r(2 * width),
-            f"layers.{i}.mlp.up_proj.weight": r(2 * width, width),
-            f"layers.{i}.mlp.up_proj.bias": r(2 * width),
-            f"layers.{i}.mlp.down_proj.weight": r(width, 2 * width),
-            f"layers.{i}.mlp.down_proj.bias": r(width),
-        }
-    qk_head_dim = (width + cond) // SIZES["fuse_heads"]
-    fuser |= {
-        f"attn_out_projs.{levels - 1}.weight": r(1, width),
-        f"attn_out_projs.{levels - 1}.bias": r(1),
-        "rotary_pos_emb.inv_freq": torch.rand(qk_head_dim // 4),
-    }  # a buffer some versions save: ignored
-    return {
-        "attn_fuser": fuser,
-        "learnable_embeddings": r(n_le_rows, 1, d),
-        "le_proj": {"weight": r(d, d), "bias": r(d)},
-        "le_norm": {"weight": 1 + r(d)},
-    }
-
-
-def test_the_release_format_loads_and_prunes(tmp_path):
-    model = testing.tiny_qwen2_5_vl()
-    modules = _release_modules(model, n_le_rows=6, width=32, cond=32, levels=2)
-    (tmp_path / "config.json").write_text(
-        json.dumps(
-            {
-                "selected_layers": [K],
-                "selected_visual_layers": list(VIT_LEVELS),
-                "attn_fuse_size": 32,
-                "visual_cond_size": 32,
-                "attn_fuse_num_heads": 2,
-                "reduce_threshold": 0.5,
-            }
-        )
-    )
-    torch.save(modules, tmp_path / "new_modules_gp.pt")
-    predictor = GlimpsePredictor.from_release(tmp_path, model)
-    assert torch.equal(predictor.vip.layers[1].attn.q_proj.weight, modules["attn_fuser"]["layers.1.attn.q_proj.weight"])
-    assert torch.equal(predictor.glimpse.learnable_embeddings, modules["learnable_embeddings"][: K + 1])
-    assert torch.equal(predictor.glimpse.le_norm.weight, modules["le_norm"]["weight"])
-    x = testing.qwen_inputs(batch=2, text_lengths=[2, 4])
-    with hf.pruned(model, predictor=str(tmp_path), max_keep_ratio=0.25) as handle:
-        out = model.generate(**x, max_new_tokens=3, do_sample=False)
-        assert all(1 <= k <= 4 for k in handle.last_kept_visual.tolist())
-    assert out.shape == (2, x["input_ids"].shape[1] + 3)
-
-
-def test_predictor_errors(setup, tmp_path):
-    model, predictor, _ = setup
-    with pytest.raises(ValueError, match="trained for layer 3"):
-        hf.apply_glimpse_prune(model, predictor=predictor, layer=2)
-    with pytest.raises(ValueError, match="predictor must be"):
-        hf.apply_glimpse_prune(model, predictor=str(tmp_path / "missing.safetensors"))
-    with pytest.raises(TypeError, match="needs Qwen2.5-VL"):
-        hf.apply_glimpse_prune(testing.tiny_llava(), predictor=predictor)
-    (tmp_path / "config.json").write_text(json.dumps({"selected_layers": [2, 3], "selected_visual_layers": [1]}))
-    torch.save({}, tmp_path / "new_modules_gp.pt")
-    with pytest.raises(ValueError, match="one score layer"):
-        GlimpsePredictor.from_release(tmp_path, model)
-    assert not hasattr(model, "_glimpse_ops_patch")
 
 
 def test_window_index_matches_transformers():
@@ -200,3 +117,138 @@ def test_window_index_matches_transformers():
         assert torch.equal(
             window_index(grid, 2, window, patch), vision_utils.get_vision_window_index(grid, 2, window, patch)[0]
         )
+
+
+def release_keep(prob, threshold=0.5, max_ratio=None, min_num=1, fixed_ratio=None):
+    """The release's keep rule for one row of probabilities (per sample in its release commit,
+    per image later), written out as the release writes it."""
+    n = prob.numel()
+    mask = torch.zeros(n, dtype=torch.bool)
+    if fixed_ratio is not None:
+        mask[prob.topk(max(1, min(n, int(fixed_ratio * n)))).indices] = True
+        return mask
+    mask = prob > threshold
+    if max_ratio is not None:
+        max_k = max(1, min(n, int(max_ratio * n)))
+        if int(mask.sum()) > max_k:
+            mask = torch.zeros(n, dtype=torch.bool)
+            mask[prob.topk(max_k).indices] = True
+    if min_num is not None and int(mask.sum()) < min_num:
+        mask[prob.topk(max(1, min(n, min_num))).indices] = True
+    return mask
+
+
+def _release_arguments(rule: dict) -> dict:
+    """apply_glimpse_prune's keep-rule arguments -> release_keep's, with the release defaults."""
+    return dict(
+        threshold=rule.get("threshold", 0.5),
+        max_ratio=rule.get("max_keep_ratio"),
+        min_num=rule.get("min_keep", 1),
+        fixed_ratio=rule.get("fixed_keep_ratio"),
+    )
+
+
+def _kept_visual(handle, x) -> list[torch.Tensor]:
+    """Per sample: bool over its visual tokens in prompt order, True where the prune kept it."""
+    visual = x["input_ids"] == testing.IMAGE
+    out = []
+    for b in range(visual.shape[0]):
+        kept = torch.zeros(visual.shape[1], dtype=torch.bool)
+        index = handle.last_index[b]
+        kept[index[index >= 0]] = True
+        out.append(kept[visual[b]])
+    return out
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        dict(),  # the release's defaults: sigmoid > 0.5, at least 1
+        dict(max_keep_ratio=0.9),  # the threshold binds before the cap
+        dict(max_keep_ratio=0.2),  # the cap binds
+        dict(threshold=0.7, min_keep=5),
+        dict(fixed_keep_ratio=0.3),
+    ],
+    ids=["defaults", "cap-0.9", "cap-0.2", "min-keep", "fixed"],
+)
+def test_keep_rule_is_the_release_rule_per_sample(setup, rule):
+    model, predictor, seed = setup
+    x = testing.qwen_inputs(batch=2, text_lengths=[3, 5], seed=seed)
+    predictor = centered_predictor(model, predictor, x)
+    with hf.pruned(model, predictor=predictor, **rule) as handle:
+        with torch.no_grad():
+            model(**x)
+        probs = handle.last_scores[x["input_ids"] == testing.IMAGE].view(2, -1)
+        kept = _kept_visual(handle, x)
+    expected_rule = _release_arguments(rule)
+    for b in range(2):
+        want = release_keep(probs[b], **expected_rule)
+        assert torch.equal(kept[b], want), f"sample {b}: kept {kept[b].nonzero().flatten().tolist()}"
+    if rule == dict(max_keep_ratio=0.9):
+        assert any(int(k.sum()) < int(0.9 * 16) for k in kept), "the threshold, not the cap, decides here"
+
+
+MULTI_IMAGE = [[(8, 8), (4, 8)], [(4, 4), (8, 8)]]  # 16 + 8 and 4 + 16 visual tokens
+
+
+@pytest.mark.parametrize("caps_per", ["sample", "image"])
+@pytest.mark.parametrize(
+    "rule", [dict(max_keep_ratio=0.3), dict(fixed_keep_ratio=0.25), dict(threshold=0.8, min_keep=3)]
+)
+def test_multi_image_caps_per_sample_or_per_image(setup, caps_per, rule):
+    model, predictor, seed = setup
+    x = testing.qwen_image_inputs(MULTI_IMAGE, text_lengths=[3, 5], seed=seed)
+    predictor = centered_predictor(model, predictor, x)
+    with hf.pruned(model, predictor=predictor, caps_per=caps_per, **rule) as handle:
+        with torch.no_grad():
+            ids = model.generate(**x, max_new_tokens=2, do_sample=False)
+        visual = x["input_ids"] == testing.IMAGE
+        probs = [handle.last_scores[b][visual[b]] for b in range(2)]
+        kept = _kept_visual(handle, x)
+    expected_rule = _release_arguments(rule)
+    for b, sizes in enumerate(MULTI_IMAGE):
+        if caps_per == "sample":
+            want = release_keep(probs[b], **expected_rule)
+        else:
+            rows = probs[b].split([h * w // 4 for h, w in sizes])
+            want = torch.cat([release_keep(row, **expected_rule) for row in rows])
+        assert torch.equal(kept[b], want), f"sample {b} ({caps_per})"
+    assert ids.shape == (2, x["input_ids"].shape[1] + 2)
+
+
+def test_per_image_and_per_sample_caps_differ_where_the_release_versions_do(setup):
+    """One sample, two images whose tokens score very differently: a per-sample cap may take
+    all of its tokens from one image, a per-image cap takes its share from each."""
+    model, predictor, seed = setup
+    x = testing.qwen_image_inputs([MULTI_IMAGE[0]], text_lengths=[3], seed=seed)
+    predictor = centered_predictor(model, predictor, x)
+    kept = {}
+    for caps_per in ("sample", "image"):
+        with hf.pruned(model, predictor=predictor, fixed_keep_ratio=0.25, caps_per=caps_per) as handle:
+            with torch.no_grad():
+                model(**x)
+            kept[caps_per] = _kept_visual(handle, x)[0]
+    assert int(kept["image"][:16].sum()) == 4 and int(kept["image"][16:].sum()) == 2  # floor(0.25 * 16), * 8
+    assert int(kept["sample"].sum()) == 6  # floor(0.25 * 24)
+
+
+def test_predictor_errors(setup, tmp_path):
+    model, predictor, _ = setup
+    with pytest.raises(ValueError, match="trained for layer 3"):
+        hf.apply_glimpse_prune(model, predictor=predictor, layer=2)
+    with pytest.raises(ValueError, match="predictor must be"):
+        hf.apply_glimpse_prune(model, predictor=str(tmp_path / "missing.safetensors"))
+    with pytest.raises(TypeError, match="needs Qwen2.5-VL"):
+        hf.apply_glimpse_prune(testing.tiny_llava(), predictor=predictor)
+    with pytest.raises(ValueError, match="caps_per must be 'sample' or 'image', got 'batch'"):
+        hf.apply_glimpse_prune(model, predictor=predictor, caps_per="batch")
+    with pytest.raises(ValueError, match="fixed_keep_ratio keeps a fixed share"):
+        hf.apply_glimpse_prune(model, predictor=predictor, fixed_keep_ratio=0.2, threshold=0.5)
+    with pytest.raises(ValueError, match=r"fixed_keep_ratio must be in \(0, 1\], got 0"):
+        hf.apply_glimpse_prune(model, predictor=predictor, fixed_keep_ratio=0)
+    with pytest.raises(ValueError, match="predictor_dtype must be a floating torch.dtype or 'model'"):
+        hf.apply_glimpse_prune(model, predictor=predictor, predictor_dtype=torch.int8)
+    for option in (dict(fixed_keep_ratio=0.1), dict(caps_per="image"), dict(predictor_dtype="model")):
+        with pytest.raises(ValueError, match=f"{next(iter(option))} applies with a predictor only"):
+            hf.apply_glimpse_prune(model, **option)
+    assert not hasattr(model, "_glimpse_ops_patch")

@@ -1,0 +1,104 @@
+"""Generation after a trained prune (tiny HF Qwen2.5-VL, random weights, fp32), batched and
+left-padded, against an explicit recomputation: the stock model over prompt + generated tokens,
+no cache, with per-layer masks that say what the pruned model attends to. Layers 0..K: prompt
+tokens see the whole prompt; every later query, and every query of layers K+1.., sees only the
+kept prompt tokens and the generated ones. Positions are the original ones throughout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close, centered_predictor
+
+pytest.importorskip("transformers")  # CI installs it: the README test command
+
+from glimpse_ops import hf  # noqa: E402
+from glimpse_ops.hf import testing  # noqa: E402
+from glimpse_ops.hf.predictor import GlimpsePredictor  # noqa: E402
+
+K, VIT_LEVELS, STEPS = 3, (1, 0), 5
+
+# (atol, rtol) of logits by dtype: cached decoding against the uncached recomputation
+TOLERANCES = {torch.float32: (1e-4, 1e-4)}
+
+
+def _masks(kept_prompt: torch.Tensor, valid: torch.Tensor, prompt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """bool [B, 1, T, T] for layers 0..K and for layers K+1.. (True: may attend)."""
+    B, T = valid.shape
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    kept = valid.clone()
+    kept[:, :prompt_len] &= kept_prompt
+    query_is_prompt = (torch.arange(T) < prompt_len)[None, :, None]
+    early = causal & torch.where(query_is_prompt, valid[:, None, :], kept[:, None, :])
+    late = causal & kept[:, None, :]
+    eye = torch.eye(T, dtype=torch.bool)  # dropped and padding rows see themselves (finite, unused)
+    return (early | eye)[:, None], (late | eye)[:, None]
+
+
+def _recompute(model, x: dict, sequences: torch.Tensor, kept_prompt: torch.Tensor) -> torch.Tensor:
+    """Logits [B, T, V] of the stock model over ``sequences`` with the pruned model's masks."""
+    prompt_len = x["input_ids"].shape[1]
+    grown = sequences.shape[1] - prompt_len
+    valid = torch.cat([x["attention_mask"].bool(), torch.ones(len(sequences), grown, dtype=torch.bool)], dim=1)
+    early, late = _masks(kept_prompt, valid, prompt_len)
+    layers = hf.adapters.adapter_for(model).layers
+
+    def use(mask):
+        def hook(module, args, kwargs):
+            kwargs["attention_mask"] = mask
+            return args, kwargs
+
+        return hook
+
+    hooks = [layer.register_forward_pre_hook(use(early if i <= K else late), with_kwargs=True)
+             for i, layer in enumerate(layers)]  # fmt: skip
+    try:
+        token_types = (sequences == testing.IMAGE).long()
+        inputs = dict(x, input_ids=sequences, attention_mask=valid.long(), mm_token_type_ids=token_types)
+        with torch.no_grad():
+            return model(**inputs, use_cache=False).logits
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+@pytest.mark.parametrize("rule", [dict(), dict(max_keep_ratio=0.25), dict(fixed_keep_ratio=0.4, caps_per="image")])
+def test_decoding_after_a_trained_prune_matches_the_explicit_recomputation(seed, rule):
+    model = testing.tiny_qwen2_5_vl(seed=seed % 1000)
+    torch.manual_seed(seed)
+    predictor = GlimpsePredictor.for_model(model, K, VIT_LEVELS, width=32, cond=32, fuse_heads=2)
+    x = testing.qwen_image_inputs([[(8, 8)], [(4, 8), (4, 4)], [(8, 8)]], text_lengths=[2, 6, 4], seed=seed)
+    predictor = centered_predictor(model, predictor, x)  # the default threshold then drops about half
+    positions = []
+    with hf.pruned(model, predictor=predictor, **rule) as handle:
+        hook = hf.adapters.adapter_for(model).text_model.register_forward_pre_hook(
+            lambda m, a, k: positions.append(k.get("position_ids")), with_kwargs=True
+        )
+        with torch.no_grad():
+            out = model.generate(**x, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False,
+                                 output_logits=True, return_dict_in_generate=True)  # fmt: skip
+        hook.remove()
+        index = handle.last_index
+    prompt_len = x["input_ids"].shape[1]
+    kept_prompt = torch.zeros(len(index), prompt_len, dtype=torch.bool)
+    for b, row in enumerate(index):
+        kept_prompt[b, row[row >= 0]] = True
+    visual = x["input_ids"] == testing.IMAGE
+    assert bool((kept_prompt | visual | ~x["attention_mask"].bool()).all()), "text is never dropped"
+    assert bool((kept_prompt & visual).sum(1).lt(visual.sum(1)).any()), "the prune dropped something"
+
+    want = _recompute(model, x, out.sequences, kept_prompt)
+    for t, got in enumerate(out.logits):
+        assert_close(f"step {t}", got, want[:, prompt_len - 1 + t], TOLERANCES[torch.float32])
+
+    # decode steps run at the original positions: last prompt position + 1, + 2, ...
+    stock_positions = []
+    hook = hf.adapters.adapter_for(model).text_model.register_forward_pre_hook(
+        lambda m, a, k: stock_positions.append(k.get("position_ids")), with_kwargs=True
+    )
+    with torch.no_grad():
+        model.generate(**x, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False)
+    hook.remove()
+    assert len(positions) == STEPS
+    for step, (a, b) in enumerate(zip(positions[1:], stock_positions[1:])):
+        assert torch.equal(a, b), f"decode step {step + 1}"

@@ -41,7 +41,7 @@ def test_readme_layout_matches_the_tree():
         if head:
             assert (ROOT / head.rstrip("/")).exists(), f"README layout names {head}, which does not exist"
     expected = {"csrc/", "triton_kernels/", "glimpse_ops/", "bench/", "tests/", "docs/DESIGN.md", "setup.py"}
-    for folder in ("glimpse_ops", "glimpse_ops/hf", "glimpse_ops/lvlm", "bench", "tests"):
+    for folder in ("glimpse_ops", "glimpse_ops/hf", "glimpse_ops/lvlm", "glimpse_ops/vllm", "bench", "tests"):
         for path in (ROOT / folder).iterdir():
             if path.name.startswith(("__", ".")) or path.suffix not in (".py", ".sh", ""):
                 continue

@@ -209,3 +209,15 @@ def test_hf_modules_have_no_import_cycle():
 
     for name in graph:
         visit(name)
+
+
+def test_the_vllm_plugin_entry_point_is_declared_and_imports_without_vllm():
+    import importlib
+
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    target = project["entry-points"]["vllm.general_plugins"]["glimpse_prune"]
+    module, function = target.split(":")
+    assert callable(getattr(importlib.import_module(module), function))  # importing it needs no vLLM
+    assert "vllm" in project["optional-dependencies"]

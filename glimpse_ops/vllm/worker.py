@@ -1,0 +1,89 @@
+"""The CPU worker whose model runner tells the pruning model which request each row is, and
+shrinks each pruned request to its kept prompt tokens right after sampling (the scheduler,
+``scheduler.py``, does the same on its side in the same step)."""
+
+from __future__ import annotations
+
+from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT
+from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+from vllm.v1.worker.cpu_worker import CPUWorker
+
+from .config import PREFIX
+from .model import GlimpsePruneQwen2_5_VL, StepRows
+
+PRUNED_ATTRIBUTE = "glimpse_pruned"  # on ModelRunnerOutput: {req_id: kept prompt token ids}
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class GlimpsePruneCPUModelRunner(CPUModelRunner):
+    def _pruning_model(self) -> GlimpsePruneQwen2_5_VL:
+        model = self.get_model()
+        if not isinstance(model, GlimpsePruneQwen2_5_VL):
+            raise RuntimeError(f"{PREFIX}: the pruning worker runs {type(model).__name__}, not the pruning model")
+        return model
+
+    def _model_forward(self, input_ids=None, positions=None, intermediate_tensors=None, inputs_embeds=None,
+                       **model_kwargs):  # fmt: skip
+        batch, model = self.input_batch, self._pruning_model()
+        n = batch.num_reqs
+        model.rows = StepRows(
+            req_ids=list(batch.req_ids[:n]),
+            query_start_loc=self.query_start_loc.np[: n + 1].copy(),
+            num_computed=batch.num_computed_tokens_cpu[:n].copy(),
+            num_prompt=batch.num_prompt_tokens[:n].copy(),
+        )
+        model.pruned = {}
+        try:
+            return super()._model_forward(input_ids, positions, intermediate_tensors, inputs_embeds, **model_kwargs)
+        finally:
+            model.rows = None
+
+    def sample_tokens(self, grammar_output):
+        output = super().sample_tokens(grammar_output)
+        model = self._pruning_model()
+        pruned, model.pruned = model.pruned, {}
+        if not pruned or output is EMPTY_MODEL_RUNNER_OUTPUT:
+            return output
+        setattr(output, PRUNED_ATTRIBUTE, {req_id: self._shrink(req_id, kept) for req_id, kept in pruned.items()})
+        return output
+
+    def _shrink(self, req_id: str, kept: list[int]) -> list[int]:
+        """Make the worker's copy of the request its L kept prompt tokens: prompt ids, token
+        row (the sampled token moves from S to L), M-RoPE positions and delta (decoding stays at
+        the original positions), no multimodal features left to inject, and a block-table row
+        cut to ceil(L / block_size) blocks. Returns the kept prompt token ids."""
+        state, batch = self.requests[req_id], self.input_batch
+        row = batch.req_id_to_index[req_id]
+        S, L = state.num_prompt_tokens, len(kept)
+        n_out = len(state.output_token_ids)
+        kept_ids = [state.prompt_token_ids[p] for p in kept]
+        generated = batch.token_ids_cpu[row, S : S + n_out].copy()
+        batch.token_ids_cpu[row, :L] = kept_ids
+        batch.token_ids_cpu[row, L : L + n_out] = generated
+        batch.is_token_ids[row, : L + n_out] = True
+        batch.num_prompt_tokens[row] = L
+        batch.num_tokens_no_spec[row] = L + n_out
+        batch.num_computed_tokens_cpu[row] = L
+        state.prompt_token_ids = kept_ids
+        state.num_prompt_tokens = L
+        state.num_computed_tokens = L
+        if state.mrope_positions is not None:
+            state.mrope_positions = state.mrope_positions[:, kept]
+            state.mrope_position_delta += S - L
+        state.mm_features = []
+        for group, table in enumerate(batch.block_table.block_tables):
+            keep = _cdiv(L, table.block_size)
+            table.block_table.np[row, keep : table.num_blocks_per_row[row]] = 0
+            table.num_blocks_per_row[row] = keep
+            del state.block_ids[group][keep:]
+        return kept_ids
+
+
+class GlimpsePruneCPUWorker(CPUWorker):
+    def init_device(self) -> None:
+        super().init_device()
+        # CPUWorker builds a CPUModelRunner itself: give that object the pruning methods
+        self.model_runner.__class__ = GlimpsePruneCPUModelRunner

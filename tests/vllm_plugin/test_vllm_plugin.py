@@ -1,0 +1,175 @@
+"""GlimpsePrune inside vLLM (vllm-cpu 0.32.0, in-process engine, tiny Qwen2.5-VL, fp32 greedy):
+the plugin's tokens equal glimpse_ops.hf's, steps mix a pruning prefill with decodes, the
+pruned tails' blocks go back to the pool and are reused, and settings that cannot work are
+refused. Runs in the venv tests/vllm_plugin/make_venv.sh builds (CI does); skipped without vLLM."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: inspectable
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+vllm = pytest.importorskip("vllm")
+if not hasattr(vllm, "LLM"):
+    pytest.skip("vllm is not installed", allow_module_level=True)
+
+import glimpse_ops.vllm as glimpse_vllm  # noqa: E402
+from glimpse_ops import hf  # noqa: E402
+from glimpse_ops.vllm import testing  # noqa: E402
+
+BLOCK, BLOCKS, STEPS = 32, 64, 6
+
+
+def _image(width: int, height: int, seed: int):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray(torch.randint(0, 256, (height, width, 3), generator=g, dtype=torch.uint8).numpy())
+
+
+CASES = [("What is shown?", _image(40, 24, 0)), ("Text only, a longer prompt.", None), ("Describe", _image(64, 48, 1))]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return testing.write_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny-qwen2_5_vl"), seed=3)
+
+
+@pytest.fixture(scope="module")
+def hf_model(checkpoint):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint).eval()
+
+
+def _engine(checkpoint, **prune):
+    glimpse_vllm.register()  # what the vllm.general_plugins entry point does in each process
+    return vllm.LLM(
+        model=str(checkpoint), dtype="float32", max_model_len=1024, seed=0, block_size=BLOCK,
+        num_gpu_blocks_override=BLOCKS, limit_mm_per_prompt={"image": 1, "video": 0},
+        **glimpse_vllm.engine_kwargs(**prune),
+    )  # fmt: skip
+
+
+# Engines live as long as the module: shutting one down tears down the process-wide
+# parallel state the other one uses.
+@pytest.fixture(scope="module")
+def pruning(checkpoint):
+    return _engine(checkpoint, max_keep_ratio=0.25)
+
+
+@pytest.fixture(scope="module")
+def keep_all(checkpoint):
+    return _engine(checkpoint, max_keep_ratio=1.0)
+
+
+def _prompt(checkpoint, text, image):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": text}]
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                             add_generation_prompt=True)  # fmt: skip
+    return {"prompt": rendered, **({"multi_modal_data": {"image": image}} if image is not None else {})}
+
+
+def _hf_tokens(model, checkpoint, text, image, steps=STEPS, **prune) -> list[int]:
+    x = testing.hf_inputs(checkpoint, [(text, image)])
+    with hf.pruned(model, **prune):
+        with torch.no_grad():
+            out = model.generate(**x, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+    return out[0, x["input_ids"].shape[1] :].tolist()
+
+
+def _greedy(steps=STEPS):
+    return vllm.SamplingParams(max_tokens=steps, min_tokens=steps, temperature=0.0)
+
+
+def test_mixed_batch_equals_the_hf_path(checkpoint, hf_model, pruning):
+    outputs = pruning.generate([_prompt(checkpoint, t, i) for t, i in CASES], _greedy())
+    for (text, image), output in zip(CASES, outputs):
+        want = _hf_tokens(hf_model, checkpoint, text, image, max_keep_ratio=0.25)
+        assert list(output.outputs[0].token_ids) == want, text
+
+
+def test_keep_all_equals_the_stock_model(checkpoint, hf_model, keep_all):
+    outputs = keep_all.generate([_prompt(checkpoint, t, i) for t, i in CASES], _greedy())
+    for (text, image), output in zip(CASES, outputs):
+        x = testing.hf_inputs(checkpoint, [(text, image)])
+        with torch.no_grad():
+            stock = hf_model.generate(**x, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False)
+        assert list(output.outputs[0].token_ids) == stock[0, x["input_ids"].shape[1] :].tolist(), text
+
+
+def _scheduler(engine):
+    return engine.llm_engine.engine_core.engine_core.scheduler
+
+
+def test_pruning_prefill_beside_decodes_returns_the_tail_blocks(checkpoint, hf_model, pruning):
+    """Request A (221 prompt tokens, 192 of them image tokens) prefills and is pruned to
+    221 - 192 + 48 = 77 tokens: its blocks drop from ceil(221 / 32) = 7 to ceil(77 / 32) = 3.
+    Then B's pruning prefill runs in the same step as A's decodes; at the end every block is
+    free again, and a later request reuses them with the right answer."""
+    engine, scheduler = pruning.llm_engine, _scheduler(pruning)
+    pool = scheduler.kv_cache_manager.block_pool
+    free_before = pool.get_num_free_blocks()
+    text_a, image_a = CASES[2]
+    engine.add_request("a", _prompt(checkpoint, text_a, image_a), _greedy())
+    engine.step()  # A's prefill: pruned, shrunk, first token sampled
+    (request_a,) = scheduler.requests.values()  # the engine's internal id extends "a"
+    assert request_a.num_prompt_tokens == 77 and request_a.num_computed_tokens == 77
+    assert free_before - pool.get_num_free_blocks() == math.ceil(77 / BLOCK) == 3  # stock vLLM holds 7 here
+    engine.step()  # a decode of A alone
+    text_b, image_b = CASES[0]
+    engine.add_request("b", _prompt(checkpoint, text_b, image_b), _greedy())
+    seen = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                seen[output.request_id] = list(output.outputs[0].token_ids)
+    assert seen["a"] == _hf_tokens(hf_model, checkpoint, text_a, image_a, max_keep_ratio=0.25)
+    assert seen["b"] == _hf_tokens(hf_model, checkpoint, text_b, image_b, max_keep_ratio=0.25)
+    assert pool.get_num_free_blocks() == free_before, "every block is back in the pool"
+    again = pruning.generate([_prompt(checkpoint, text_a, image_a)], _greedy())
+    assert list(again[0].outputs[0].token_ids) == seen["a"], "blocks reused by a later request"
+
+
+def test_a_pruned_request_is_not_preempted_silently(pruning):
+    scheduler = _scheduler(pruning)
+
+    class Pruned:
+        request_id = "pruned-request"
+
+    scheduler.pruned_requests.add(Pruned.request_id)
+    try:
+        with pytest.raises(RuntimeError, match="was pruned and cannot be preempted by recompute"):
+            scheduler._preempt_request(Pruned(), 0.0)
+    finally:
+        scheduler.pruned_requests.discard(Pruned.request_id)
+
+
+@pytest.mark.parametrize(
+    "setting,message",
+    [
+        (dict(enable_prefix_caching=True), "enable_prefix_caching=True"),
+        (dict(enable_chunked_prefill=True), "enable_chunked_prefill=True"),
+        (dict(enforce_eager=False), "enforce_eager=False"),
+        (dict(scheduler_cls="vllm.v1.core.sched.scheduler.Scheduler"), "scheduler_cls="),
+    ],
+)
+def test_settings_that_cannot_work_are_refused(checkpoint, setting, message):
+    glimpse_vllm.register()
+    kwargs = {**glimpse_vllm.engine_kwargs(max_keep_ratio=0.25), **setting}
+    with pytest.raises(Exception, match=message):
+        vllm.LLM(model=str(checkpoint), dtype="float32", max_model_len=1024, **kwargs)
+
+
+def test_bad_pruning_settings_are_refused(checkpoint):
+    glimpse_vllm.register()
+    kwargs = glimpse_vllm.engine_kwargs(max_keep_ratio=1.5)
+    with pytest.raises(Exception, match=r"glimpse_max_keep_ratio must be in \(0, 1\]"):
+        vllm.LLM(model=str(checkpoint), dtype="float32", max_model_len=1024, **kwargs)

@@ -5,6 +5,7 @@
     python bench/run.py --smoke    # the 4k-visual-token cases only (under two minutes on a CPU)
     python bench/run.py --e2e      # the reference LVLM end to end, with and without pruning (bench/e2e.py)
     python bench/run.py --e2e --hf # HF Qwen2.5-VL: stock vs our patch vs an eager patch (bench/e2e_hf.py)
+    python bench/run.py --vllm     # serving: stock vLLM vs the glimpse_ops.vllm plugin (bench/serving.py)
 
 soft_mask_attention (bench/attention.py) runs forward and forward+backward against SDPA
 without a mask (the ceiling), SDPA memory-efficient with a dense log-weight mask requiring
@@ -436,6 +437,26 @@ def run_e2e(args: argparse.Namespace, device: str, budget: float) -> int:
     return gate_exit_code(rows)
 
 
+def run_vllm(args: argparse.Namespace) -> int:
+    from serving import make_bench, print_serving_table, run_serving_case, serving_cases
+
+    bench = make_bench()
+    cases, ratios = serving_cases(args.smoke)
+    machine = machine_info("cpu")
+    print(
+        f"glimpse-ops vLLM serving bench on {machine['device']} (git {str(machine['git_sha'])[:10]}): "
+        f"{len(cases)} image sizes x (stock + {len(ratios)} keep ratios)"
+    )
+    progress = Progress(len(cases) * (1 + len(ratios)))
+    rows: list[dict] = []
+    for case in cases:
+        rows += run_serving_case(bench, case, ratios, progress)
+        write_results(args, machine, {"partial": True}, rows, "-vllm", quiet=True)
+    print_serving_table(rows)
+    write_results(args, machine, {}, rows, "-vllm")
+    return gate_exit_code(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="only the 4k-visual-token, B=1, 10%%-kept cases")
@@ -451,6 +472,11 @@ def main(argv: list[str] | None = None) -> int:
         "--hf",
         action="store_true",
         help="with --e2e: the HF Qwen2.5-VL cases instead (bench/e2e_hf.py; needs transformers)",
+    )
+    parser.add_argument(
+        "--vllm",
+        action="store_true",
+        help="serving: stock vLLM against the glimpse_ops.vllm plugin (bench/serving.py; needs vLLM)",
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
@@ -493,6 +519,8 @@ def main(argv: list[str] | None = None) -> int:
         limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 6
     if args.hf and not args.e2e:
         parser.error("--hf goes with --e2e")
+    if args.vllm:
+        return run_vllm(args)
     if args.e2e:
         return run_e2e(args, device, budget)
     full = args.full or device == "cuda"

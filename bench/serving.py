@@ -52,11 +52,8 @@ def serving_cases(smoke: bool) -> tuple[list[ServingCase], list[float]]:
     return [ServingCase(64, 8), ServingCase(96, 8), ServingCase(128, 8)], [0.1, 0.25]
 
 
-def _image(side: int, seed: int):
-    from PIL import Image
-
-    g = torch.Generator().manual_seed(seed)
-    return Image.fromarray(torch.randint(0, 256, (side, side, 3), generator=g, dtype=torch.uint8).numpy())
+def _question(seed: int) -> str:
+    return f"Question {seed}: what is in the picture?"
 
 
 class _Bench:
@@ -87,16 +84,16 @@ class _Bench:
         return self.engines[ratio]
 
     def prompt(self, side: int, seed: int) -> dict:
-        content = [{"type": "image"}, {"type": "text", "text": f"Question {seed}: what is in the picture?"}]
-        text = self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                                  add_generation_prompt=True)  # fmt: skip
-        return {"prompt": text, "multi_modal_data": {"image": _image(side, seed)}}
+        from glimpse_ops.vllm import testing
+
+        text = testing.chat_prompt(self.tokenizer, _question(seed), with_image=True)
+        return {"prompt": text, "multi_modal_data": {"image": testing.random_image(side, side, seed)}}
 
     def hf_tokens(self, side: int, seed: int, ratio: float | None) -> list[int]:
         from glimpse_ops import hf
         from glimpse_ops.vllm import testing
 
-        x = testing.hf_inputs(self.folder, [(f"Question {seed}: what is in the picture?", _image(side, seed))])
+        x = testing.hf_inputs(self.folder, [(_question(seed), testing.random_image(side, side, seed))])
         kwargs = dict(max_new_tokens=OUTPUT_TOKENS, min_new_tokens=OUTPUT_TOKENS, do_sample=False)
         with torch.no_grad():
             if ratio is None:

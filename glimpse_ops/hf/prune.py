@@ -123,11 +123,12 @@ def apply_glimpse_prune(
         layer = max(0, math.ceil(2 * n_layers / 3) - 1)
     if not 0 <= layer < n_layers - 1:
         raise ValueError(f"glimpse_ops.hf.apply_glimpse_prune: layer must be in [0, {n_layers - 1}), got {layer}")
-    handle = handle_class(model, adapter, layer, threshold, max_keep_ratio, min_keep)
+    trained = {}
+    if predictor is not None:
+        trained = dict(predictor=predictor, fixed_keep_ratio=fixed_keep_ratio, caps_per=caps_per or "sample")
+    handle = handle_class(model, adapter, layer, threshold, max_keep_ratio, min_keep, **trained)
     if selection is not None:
         handle.selection = selection
-    if predictor is not None:
-        handle.predictor, handle.fixed_keep_ratio, handle.caps_per = predictor, fixed_keep_ratio, caps_per or "sample"
     handle.claim("apply_glimpse_prune")
     target = adapter.layers[layer]
     handle.hooks += [

@@ -66,6 +66,15 @@ class SelectionInputs:
 Selection = Callable[[SelectionInputs], tuple[list[Tensor], list[Tensor], Tensor, Tensor]]
 
 
+def training_free_caps(n_visual: Tensor, max_keep_ratio: float | None, min_keep: int) -> Tensor | None:
+    """int64 [B]: the training-free cap, at most ceil(max_keep_ratio * Nv) visual tokens per
+    row (the cap rounds up) and at least min(1, min_keep); None without a ratio. Shared by the
+    HF hooks and the vLLM plugin so both keep the same tokens."""
+    if max_keep_ratio is None:
+        return None
+    return torch.ceil(n_visual.double() * max_keep_ratio).long().clamp(min=min(1, min_keep))
+
+
 def glimpse_prune_selection(x: SelectionInputs) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor]:
     """The default: one ``glimpse_prune`` call (head-averaged glimpse probabilities, top
     ``max_keep`` per sample, ``threshold`` on the probability, compaction of every layer)."""
@@ -139,10 +148,7 @@ class GlimpsePruneHandle(PatchHandle):
 
     def _select_and_compact(self, p: _Prefill, keys: list[Tensor], values: list[Tensor]):
         """(compacted keys and values of layers 0..K, index [B, L], scores fp32 [B, S])."""
-        caps = None
-        if self.max_keep_ratio is not None:  # at most ceil(r * Nv) per sample (at least min(1, min_keep))
-            caps = torch.ceil(p.visual.sum(dim=1).double() * self.max_keep_ratio).long()
-            caps = caps.clamp(min=min(1, self.min_keep))
+        caps = training_free_caps(p.visual.sum(dim=1), self.max_keep_ratio, self.min_keep)
         inputs = SelectionInputs(p.glimpse_q, keys, values, p.valid, p.visual, self.layer, self.adapter.head_dim,
                                  self.threshold, caps, self.min_keep)  # fmt: skip
         return self.selection(inputs)

@@ -20,6 +20,7 @@ from vllm.forward_context import get_forward_context
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 
 from .. import glimpse_scores, keep_index, select_tokens
+from ..hf.prune_hooks import training_free_caps
 from .config import PREFIX, PruneSettings
 
 
@@ -133,10 +134,9 @@ class GlimpsePruneQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
         glimpse = capture.q[starts + lengths - 1].view(len(prune_rows), H, 1, D)
         visual = valid & (input_ids[token] == self.image_token_id)
         probs = glimpse_scores(glimpse, keys, valid, normalize="probs").mean(dim=(1, 2))  # [P, Smax]
-        caps = 0
-        if s.max_keep_ratio is not None:  # the HF rule: at most ceil(r * Nv), at least min(1, min_keep)
-            caps = torch.ceil(visual.sum(dim=1).double() * s.max_keep_ratio).long().clamp(min=min(1, s.min_keep))
-        keep = select_tokens(probs, visual, threshold=s.threshold, max_keep=caps, min_keep=s.min_keep) & valid
+        caps = training_free_caps(visual.sum(dim=1), s.max_keep_ratio, s.min_keep)  # glimpse_ops.hf's rule
+        keep = select_tokens(probs, visual, threshold=s.threshold, max_keep=0 if caps is None else caps,
+                             min_keep=s.min_keep) & valid  # fmt: skip
         index, kept = keep_index(keep, max_len=None, padding_side="right")
         keep_flat = torch.ones(input_ids.shape[0], dtype=torch.bool, device=device)
         keep_flat[token[valid]] = keep[valid]

@@ -140,6 +140,23 @@ def image_processor():
     )
 
 
+def random_image(width: int, height: int, seed: int):
+    """A PIL RGB image of uniform random pixels (sides multiples of 4 need no resize)."""
+    import torch
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray(torch.randint(0, 256, (height, width, 3), generator=g, dtype=torch.uint8).numpy())
+
+
+def chat_prompt(tokenizer, text: str, with_image: bool) -> str:
+    """One user turn (an image placeholder first when ``with_image``) and the generation prompt,
+    rendered with the checkpoint's chat template."""
+    content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": text}]
+    return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True)  # fmt: skip
+
+
 def hf_inputs(folder: str | Path, prompts: list[tuple[str, object | None]]) -> dict:
     """What ``Qwen2_5_VLProcessor`` gives for a batch of (text, PIL image or None) chat prompts
     with the generation prompt, left-padded, built from the folder's tokenizer and image
@@ -153,9 +170,7 @@ def hf_inputs(folder: str | Path, prompts: list[tuple[str, object | None]]) -> d
     grids = iter(vision["image_grid_thw"].tolist()) if images else iter(())
     rows = []
     for text, image in prompts:
-        content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": text}]
-        rendered = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                                 add_generation_prompt=True)  # fmt: skip
+        rendered = chat_prompt(tokenizer, text, image is not None)
         if image is not None:
             t, h, w = next(grids)
             rendered = rendered.replace("<|image_pad|>", "<|image_pad|>" * (t * h * w // 4))

@@ -18,14 +18,6 @@ def checkpoint(tmp_path_factory):
     return testing.write_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny-qwen2_5_vl"), seed=3)
 
 
-def _image(width: int, height: int, seed: int):
-    from PIL import Image
-
-    g = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (height, width, 3), generator=g, dtype=torch.uint8)
-    return Image.fromarray(pixels.numpy())
-
-
 def test_tokenizer_round_trips_text_and_decodes_every_id(checkpoint):
     from transformers import AutoTokenizer
 
@@ -42,7 +34,9 @@ def test_checkpoint_generates_and_prunes_a_mixed_batch(checkpoint):
 
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint).eval()
     assert model.config.text_config.hidden_size // model.config.text_config.num_attention_heads == 32
-    x = testing.hf_inputs(checkpoint, [("What is shown?", _image(40, 24, 0)), ("Text only, a longer prompt.", None)])
+    x = testing.hf_inputs(
+        checkpoint, [("What is shown?", testing.random_image(40, 24, 0)), ("Text only, a longer prompt.", None)]
+    )
     n_visual = int((x["input_ids"] == model.config.image_token_id).sum())
     assert n_visual == 20 * 12 // 4  # a 40x24 image: 20x12 patches of 2, merged 2x2
     with torch.no_grad():

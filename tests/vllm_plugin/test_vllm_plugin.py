@@ -14,8 +14,6 @@ import torch
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: inspectable
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 vllm = pytest.importorskip("vllm")
-if not hasattr(vllm, "LLM"):
-    pytest.skip("vllm is not installed", allow_module_level=True)
 
 import glimpse_ops.vllm as glimpse_vllm  # noqa: E402
 from glimpse_ops import hf  # noqa: E402
@@ -24,14 +22,11 @@ from glimpse_ops.vllm import testing  # noqa: E402
 BLOCK, BLOCKS, STEPS = 32, 64, 6
 
 
-def _image(width: int, height: int, seed: int):
-    from PIL import Image
-
-    g = torch.Generator().manual_seed(seed)
-    return Image.fromarray(torch.randint(0, 256, (height, width, 3), generator=g, dtype=torch.uint8).numpy())
-
-
-CASES = [("What is shown?", _image(40, 24, 0)), ("Text only, a longer prompt.", None), ("Describe", _image(64, 48, 1))]
+CASES = [
+    ("What is shown?", testing.random_image(40, 24, 0)),
+    ("Text only, a longer prompt.", None),
+    ("Describe", testing.random_image(64, 48, 1)),
+]
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +65,7 @@ def keep_all(checkpoint):
 def _prompt(checkpoint, text, image):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": text}]
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                             add_generation_prompt=True)  # fmt: skip
+    rendered = testing.chat_prompt(AutoTokenizer.from_pretrained(checkpoint), text, image is not None)
     return {"prompt": rendered, **({"multi_modal_data": {"image": image}} if image is not None else {})}
 
 

@@ -137,17 +137,21 @@ def attention_qkv(
     return make(heads), make(kv_heads), make(kv_heads)
 
 
-def centered_predictor(model, predictor, inputs: dict):
+def centered_predictor(model, predictor, inputs: dict, image_token_id: int | None = None):
     """A trained-mode GlimpsePredictor (changed in place) whose output bias is moved so that
     about half of ``inputs``' visual tokens have sigmoid > 0.5 (a random VIP puts them all on
     one side of the release's default threshold). Needs transformers."""
     from glimpse_ops import hf
     from glimpse_ops.hf import testing
 
+    image_token_id = testing.IMAGE if image_token_id is None else image_token_id
     with hf.pruned(model, predictor=predictor, fixed_keep_ratio=1.0) as handle:
         with torch.no_grad():
             model(**inputs)
-        probs = handle.last_scores[inputs["input_ids"] == testing.IMAGE]
+        probs = handle.last_scores[inputs["input_ids"] == image_token_id]
+    # the threshold midway (in logits) between the two middle tokens, not on one of them: a
+    # token exactly at the threshold would flip on rounding noise (a different summation order)
+    middle = torch.logit(probs.double().sort().values[[len(probs) // 2 - 1, len(probs) // 2]])
     with torch.no_grad():
-        predictor.vip.attn_out_projs[-1].bias -= torch.logit(probs.median().double()).float()
+        predictor.vip.attn_out_projs[-1].bias -= middle.mean().float()
     return predictor

@@ -220,10 +220,10 @@ class GlimpsePredictor(nn.Module):
         meta = {k: json.dumps(v) for k, v in self.config.__dict__.items()}
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path), metadata=meta)
 
-    @classmethod
-    def load(cls, path: str | Path) -> GlimpsePredictor:
+    @staticmethod
+    def read_config(path: str | Path) -> PredictorConfig:
+        """The config stored in a file ``save`` wrote (its weights are not read)."""
         from safetensors import safe_open
-        from safetensors.torch import load_file
 
         with safe_open(str(path), "pt") as f:
             meta = f.metadata()
@@ -231,7 +231,13 @@ class GlimpsePredictor(nn.Module):
         config.vit_layers = tuple(config.vit_layers)
         if config.glimpse_layers is not None:
             config.glimpse_layers = tuple(config.glimpse_layers)
-        predictor = cls(config)
+        return config
+
+    @classmethod
+    def load(cls, path: str | Path) -> GlimpsePredictor:
+        from safetensors.torch import load_file
+
+        predictor = cls(cls.read_config(path))
         predictor.load_state_dict(load_file(str(path)))
         return predictor
 
@@ -250,3 +256,12 @@ def window_index(grid_thw: Tensor, merge: int, window: int, patch: int) -> Tenso
         out.append(blocks[blocks >= 0] + offset)
         offset += t * gh * gw
     return torch.cat(out)
+
+
+def merged_raster(block_output: Tensor, order: Tensor, merge: int) -> Tensor:
+    """[N, C]: a ViT block's output ([N * merge^2, C] or [N * merge^2, 1, C], window order)
+    averaged over each merge x merge group and put in raster order (``order``: ``window_index``)."""
+    grouped = block_output.reshape(-1, merge * merge, block_output.shape[-1]).mean(dim=1)
+    raster = torch.empty_like(grouped)
+    raster[order] = grouped
+    return raster

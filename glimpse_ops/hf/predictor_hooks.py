@@ -6,25 +6,25 @@ a 1 on the 2-D mask, position last + 1 on every M-RoPE axis); pre-hooks on layer
 the per-layer injections to it (the layers of its embedding rows). After layer K its
 scores over the visual keys (``glimpse_scores``: raw logits, or log-softmax over the valid
 keys, per head) and the ViT features (2x2 groups averaged, raster order) go through the VIP.
-The keep rule (the release's, per sample or per image): with ``fixed_keep_ratio`` r the top
-max(1, floor(r * n)) tokens; else sigmoid > threshold, at most max(1, floor(max_keep_ratio *
-n)) of them, at least min(min_keep, n). ``prune_kv`` (per sample) or ``select_tokens`` +
+The keep rule is the release's (``keep_rule.TrainedKeepRule``). ``prune_kv`` (per sample) or ``select_tokens`` +
 ``keep_index`` + ``compact_kv`` (per image) then compact the caches of layers 0..K, which
 drops the glimpse.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from .. import compact_kv, glimpse_scores, keep_index, prune_kv, select_tokens
+from .. import compact_kv, glimpse_scores, keep_index, prune_kv
 from .hooks import vit_grid
-from .predictor import GlimpsePredictor, window_index
+from .keep_rule import TrainedKeepRule
+from .predictor import GlimpsePredictor, PredictorConfig, merged_raster, window_index
 from .prune_hooks import GlimpsePruneHandle, _Prefill
-from .release import load_release
+from .release import load_release, predictor_config_from_release
 
 
 @dataclass
@@ -117,13 +117,7 @@ class PredictorPruneHandle(GlimpsePruneHandle):
                 "(no reused or expanded encoder outputs, no beam search)"
             )
         order = window_index(self.grid_thw, merge, vision.window_size, vision.patch_size).to(head_scores.device)
-        features = []
-        for level in self.predictor.config.vit_layers:
-            grouped = self.vit_outputs[level]
-            grouped = grouped.view(-1, merge * merge, grouped.shape[-1]).mean(dim=1)  # window order
-            raster = torch.empty_like(grouped)
-            raster[order] = grouped
-            features.append(raster)
+        features = [merged_raster(self.vit_outputs[level], order, merge) for level in self.predictor.config.vit_layers]
         grid_hw = [(h // merge, w // merge) for _, h, w in self.grid_thw.tolist()]
         self.vit_outputs.clear()  # used once: a later prompt must bring its own
         return self.predictor.vip(head_scores, features, grid_hw)
@@ -133,21 +127,9 @@ class PredictorPruneHandle(GlimpsePruneHandle):
         merge = self.model.config.vision_config.spatial_merge_size
         return [t * h * w // (merge * merge) for t, h, w in self.grid_thw.tolist()]
 
-    def keep_rule(self, n_tokens: Tensor) -> tuple[float | None, Tensor, int]:
-        """(threshold, max_keep int64 per row, min_keep) of ``select_tokens`` for rows of
-        ``n_tokens`` visual tokens (the release's rule; see the module docstring)."""
-        n = n_tokens.double()
-        if self.fixed_keep_ratio is not None:
-            return None, torch.floor(n * self.fixed_keep_ratio).long().clamp(min=1), 0
-        caps = torch.zeros_like(n_tokens)  # 0: no cap
-        if self.max_keep_ratio is not None:
-            caps = torch.floor(n * self.max_keep_ratio).long().clamp(min=1)
-        threshold = self.threshold
-        dtype = next(self.predictor.parameters()).dtype
-        if threshold is not None and dtype != torch.float32:
-            # the release compares probabilities in its dtype: the threshold rounds to it too
-            threshold = float(torch.tensor(threshold, dtype=dtype))
-        return threshold, caps, self.min_keep
+    @property
+    def rule(self) -> TrainedKeepRule:
+        return TrainedKeepRule(self.threshold, self.max_keep_ratio, self.min_keep, self.fixed_keep_ratio, self.caps_per)
 
     def _select_and_compact(self, p: _Prefill, keys: list[Tensor], values: list[Tensor]):
         S = self.prompt_length
@@ -155,41 +137,45 @@ class PredictorPruneHandle(GlimpsePruneHandle):
         scores = torch.zeros(p.visual.shape, device=probs.device)
         scores[p.visual] = probs
         keys, values = [k[:, :, :S] for k in keys], [v[:, :, :S] for v in values]
-        if self.caps_per == "sample":
-            threshold, caps, min_keep = self.keep_rule(p.visual.sum(dim=1))
+        dtype = next(self.predictor.parameters()).dtype
+        if self.caps_per == "sample":  # one fused op
+            threshold, caps, min_keep = self.rule.limits(p.visual.sum(dim=1), dtype)
             new_keys, new_values, index, _, _ = prune_kv(
                 scores, p.visual, keys, values, threshold=threshold, max_keep=caps, min_keep=min_keep,
                 max_len=None, padding_side="left",
             )  # fmt: skip
             return new_keys, new_values, index, scores
-        # per image: one select_tokens row per image, then back to the prompt's layout
-        sizes = self.image_sizes()
-        rows = nn.utils.rnn.pad_sequence(list(probs.split(sizes)), batch_first=True)  # [I, n_max]
-        in_image = nn.utils.rnn.pad_sequence(
-            [torch.ones(n, dtype=torch.bool, device=probs.device) for n in sizes], batch_first=True
-        )
-        threshold, caps, min_keep = self.keep_rule(torch.tensor(sizes, device=probs.device))
-        kept = select_tokens(rows, in_image, threshold=threshold, max_keep=caps, min_keep=min_keep)
-        keep = ~p.visual
-        keep[p.visual] = kept[in_image]
+        keep = self.rule.keep(probs, p.visual, self.image_sizes(), dtype)
         index, _ = keep_index(keep, max_len=None, padding_side="left")
         new_keys, new_values = compact_kv(keys, values, index)
         return new_keys, new_values, index, scores
 
 
-def load_predictor(predictor, model: nn.Module) -> GlimpsePredictor:
-    """A GlimpsePredictor from itself, a .safetensors file (``GlimpsePredictor.save``) or a
-    folder of the GlimpsePrune release."""
+def _predictor_path(predictor, where: str):
     from pathlib import Path
 
+    path = Path(predictor)
+    if path.is_dir() or (path.suffix == ".safetensors" and path.exists()):
+        return path
+    raise ValueError(
+        f"{where}: predictor must be a GlimpsePredictor, a .safetensors file or a release folder, got {predictor!r}"
+    )
+
+
+def load_predictor(predictor, model: nn.Module, where: str = "glimpse_ops.hf.apply_glimpse_prune") -> GlimpsePredictor:
+    """A GlimpsePredictor from itself, a .safetensors file (``GlimpsePredictor.save``) or a
+    folder of the GlimpsePrune release (``model``: anything with the model's ``config``)."""
     if isinstance(predictor, GlimpsePredictor):
         return predictor
-    path = Path(predictor)
+    path = _predictor_path(predictor, where)
+    return load_release(path, model) if path.is_dir() else GlimpsePredictor.load(path)
+
+
+def predictor_config(predictor, model: nn.Module, where: str) -> PredictorConfig:
+    """The config of the predictor ``load_predictor`` would load, without reading its weights."""
+    if isinstance(predictor, GlimpsePredictor):
+        return predictor.config
+    path = _predictor_path(predictor, where)
     if path.is_dir():
-        return load_release(path, model)
-    if path.suffix == ".safetensors" and path.exists():
-        return GlimpsePredictor.load(path)
-    raise ValueError(
-        "glimpse_ops.hf.apply_glimpse_prune: predictor must be a GlimpsePredictor, a .safetensors file or a "
-        f"release folder, got {predictor!r}"
-    )
+        return predictor_config_from_release(json.loads((path / "config.json").read_text()), model)
+    return GlimpsePredictor.read_config(path)

@@ -15,6 +15,7 @@ from torch import nn
 from ._compat import require_transformers
 from .adapters import adapter_for
 from .hooks import ensure_unpatched
+from .keep_rule import CAPS_PER, TrainedKeepRule
 from .predictor import GlimpsePredictor
 from .predictor_hooks import PredictorPruneHandle, load_predictor
 from .prune_hooks import GlimpsePruneHandle, Selection
@@ -86,28 +87,23 @@ def apply_glimpse_prune(
             raise TypeError(
                 f"glimpse_ops.hf.apply_glimpse_prune: a trained predictor needs Qwen2.5-VL, got {adapter.model_type}"
             )
-        if caps_per not in (None, "sample", "image"):
+        if caps_per not in (None, *CAPS_PER):
             raise ValueError(
                 f"glimpse_ops.hf.apply_glimpse_prune: caps_per must be 'sample' or 'image', got {caps_per!r}"
             )
         predictor = load_predictor(predictor, model)
+        rule = TrainedKeepRule.resolve(
+            predictor.config, threshold=threshold, max_keep_ratio=max_keep_ratio, min_keep=min_keep,
+            fixed_keep_ratio=fixed_keep_ratio, caps_per=caps_per, where="glimpse_ops.hf.apply_glimpse_prune",
+        )  # fmt: skip
         if layer is not None and layer != predictor.config.score_layer:
             raise ValueError(
                 "glimpse_ops.hf.apply_glimpse_prune: the predictor was trained for layer "
                 f"{predictor.config.score_layer}, got layer={layer}"
             )
         layer = predictor.config.score_layer
-        config = predictor.config
-        if fixed_keep_ratio is not None and (threshold is not None or max_keep_ratio is not None):
-            raise ValueError(
-                "glimpse_ops.hf.apply_glimpse_prune: fixed_keep_ratio keeps a fixed share; it takes no threshold "
-                "or max_keep_ratio"
-            )
-        if fixed_keep_ratio is None and threshold is None and max_keep_ratio is None:
-            fixed_keep_ratio = config.fixed_remain_ratio
-        threshold = config.reduce_threshold if threshold is None else threshold
-        max_keep_ratio = config.max_remain_ratio if max_keep_ratio is None else max_keep_ratio
-        min_keep = config.min_remain_num if min_keep is None else min_keep
+        threshold, max_keep_ratio, min_keep = rule.threshold, rule.max_keep_ratio, rule.min_keep
+        fixed_keep_ratio, caps_per = rule.fixed_keep_ratio, rule.caps_per
         predictor = _placed(predictor, next(model.parameters()).device, _predictor_dtype(predictor_dtype, model))
         handle_class = PredictorPruneHandle
     else:

@@ -9,7 +9,8 @@ per model through the engine arguments ``engine_kwargs()`` returns:
     import glimpse_ops.vllm
     llm = LLM(model=path, **glimpse_ops.vllm.engine_kwargs(max_keep_ratio=0.1))
 
-What happens (training-free GlimpsePrune, the same rule as ``glimpse_ops.hf``):
+What happens (training-free GlimpsePrune, the same rule as ``glimpse_ops.hf``; with a trained
+predictor see ``trained.py``: the glimpse token's pass and the VIP replace the scores):
 
 * ``model.GlimpsePruneQwen2_5_VL`` runs layers 0..K on every prompt of the step; for each
   request whose whole prompt is in the step and holds image tokens, the last prompt token's
@@ -47,29 +48,43 @@ def register() -> None:
 
 
 def engine_kwargs(
-    max_keep_ratio: float | None = 0.1,
+    max_keep_ratio: float | None = None,
     *,
     layer: int | None = None,
     threshold: float | None = None,
-    min_keep: int = 1,
+    min_keep: int | None = None,
+    predictor: str | None = None,
+    fixed_keep_ratio: float | None = None,
+    caps_per: str | None = None,
+    predictor_dtype: str | None = None,
 ) -> dict:
     """Keyword arguments for ``vllm.LLM`` (or ``vllm serve`` flags of the same names) that turn
     pruning on for a Qwen2.5-VL checkpoint: the architecture override with the pruning
-    settings, eager mode, and prefix caching and chunked prefill off (both refused otherwise).
+    settings, eager mode, and prefix caching, chunked prefill and async scheduling off (all three
+    refused otherwise).
+    The arguments mean what they mean for ``glimpse_ops.hf.apply_glimpse_prune``.
 
-    ``layer``: K, default about 2/3 of the depth; ``max_keep_ratio``: at most
-    ``ceil(r * Nv)`` image tokens per request; ``threshold`` on the glimpse probability keeps
-    fewer; ``min_keep``: at least this many. ``max_keep_ratio=1.0, threshold=None`` keeps all."""
-    overrides = {
-        "architectures": [ARCHITECTURE],
-        "glimpse_layer": layer,
-        "glimpse_max_keep_ratio": max_keep_ratio,
-        "glimpse_threshold": threshold,
-        "glimpse_min_keep": min_keep,
-    }
+    Training-free (``predictor=None``): ``layer`` K, default about 2/3 of the depth;
+    ``max_keep_ratio``: at most ``ceil(r * Nv)`` image tokens per request (default 0.1 when
+    no ``threshold`` is given); ``threshold`` on the glimpse probability keeps fewer;
+    ``min_keep`` (default 1): at least this many. ``max_keep_ratio=1.0`` keeps all.
+
+    Trained (``predictor``: a ``.safetensors`` file of ``GlimpsePredictor.save`` or a folder of
+    the GlimpsePrune release, readable by every vLLM process): the layer is the predictor's;
+    the release's keep rule (``fixed_keep_ratio``, or ``threshold`` on sigmoid(VIP) with the
+    cap ``max(1, floor(max_keep_ratio * n))`` and ``min_keep``), per request or per image
+    (``caps_per``), defaults from the predictor; ``predictor_dtype``: a torch dtype name
+    (default ``"float32"``) or ``"model"``."""
+    settings = dict(
+        layer=layer, max_keep_ratio=max_keep_ratio, threshold=threshold, min_keep=min_keep,
+        predictor=None if predictor is None else str(predictor), fixed_keep_ratio=fixed_keep_ratio,
+        caps_per=caps_per, predictor_dtype=predictor_dtype,
+    )  # fmt: skip
+    overrides = {"architectures": [ARCHITECTURE], **{f"glimpse_{k}": v for k, v in settings.items()}}
     return {
         "hf_overrides": overrides,
         "enforce_eager": True,
         "enable_prefix_caching": False,
         "enable_chunked_prefill": False,
+        "async_scheduling": False,  # the scheduler must see a prune before the request's next step
     }

@@ -10,18 +10,23 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 from torch import Tensor
 from vllm import _custom_ops as ops
 from vllm import envs
+from vllm.distributed import get_tensor_model_parallel_world_size, tensor_model_parallel_all_reduce
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 
 from .. import glimpse_scores, keep_index, select_tokens
+from ..hf.predictor import GlimpsePredictor
+from ..hf.predictor_hooks import load_predictor
 from ..hf.prune_hooks import training_free_caps
 from .config import PREFIX, PruneSettings
+from .trained import ImageFeatures, glimpse_pass, image_features, trained_keep
 
 
 @dataclass
@@ -32,6 +37,7 @@ class StepRows:
     query_start_loc: np.ndarray  # int [R + 1]
     num_computed: np.ndarray  # int [R], tokens of the request already in the cache
     num_prompt: np.ndarray  # int [R]
+    images: list[list | None] | None = None  # trained mode: each row's ImageFeatures in prompt order
 
 
 @dataclass
@@ -55,9 +61,63 @@ class GlimpsePruneQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
         self.image_token_id = hf_config.image_token_id
         self.rows: StepRows | None = None
         self.pruned: dict[str, list[int]] = {}
+        self.tp_size = get_tensor_model_parallel_world_size()
         self._capture = _Capture()
         for index, layer in enumerate(decoder.layers[: self.settings.layer + 1]):
             layer.self_attn.attn.register_forward_pre_hook(self._capture_hook(index))
+        self._vision_config = hf_config.vision_config
+        self._vit_taps: dict[int, Tensor] | None = None  # filled while the ViT runs (trained mode)
+        self._new_features: dict[int, tuple[Tensor, ImageFeatures]] = {}
+        # a plain attribute, not a submodule: vLLM's loader would look for its weights in the checkpoint
+        self.__dict__["predictor"] = None
+        if self.settings.predictor is not None:
+            self.__dict__["predictor"] = self._load_predictor(hf_config)
+            for level in self.predictor.config.vit_layers:
+                self._tap_vit_block(level)
+
+    def _load_predictor(self, hf_config) -> GlimpsePredictor:
+        predictor = load_predictor(self.settings.predictor, SimpleNamespace(config=hf_config), where=PREFIX)
+        name = self.settings.predictor_dtype
+        dtype = self.language_model.model.embed_tokens.weight.dtype if name == "model" else getattr(torch, name)
+        device = self.language_model.model.embed_tokens.weight.device
+        return predictor.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+    def _tap_vit_block(self, level: int) -> None:
+        # Not a forward hook: vLLM's @support_torch_compile __call__ runs ``self.forward``
+        # directly when compilation is off, so hooks on a ViT block never fire.
+        block = self.visual.blocks[level]
+        forward = block.forward
+
+        def tapped(*args, **kwargs):
+            output = forward(*args, **kwargs)
+            if self._vit_taps is not None:
+                self._vit_taps[level] = output
+            return output
+
+        block.forward = tapped
+
+    def _process_image_input(self, image_input):
+        """The stock image path; in trained mode it also keeps each image's ViT features at the
+        predictor's levels, for the runner to file under the image's cache key
+        (``take_image_features``)."""
+        if self.predictor is None or image_input["type"] != "pixel_values":
+            return super()._process_image_input(image_input)
+        self._vit_taps = {}
+        try:
+            embeddings = super()._process_image_input(image_input)
+            taps = self._vit_taps
+        finally:
+            self._vit_taps = None
+        features = image_features(taps, image_input["image_grid_thw"], self._vision_config,
+                                  self.predictor.config.vit_layers)  # fmt: skip
+        for embedding, feature in zip(embeddings, features):
+            self._new_features[id(embedding)] = (embedding, feature)
+        return embeddings
+
+    def take_image_features(self, embedding: Tensor) -> ImageFeatures | None:
+        """The features of the image whose encoder output is ``embedding`` (once), or None."""
+        entry = self._new_features.pop(id(embedding), None)
+        return None if entry is None or entry[0] is not embedding else entry[1]
 
     def _capture_hook(self, index: int):
         def hook(module, args):
@@ -106,7 +166,7 @@ class GlimpsePruneQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
                 hidden, residual = layer(positions, hidden, residual)
         finally:
             self._capture.active = False
-        order, new_rows = self._select(input_ids, prune_rows)
+        order, new_rows = self._select(input_ids, positions, prune_rows)
         self._install_metadata(order, new_rows, prune_rows)
         hidden, residual, positions_kept = hidden[order], residual[order], positions[..., order]
         for layer in decoder.layers[K + 1 :]:
@@ -117,7 +177,14 @@ class GlimpsePruneQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
         self._capture = _Capture()
         return out
 
-    def _select(self, input_ids: Tensor, prune_rows: list[int]) -> tuple[Tensor, Tensor]:
+    def _images_of(self, prune_rows: list[int]) -> list[ImageFeatures]:
+        images = [] if self.rows.images is None else [self.rows.images[r] for r in prune_rows]
+        if len(images) != len(prune_rows) or any(row is None or None in row for row in images):
+            raise RuntimeError(f"{PREFIX}: a pruning request's image has no ViT features; a trained predictor needs "
+                               "the ViT to run on the request's pixel values")  # fmt: skip
+        return [feature for row in images for feature in row]
+
+    def _select(self, input_ids: Tensor, positions: Tensor, prune_rows: list[int]) -> tuple[Tensor, Tensor]:
         """(token order after the prune [T'], kept tokens per row [R]); records ``pruned``."""
         rows, s = self.rows, self.settings
         attn = self.language_model.model.layers[s.layer].self_attn.attn
@@ -130,13 +197,23 @@ class GlimpsePruneQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
         valid = offsets[None, :] < lengths[:, None]  # [P, Smax]
         token = torch.where(valid, starts[:, None] + offsets[None, :], 0)  # row-major gather of each prompt
         capture = self._capture
-        keys = capture.keys[s.layer][token].view(len(prune_rows), longest, Hkv, D).transpose(1, 2)
-        glimpse = capture.q[starts + lengths - 1].view(len(prune_rows), H, 1, D)
         visual = valid & (input_ids[token] == self.image_token_id)
-        probs = glimpse_scores(glimpse, keys, valid, normalize="probs").mean(dim=(1, 2))  # [P, Smax]
-        caps = training_free_caps(visual.sum(dim=1), s.max_keep_ratio, s.min_keep)  # glimpse_ops.hf's rule
-        keep = select_tokens(probs, visual, threshold=s.threshold, max_keep=0 if caps is None else caps,
-                             min_keep=s.min_keep) & valid  # fmt: skip
+        if self.predictor is not None:
+            last = starts + lengths - 1
+            glimpse = glimpse_pass(self.language_model.model.layers, self.predictor, capture.keys, capture.values,
+                                   positions[..., last] + 1, token, valid)  # fmt: skip
+            keep = trained_keep(self.predictor, s.rule, glimpse, visual, self._images_of(prune_rows)) & valid
+        else:
+            keys = capture.keys[s.layer][token].view(len(prune_rows), longest, Hkv, D).transpose(1, 2)
+            glimpse = capture.q[starts + lengths - 1].view(len(prune_rows), H, 1, D)
+            probs = glimpse_scores(glimpse, keys, valid, normalize="probs")  # [P, H on this rank, 1, Smax]
+            if self.tp_size == 1:
+                probs = probs.mean(dim=(1, 2))
+            else:  # every rank must keep the same tokens: average over all ranks' heads
+                probs = tensor_model_parallel_all_reduce(probs.sum(dim=(1, 2))) / (H * self.tp_size)
+            caps = training_free_caps(visual.sum(dim=1), s.max_keep_ratio, s.min_keep)  # glimpse_ops.hf's rule
+            keep = select_tokens(probs, visual, threshold=s.threshold, max_keep=0 if caps is None else caps,
+                                 min_keep=s.min_keep) & valid  # fmt: skip
         index, kept = keep_index(keep, max_len=None, padding_side="right")
         keep_flat = torch.ones(input_ids.shape[0], dtype=torch.bool, device=device)
         keep_flat[token[valid]] = keep[valid]

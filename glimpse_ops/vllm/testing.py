@@ -149,31 +149,37 @@ def random_image(width: int, height: int, seed: int):
     return Image.fromarray(torch.randint(0, 256, (height, width, 3), generator=g, dtype=torch.uint8).numpy())
 
 
-def chat_prompt(tokenizer, text: str, with_image: bool) -> str:
-    """One user turn (an image placeholder first when ``with_image``) and the generation prompt,
-    rendered with the checkpoint's chat template."""
-    content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": text}]
+def chat_prompt(tokenizer, text: str, with_image: bool | int) -> str:
+    """One user turn (``with_image`` image placeholders first: True is one) and the generation
+    prompt, rendered with the checkpoint's chat template."""
+    content = [{"type": "image"}] * int(with_image) + [{"type": "text", "text": text}]
     return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                          add_generation_prompt=True)  # fmt: skip
 
 
+def _images(image) -> list:
+    return [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
+
+
 def hf_inputs(folder: str | Path, prompts: list[tuple[str, object | None]]) -> dict:
-    """What ``Qwen2_5_VLProcessor`` gives for a batch of (text, PIL image or None) chat prompts
-    with the generation prompt, left-padded, built from the folder's tokenizer and image
-    processor (so no video processor, hence no torchvision, is needed)."""
+    """What ``Qwen2_5_VLProcessor`` gives for a batch of (text, PIL image, list of PIL images or
+    None) chat prompts with the generation prompt, left-padded, built from the folder's
+    tokenizer and image processor (so no video processor, hence no torchvision, is needed)."""
     import torch
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    images = [image for _, image in prompts if image is not None]
+    images = [image for _, entry in prompts for image in _images(entry)]
     vision = image_processor()(images=images, return_tensors="pt") if images else {}
     grids = iter(vision["image_grid_thw"].tolist()) if images else iter(())
     rows = []
-    for text, image in prompts:
-        rendered = chat_prompt(tokenizer, text, image is not None)
-        if image is not None:
+    for text, entry in prompts:
+        count = len(_images(entry))
+        pieces = chat_prompt(tokenizer, text, count).split("<|image_pad|>")
+        rendered = pieces[0]
+        for piece in pieces[1:]:
             t, h, w = next(grids)
-            rendered = rendered.replace("<|image_pad|>", "<|image_pad|>" * (t * h * w // 4))
+            rendered += "<|image_pad|>" * (t * h * w // 4) + piece
         rows.append(tokenizer(rendered, add_special_tokens=False).input_ids)
     length = max(len(r) for r in rows)
     ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)

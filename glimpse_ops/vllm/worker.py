@@ -19,6 +19,33 @@ def _cdiv(a: int, b: int) -> int:
 
 
 class GlimpsePruneCPUModelRunner(CPUModelRunner):
+    # trained mode: each cached image's ViT features, under the encoder cache's key
+    glimpse_image_features: dict | None = None
+
+    def _cache_encoder_output(self, mm_hash, output, *args, **kwargs):
+        super()._cache_encoder_output(mm_hash, output, *args, **kwargs)
+        features = self._pruning_model().take_image_features(output)
+        if features is not None:
+            if self.glimpse_image_features is None:
+                self.glimpse_image_features = {}
+            self.glimpse_image_features[mm_hash] = features
+
+    def _step_images(self, req_ids: list[str], num_computed) -> list[list | None] | None:
+        """Trained mode: for each row starting its prompt, its images' ViT features in prompt
+        order (None for an image without them); None for other rows."""
+        features = self.glimpse_image_features
+        if not features:
+            return None
+        for mm_hash in [h for h in features if h not in self.encoder_cache]:
+            del features[mm_hash]  # the encoder cache let the image go: so do we
+        images: list[list | None] = []
+        for req_id, computed in zip(req_ids, num_computed):
+            specs = [f for f in self.requests[req_id].mm_features if f.modality == "image"] if computed == 0 else None
+            images.append(None if specs is None else [
+                features.get(f.identifier) for f in sorted(specs, key=lambda f: f.mm_position.offset)
+            ])  # fmt: skip
+        return images
+
     def _pruning_model(self) -> GlimpsePruneQwen2_5_VL:
         model = self.get_model()
         if not isinstance(model, GlimpsePruneQwen2_5_VL):
@@ -29,11 +56,13 @@ class GlimpsePruneCPUModelRunner(CPUModelRunner):
                        **model_kwargs):  # fmt: skip
         batch, model = self.input_batch, self._pruning_model()
         n = batch.num_reqs
+        req_ids, num_computed = list(batch.req_ids[:n]), batch.num_computed_tokens_cpu[:n].copy()
         model.rows = StepRows(
-            req_ids=list(batch.req_ids[:n]),
+            req_ids=req_ids,
             query_start_loc=self.query_start_loc.np[: n + 1].copy(),
-            num_computed=batch.num_computed_tokens_cpu[:n].copy(),
+            num_computed=num_computed,
             num_prompt=batch.num_prompt_tokens[:n].copy(),
+            images=self._step_images(req_ids, num_computed) if model.predictor is not None else None,
         )
         model.pruned = {}
         try:

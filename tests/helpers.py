@@ -155,3 +155,51 @@ def centered_predictor(model, predictor, inputs: dict, image_token_id: int | Non
     with torch.no_grad():
         predictor.vip.attn_out_projs[-1].bias -= middle.mean().float()
     return predictor
+
+
+def _pruned_masks(kept_prompt: torch.Tensor, valid: torch.Tensor, prompt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """bool [B, 1, T, T] for layers 0..K and for layers K+1.. (True: may attend)."""
+    B, T = valid.shape
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    kept = valid.clone()
+    kept[:, :prompt_len] &= kept_prompt
+    query_is_prompt = (torch.arange(T) < prompt_len)[None, :, None]
+    early = causal & torch.where(query_is_prompt, valid[:, None, :], kept[:, None, :])
+    late = causal & kept[:, None, :]
+    eye = torch.eye(T, dtype=torch.bool)  # dropped and padding rows see themselves (finite, unused)
+    return (early | eye)[:, None], (late | eye)[:, None]
+
+
+def recompute_pruned(model, x: dict, sequences: torch.Tensor, kept_prompt: torch.Tensor, K: int) -> torch.Tensor:
+    """Logits [B, T, V] of the stock HF model over ``sequences`` (prompt + generated, no cache)
+    with per-layer masks that say what a model pruned after layer K attends to: in layers
+    0..K prompt tokens see the whole prompt and later tokens the kept prompt tokens
+    (``kept_prompt`` bool [B, prompt_len]) and the generated ones; in layers K+1.. every
+    token sees only those. Positions (and DeepStack injections) are the original ones."""
+    from glimpse_ops import hf
+    from glimpse_ops.hf import testing
+
+    prompt_len = x["input_ids"].shape[1]
+    grown = sequences.shape[1] - prompt_len
+    valid = torch.cat([x["attention_mask"].bool(), torch.ones(len(sequences), grown, dtype=torch.bool)], dim=1)
+    early, late = _pruned_masks(kept_prompt, valid, prompt_len)
+    layers = hf.adapters.adapter_for(model).layers
+
+    def use(mask):
+        def hook(module, args, kwargs):
+            kwargs["attention_mask"] = mask
+            return args, kwargs
+
+        return hook
+
+    hooks = [layer.register_forward_pre_hook(use(early if i <= K else late), with_kwargs=True)
+             for i, layer in enumerate(layers)]  # fmt: skip
+    try:
+        inputs = dict(x, input_ids=sequences, attention_mask=valid.long())
+        if "mm_token_type_ids" in x:  # the processor's types: 1 image, 2 video
+            inputs["mm_token_type_ids"] = (sequences == testing.IMAGE).long() + 2 * (sequences == testing.VIDEO).long()
+        with torch.no_grad():
+            return model(**inputs, use_cache=False).logits
+    finally:
+        for hook in hooks:
+            hook.remove()

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-SUPPORTED_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl", "llava")
+SUPPORTED_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "internvl", "llava", "llava_next", "llava_onevision")
 
 
 @dataclass
@@ -17,14 +17,17 @@ class Adapter:
 
     ``multimodal``: the module called with ``input_ids`` and the 2-D ``attention_mask``
     (the text model below it only sees embeddings); ``layers``: the decoder layers;
-    ``image_token_id``: the placeholder id of a visual token; ``apply_rope(q, k, cos, sin)``:
-    the family's rotary function; head geometry for the glimpse row."""
+    ``image_token_id``: the placeholder id of an image token; ``visual_token_ids``: the ids
+    pruning chooses among (image, and video where the family has video inputs);
+    ``apply_rope(q, k, cos, sin)``: the family's rotary function; head geometry for the
+    glimpse row."""
 
     model_type: str
     multimodal: nn.Module
     text_model: nn.Module
     layers: nn.ModuleList
     image_token_id: int
+    visual_token_ids: tuple[int, ...]
     apply_rope: Callable
     heads: int
     kv_heads: int
@@ -33,7 +36,8 @@ class Adapter:
 
 
 def adapter_for(model: nn.Module) -> Adapter:
-    """The adapter of a Qwen2.5-VL, Qwen2-VL or LLaVA ``...ForConditionalGeneration``."""
+    """The adapter of a Qwen2.5-VL, Qwen2-VL, Qwen3-VL, InternVL, LLaVA, LLaVA-NeXT or
+    LLaVA-OneVision ``...ForConditionalGeneration``."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -52,12 +56,15 @@ def adapter_for(model: nn.Module) -> Adapter:
     image_token_id = getattr(config, "image_token_id", None)
     if image_token_id is None:
         image_token_id = config.image_token_index
+    video_token_id = getattr(config, "video_token_id", None)
+    visual = (int(image_token_id),) + (() if video_token_id is None else (int(video_token_id),))
     return Adapter(
         model_type=model_type,
         multimodal=multimodal,
         text_model=text_model,
         layers=layers,
         image_token_id=int(image_token_id),
+        visual_token_ids=visual,
         apply_rope=rope,
         heads=heads,
         kv_heads=text_config.num_key_value_heads,

@@ -115,7 +115,7 @@ class ATPHandle(PatchHandle):
     def _spatial(self, visual: Tensor) -> Tensor:
         """Spatial scores [B, S] at the visual positions (the ViT has run by the first stage)."""
         n = int(visual.sum())
-        if self.adapter.model_type == "llava":
+        if self.adapter.model_type in ("llava", "internvl"):  # square images of image_seq_length tokens
             side = math.isqrt(self.model.config.image_seq_length)
             per_image = [(side, side)] * (n // (side * side))
         else:
@@ -221,7 +221,7 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scaling) -> Tensor:
 def apply_atp(
     model: nn.Module, layers: tuple[int, ...], mode: str = "infer", stages: nn.ModuleDict | None = None
 ) -> ATPHandle:
-    """Patch a Qwen2.5-VL / Qwen2-VL / LLaVA instance with ATP stages at the given decoder
+    """Patch a Qwen2.5-VL / Qwen2-VL / Qwen3-VL / InternVL / LLaVA instance with ATP stages at the given decoder
     ``layers``. ``mode``: "train" (soft masks, differentiable) or "infer" (hard pruning).
     ``stages`` reuses trained stages (``handle.stages`` of an earlier handle). Returns a
     handle whose ``remove()`` restores the model."""
@@ -234,6 +234,12 @@ def apply_atp(
     if not layers or list(layers) != sorted(set(layers)) or layers[0] < 0 or layers[-1] >= n_layers:
         raise ValueError(
             f"glimpse_ops.hf.apply_atp: layers must be increasing decoder layers in [0, {n_layers}), got {layers}"
+        )
+    deepstack = len(getattr(model.config.vision_config, "deepstack_visual_indexes", None) or ())
+    if mode == "infer" and layers[0] < deepstack:
+        raise ValueError(
+            f"glimpse_ops.hf.apply_atp: Qwen3-VL adds DeepStack features to the visual tokens after its first "
+            f"{deepstack} layers; a hard-pruning stage must come at layer {deepstack} or later, got {layers[0]}"
         )
     if stages is None:
         device = next(model.parameters()).device

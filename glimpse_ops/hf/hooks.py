@@ -49,8 +49,8 @@ def ensure_unpatched(model: nn.Module, caller: str) -> None:
 
 
 def prefill_masks(adapter: Adapter, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor] | None:
-    """At the multimodal model's call: (visual bool [B, S] (image tokens that are not
-    padding), valid bool [B, S]) for a prefill (empty cache, more than one new token), else
+    """At the multimodal model's call: (visual bool [B, S] (image and video tokens that are
+    not padding), valid bool [B, S]) for a prefill (empty cache, more than one new token), else
     None (a decode step)."""
     input_ids = kwargs.get("input_ids", args[0] if args else None)
     cache = kwargs.get("past_key_values")
@@ -58,7 +58,8 @@ def prefill_masks(adapter: Adapter, args: tuple, kwargs: dict) -> tuple[Tensor, 
         return None
     mask = kwargs.get("attention_mask")
     valid = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
-    return (input_ids == adapter.image_token_id) & valid, valid
+    ids = torch.tensor(adapter.visual_token_ids, device=input_ids.device)
+    return torch.isin(input_ids, ids) & valid, valid
 
 
 def vit_grid(args: tuple, kwargs: dict):

@@ -60,6 +60,11 @@ class PredictorPruneHandle(GlimpsePruneHandle):
         p = self.prefill
         if p is None:
             return
+        if kwargs.get("pixel_values_videos") is not None:
+            raise ValueError(
+                "glimpse_ops.hf: a trained predictor scores image tokens only (its VIP reads per-image ViT "
+                "features); prune video inputs with the training-free mode (predictor=None)"
+            )
         if not bool(p.visual.any()):
             self.prefill = None  # no image in this prompt: nothing to prune
 

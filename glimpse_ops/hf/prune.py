@@ -139,7 +139,10 @@ def apply_glimpse_prune(
     ]
     if predictor is not None:
         handle.attach_predictor_hooks(model)
+    if getattr(adapter.multimodal, "image_newline", None) is not None:
+        handle.hooks.append(adapter.text_model.register_forward_pre_hook(handle._keep_image_newlines, with_kwargs=True))
     handle._wrap_generate_kwargs()
+    handle._wrap_deepstack()
     return handle
 
 

@@ -98,16 +98,50 @@ class GlimpsePruneHandle(PatchHandle):
     last_kept_visual: Tensor | None = None  # [B] visual tokens kept by the latest prefill
     last_index: Tensor | None = None  # [B, L] kept positions of the latest prefill
     last_scores: Tensor | None = None  # fp32 [B, S] head-averaged glimpse probabilities of the latest prefill
+    last_visual: Tensor | None = None  # bool [B, S] the candidates of the latest prefill (image-newline tokens not)
     _compacted_valid: Tensor | None = None  # [B, L] bool, the latest compacted prompt's validity
 
     def _restore(self) -> None:
         self.model.__dict__.pop("_update_model_kwargs_for_generation", None)
+        self.adapter.text_model.__dict__.pop("_deepstack_process", None)
         self.prefill = None
+
+    def _wrap_deepstack(self) -> None:
+        """Qwen3-VL adds ViT features to the visual tokens' hidden states after its first
+        layers (DeepStack): after the prune, the kept tokens get theirs, at their new places."""
+        text_model = self.adapter.text_model
+        original = getattr(text_model, "_deepstack_process", None)
+        if original is None:
+            return
+        handle = self
+
+        def deepstack(hidden: Tensor, visual_pos_masks: Tensor, visual_embeds: Tensor) -> Tensor:
+            p = handle.prefill
+            if p is not None and p.index is not None and hidden.shape[1] != visual_pos_masks.shape[1]:
+                B, S = visual_pos_masks.shape
+                index = p.index.where(p.index >= 0, S)  # padding slots land in a column cut off below
+                kept = torch.zeros(B, S + 1, dtype=torch.bool, device=index.device).scatter_(1, index, True)[:, :S]
+                visual_embeds = visual_embeds[kept.to(visual_pos_masks.device)[visual_pos_masks]]
+                visual_pos_masks = gather_tokens(visual_pos_masks, p.index, pad_value=False)
+            return original(hidden, visual_pos_masks, visual_embeds)
+
+        text_model._deepstack_process = deepstack
 
     # --- hooks ----------------------------------------------------------------------------
     def _on_multimodal(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         masks = prefill_masks(self.adapter, args, kwargs)
         self.prefill = None if masks is None else _Prefill(*masks)
+
+    def _keep_image_newlines(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """LLaVA-NeXT / OneVision: the image-newline embeddings that end each row of an image's
+        tiles sit at image-token positions; they mark the layout, so they are never pruned
+        (not candidates). They are the rows equal to the model's ``image_newline`` vector."""
+        p = self.prefill
+        embeds = kwargs.get("inputs_embeds")
+        if p is None or embeds is None:
+            return
+        newline = self.adapter.multimodal.image_newline.to(embeds.device, embeds.dtype)
+        p.visual = p.visual & ~(embeds == newline).all(dim=-1)
 
     def _before_layer_k(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.prefill is not None:
@@ -119,7 +153,9 @@ class GlimpsePruneHandle(PatchHandle):
             return
         a = self.adapter
         B = output.shape[0]
-        q = output[:, -1:].view(B, 1, a.heads, a.head_dim).transpose(1, 2)  # the last prompt token
+        q = output[:, -1:].view(B, 1, a.heads, a.head_dim)  # the last prompt token
+        q_norm = getattr(a.layers[self.layer].self_attn, "q_norm", None)  # Qwen3: RMSNorm per head before RoPE
+        q = (q if q_norm is None else q_norm(q)).transpose(1, 2)
         cos, sin = p.cos_sin
         p.glimpse_q = a.apply_rope(q, q, cos[..., -1:, :], sin[..., -1:, :])[0]
 
@@ -142,6 +178,7 @@ class GlimpsePruneHandle(PatchHandle):
         cos, sin = p.cos_sin
         p.cos_sin = (gather_rope(cos, index), gather_rope(sin, index))
         self.last_kept_visual, self.last_index, self.last_scores = p.kept_visual, index, scores
+        self.last_visual = p.visual
         self._compacted_valid = valid
         hidden = gather_tokens(hidden, index, pad_value=0.0)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden

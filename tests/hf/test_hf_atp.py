@@ -14,6 +14,8 @@ from glimpse_ops.hf.atp import apply_atp  # noqa: E402
 
 FAMILIES = {
     "qwen2_5_vl": (testing.tiny_qwen2_5_vl, testing.qwen_inputs),
+    "qwen3_vl": (testing.tiny_qwen3_vl, testing.qwen_inputs),
+    "internvl": (testing.tiny_internvl, testing.internvl_inputs),
     "llava": (testing.tiny_llava, testing.llava_inputs),
 }
 STAGES = (2, 4)
@@ -120,3 +122,8 @@ def test_errors():
     handle.remove()
     with pytest.raises(ValueError, match="the given stages are for layers"):
         apply_atp(model, (1, 3), stages=handle.stages)
+
+
+def test_a_stage_inside_qwen3_vl_deepstack_layers_is_refused():
+    with pytest.raises(ValueError, match="DeepStack"):
+        apply_atp(testing.tiny_qwen3_vl(), (1, 4))

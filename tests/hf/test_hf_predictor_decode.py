@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close, centered_predictor
+from helpers import assert_close, centered_predictor, recompute_pruned
 
 pytest.importorskip("transformers")  # CI installs it: the README test command
 
@@ -20,46 +20,6 @@ K, VIT_LEVELS, STEPS = 3, (1, 0), 5
 
 # (atol, rtol) of logits by dtype: cached decoding against the uncached recomputation
 TOLERANCES = {torch.float32: (1e-4, 1e-4)}
-
-
-def _masks(kept_prompt: torch.Tensor, valid: torch.Tensor, prompt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """bool [B, 1, T, T] for layers 0..K and for layers K+1.. (True: may attend)."""
-    B, T = valid.shape
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    kept = valid.clone()
-    kept[:, :prompt_len] &= kept_prompt
-    query_is_prompt = (torch.arange(T) < prompt_len)[None, :, None]
-    early = causal & torch.where(query_is_prompt, valid[:, None, :], kept[:, None, :])
-    late = causal & kept[:, None, :]
-    eye = torch.eye(T, dtype=torch.bool)  # dropped and padding rows see themselves (finite, unused)
-    return (early | eye)[:, None], (late | eye)[:, None]
-
-
-def _recompute(model, x: dict, sequences: torch.Tensor, kept_prompt: torch.Tensor) -> torch.Tensor:
-    """Logits [B, T, V] of the stock model over ``sequences`` with the pruned model's masks."""
-    prompt_len = x["input_ids"].shape[1]
-    grown = sequences.shape[1] - prompt_len
-    valid = torch.cat([x["attention_mask"].bool(), torch.ones(len(sequences), grown, dtype=torch.bool)], dim=1)
-    early, late = _masks(kept_prompt, valid, prompt_len)
-    layers = hf.adapters.adapter_for(model).layers
-
-    def use(mask):
-        def hook(module, args, kwargs):
-            kwargs["attention_mask"] = mask
-            return args, kwargs
-
-        return hook
-
-    hooks = [layer.register_forward_pre_hook(use(early if i <= K else late), with_kwargs=True)
-             for i, layer in enumerate(layers)]  # fmt: skip
-    try:
-        token_types = (sequences == testing.IMAGE).long()
-        inputs = dict(x, input_ids=sequences, attention_mask=valid.long(), mm_token_type_ids=token_types)
-        with torch.no_grad():
-            return model(**inputs, use_cache=False).logits
-    finally:
-        for hook in hooks:
-            hook.remove()
 
 
 @pytest.mark.parametrize("rule", [dict(), dict(max_keep_ratio=0.25), dict(fixed_keep_ratio=0.4, caps_per="image")])
@@ -87,7 +47,7 @@ def test_decoding_after_a_trained_prune_matches_the_explicit_recomputation(seed,
     assert bool((kept_prompt | visual | ~x["attention_mask"].bool()).all()), "text is never dropped"
     assert bool((kept_prompt & visual).sum(1).lt(visual.sum(1)).any()), "the prune dropped something"
 
-    want = _recompute(model, x, out.sequences, kept_prompt)
+    want = recompute_pruned(model, x, out.sequences, kept_prompt, K)
     for t, got in enumerate(out.logits):
         assert_close(f"step {t}", got, want[:, prompt_len - 1 + t], TOLERANCES[torch.float32])
 

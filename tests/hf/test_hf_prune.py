@@ -1,4 +1,5 @@
-"""glimpse_ops.hf on tiny random Qwen2.5-VL and LLaVA models (CPU, fp32, sdpa and eager)."""
+"""glimpse_ops.hf on tiny random Qwen2.5-VL, Qwen2-VL, Qwen3-VL and LLaVA models (CPU, fp32, sdpa and
+eager)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,12 @@ from glimpse_ops.hf._compat import require_transformers  # noqa: E402
 FAMILIES = {
     "qwen2_5_vl": (testing.tiny_qwen2_5_vl, testing.qwen_inputs, 16),
     "qwen2_vl": (testing.tiny_qwen2_vl, testing.qwen_inputs, 16),
+    "qwen3_vl": (testing.tiny_qwen3_vl, testing.qwen_inputs, 16),
+    "internvl": (testing.tiny_internvl, testing.internvl_inputs, 16),
     "llava": (testing.tiny_llava, testing.llava_inputs, 64),
+    # candidates per sample: image tokens less the image-newline tokens (72 - 8, 52 - 4)
+    "llava_next": (testing.tiny_llava_next, testing.anyres_inputs, [64, 48]),
+    "llava_onevision": (testing.tiny_llava_onevision, testing.anyres_inputs, [64, 48]),
 }
 
 
@@ -80,12 +86,15 @@ def test_scores_and_compacted_caches_match_explicit_references(family):
     with hf.pruned(model, layer=K, max_keep_ratio=0.25) as handle:
         with torch.no_grad():
             pruned = model(**x, use_cache=True)
-        scores, index = handle.last_scores, handle.last_index
+        scores, index, candidates = handle.last_scores, handle.last_index, handle.last_visual
     # the glimpse row: the last prompt token's layer-K query against every layer-K key
     attn = layer.self_attn
     q = attn.q_proj(layer.input_layernorm(captured["h"]))[:, -1:]
     B = q.shape[0]
-    q = q.view(B, 1, adapter.heads, adapter.head_dim).transpose(1, 2)
+    q = q.view(B, 1, adapter.heads, adapter.head_dim)
+    if hasattr(attn, "q_norm"):  # Qwen3
+        q = attn.q_norm(q)
+    q = q.transpose(1, 2)
     cos, sin = captured["pe"]
     q = adapter.apply_rope(q, q, cos[..., -1:, :], sin[..., -1:, :])[0]
     k = full_cache.layers[K].keys.repeat_interleave(adapter.heads // adapter.kv_heads, dim=1)
@@ -94,10 +103,16 @@ def test_scores_and_compacted_caches_match_explicit_references(family):
     probs = torch.softmax(logits.masked_fill(~valid[:, None], float("-inf")), dim=-1).mean(dim=1)
     torch.testing.assert_close(scores[valid], probs[valid], rtol=1e-4, atol=1e-6)
     visual = (x["input_ids"] == adapter.image_token_id) & valid
+    assert bool((candidates <= visual).all()), "candidates are image tokens"
     for b in range(B):
         kept = index[b][index[b] >= 0]
-        assert int(visual[b, kept].sum()) == math.ceil(0.25 * n_visual)
-        top = probs[b].masked_fill(~visual[b], -1).topk(math.ceil(0.25 * n_visual)).indices
+        n = int(candidates[b].sum())
+        assert n == n_visual[b] if isinstance(n_visual, list) else n == n_visual
+        assert int(candidates[b, kept].sum()) == math.ceil(0.25 * n)
+        assert bool(visual[b, kept].sum() - candidates[b, kept].sum() == (visual[b] & ~candidates[b]).sum()), (
+            "every image token that is not a candidate (an image newline) is kept"
+        )
+        top = probs[b].masked_fill(~candidates[b], -1).topk(math.ceil(0.25 * n)).indices
         assert set(top.tolist()) <= set(kept.tolist()), "the kept visual tokens are the top ones by probability"
         slots = index[b] >= 0
         for lay in range(K + 1):
@@ -158,8 +173,9 @@ def test_batch_with_unequal_keeps_equals_single_runs(family):
                 one["mm_token_type_ids"] = x["mm_token_type_ids"][b : b + 1, rows]
             n_pix = x["pixel_values"].shape[0] // 2
             one["pixel_values"] = x["pixel_values"][b * n_pix : (b + 1) * n_pix]
-            if "image_grid_thw" in x:
-                one["image_grid_thw"] = x["image_grid_thw"][b : b + 1]
+            for key in ("image_grid_thw", "image_sizes"):
+                if key in x:
+                    one[key] = x[key][b : b + 1]
             single = _scored_generate(model, one)
             assert int(handle.last_kept_visual[0]) == kept[b]
             # Step by step while both runs chose the same token (a near-tie may flip greedy ids).

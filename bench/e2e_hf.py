@@ -1,4 +1,5 @@
-"""End-to-end speed of GlimpsePrune on an HF Qwen2.5-VL model (bench/run.py --e2e --hf).
+"""End-to-end speed of GlimpsePrune on an HF model (bench/run.py --e2e --hf [--model FAMILY]:
+Qwen2.5-VL by default, or another family of ``hf_families.py``).
 
 Three providers on the same random-weight model:
 
@@ -25,17 +26,18 @@ from dataclasses import dataclass
 
 import peers
 import torch
+from hf_families import FAMILIES
 from timing import peak_mib, sync, time_ms
 
 from glimpse_ops.hf import SelectionInputs, apply_glimpse_prune, glimpse_prune_selection
 from glimpse_ops.progress import Progress
 
 KEEP_RATIO = 0.074
-IMAGE, VISION_START, VISION_END = 151655, 151652, 151653
 
 
 @dataclass(frozen=True)
 class HFCase:
+    family: str
     preset: str
     visual: int
     batch: int
@@ -45,10 +47,11 @@ class HFCase:
 
     def name(self) -> str:
         size = f"{self.visual // 1024}k" if self.visual >= 1024 else str(self.visual)
-        return f"hf qwen2_5_vl {self.preset} {size} B={self.batch}"
+        return f"hf {self.family} {self.preset} {size} B={self.batch}"
 
     def as_dict(self) -> dict:
         return {
+            "family": self.family,
             "preset": self.preset,
             "visual": self.visual,
             "batch": self.batch,
@@ -60,79 +63,29 @@ class HFCase:
         }
 
 
-def hf_cases(device: str, smoke: bool) -> list[HFCase]:
+def hf_cases(device: str, smoke: bool, family: str = "qwen2_5_vl") -> list[HFCase]:
+    if family not in FAMILIES:
+        raise ValueError(f"bench --e2e --hf: unknown --model {family!r}; choose from {', '.join(FAMILIES)}")
     if device == "cuda":
-        return [HFCase("7b_shapes", v, 1, torch.bfloat16, 256, 32) for v in (4096, 16384)[: 1 if smoke else None]]
-    return [HFCase("small", v, 1, torch.float32, 64, 8) for v in (256, 1024)[: 1 if smoke else None]]
+        sizes = (4096, 16384)[: 1 if smoke else None]
+        return [HFCase(family, "7b_shapes", v, 1, torch.bfloat16, 256, 32) for v in sizes]
+    return [HFCase(family, "small", v, 1, torch.float32, 64, 8) for v in (256, 1024)[: 1 if smoke else None]]
 
 
 def build_model(case: HFCase, device: str):
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    if case.preset == "7b_shapes":
-        text = dict(
-            vocab_size=152064,
-            hidden_size=3584,
-            intermediate_size=18944,
-            num_hidden_layers=28,
-            num_attention_heads=28,
-            num_key_value_heads=4,
-            rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6},
-        )
-        vision = dict(
-            depth=32,
-            hidden_size=1280,
-            intermediate_size=3420,
-            num_heads=16,
-            out_hidden_size=3584,
-            fullatt_block_indexes=[7, 15, 23, 31],
-        )
-    else:
-        text = dict(
-            vocab_size=152064,
-            hidden_size=256,
-            intermediate_size=704,
-            num_hidden_layers=9,
-            num_attention_heads=8,
-            num_key_value_heads=2,
-            rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 1e6},
-        )
-        vision = dict(
-            depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=256, fullatt_block_indexes=[1]
-        )
-    config = Qwen2_5_VLConfig(
-        text_config={**text, "max_position_embeddings": 32768},
-        vision_config={
-            **vision,
-            "patch_size": 14,
-            "temporal_patch_size": 2,
-            "spatial_merge_size": 2,
-            "window_size": 112,
-        },
-        image_token_id=IMAGE,
-        video_token_id=151656,
-        vision_start_token_id=VISION_START,
-        vision_end_token_id=VISION_END,
-    )
-    config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     with torch.device(device):
-        return Qwen2_5_VLForConditionalGeneration(config).to(case.dtype).eval()
+        model = FAMILIES[case.family].build(case.preset)
+    model.config._attn_implementation = "sdpa"
+    for sub in ("text_config", "vision_config"):
+        getattr(model.config, sub)._attn_implementation = "sdpa"
+    return model.to(case.dtype).eval()
 
 
 def make_inputs(case: HFCase, device: str) -> dict:
-    side = 2 * math.isqrt(case.visual)  # patches per side; 2x2 patches merge into one token
     g = torch.Generator().manual_seed(0)
-    text = torch.randint(1000, 100000, (case.batch, case.text), generator=g)
-    image = torch.tensor([VISION_START] + [IMAGE] * case.visual + [VISION_END]).expand(case.batch, -1)
-    ids = torch.cat([image, text], dim=1)
-    return {
-        "input_ids": ids.to(device),
-        "attention_mask": torch.ones_like(ids).to(device),
-        "pixel_values": torch.randn(case.batch * side * side, 3 * 2 * 14 * 14, generator=g).to(device, case.dtype),
-        "image_grid_thw": torch.tensor([[1, side, side]] * case.batch).to(device),
-        "mm_token_type_ids": (ids == IMAGE).long().to(device),
-    }
+    x = FAMILIES[case.family].inputs(case.visual, case.batch, case.text, g)
+    return {k: v.to(device, case.dtype) if v.is_floating_point() else v.to(device) for k, v in x.items()}
 
 
 def eager_selection(x: SelectionInputs):

@@ -5,6 +5,7 @@
     python bench/run.py --smoke    # the 4k-visual-token cases only (under two minutes on a CPU)
     python bench/run.py --e2e      # the reference LVLM end to end, with and without pruning (bench/e2e.py)
     python bench/run.py --e2e --hf # HF Qwen2.5-VL: stock vs our patch vs an eager patch (bench/e2e_hf.py)
+    python bench/run.py --e2e --hf --model qwen3_vl   # the same on another family (bench/hf_families.py)
     python bench/run.py --vllm     # serving: stock vLLM vs the glimpse_ops.vllm plugin (bench/serving.py)
 
 soft_mask_attention (bench/attention.py) runs forward and forward+backward against SDPA
@@ -382,7 +383,7 @@ def gate_exit_code(rows: list[dict]) -> int:
 def run_e2e_hf(args: argparse.Namespace, device: str, budget: float) -> int:
     from e2e_hf import hf_cases, print_hf_table, run_hf_case
 
-    cases = select(args, hf_cases(device, args.smoke))
+    cases = select(args, hf_cases(device, args.smoke, args.model))
     machine = machine_info(device)
     print(
         f"glimpse-ops HF end-to-end bench on {machine['device']} (torch {machine['torch']}, "
@@ -474,6 +475,11 @@ def main(argv: list[str] | None = None) -> int:
         help="with --e2e: the HF Qwen2.5-VL cases instead (bench/e2e_hf.py; needs transformers)",
     )
     parser.add_argument(
+        "--model",
+        default="qwen2_5_vl",
+        help="with --e2e --hf: the model family (qwen2_5_vl, qwen3_vl, internvl; bench/hf_families.py)",
+    )
+    parser.add_argument(
         "--vllm",
         action="store_true",
         help="serving: stock vLLM against the glimpse_ops.vllm plugin (bench/serving.py; needs vLLM)",
@@ -519,6 +525,8 @@ def main(argv: list[str] | None = None) -> int:
         limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 6
     if args.hf and not args.e2e:
         parser.error("--hf goes with --e2e")
+    if args.model != "qwen2_5_vl" and not args.hf:
+        parser.error("--model goes with --e2e --hf")
     if args.vllm:
         return run_vllm(args)
     if args.e2e:

@@ -235,6 +235,11 @@ def apply_atp(
         raise ValueError(
             f"glimpse_ops.hf.apply_atp: layers must be increasing decoder layers in [0, {n_layers}), got {layers}"
         )
+    if adapter.model_type in ("llava_next", "llava_onevision"):
+        raise TypeError(
+            f"glimpse_ops.hf.apply_atp: {adapter.model_type} is not supported: ATP's spatial scores need each "
+            "image's token grid, and any-resolution layouts (tiles, image-newline tokens) have none yet"
+        )
     deepstack = len(getattr(model.config.vision_config, "deepstack_visual_indexes", None) or ())
     if mode == "infer" and layers[0] < deepstack:
         raise ValueError(

@@ -42,18 +42,21 @@ def test_e2e_smoke_run_reports_every_provider(tmp_path):
 
 
 @pytest.mark.slow
-def test_e2e_hf_smoke_run_reports_every_provider(tmp_path):
+@pytest.mark.parametrize("model", ["qwen2_5_vl", "qwen3_vl", "internvl"])
+def test_e2e_hf_smoke_run_reports_every_provider(tmp_path, model):
     pytest.importorskip("transformers")
     import run
 
     out = tmp_path / "e2e-hf.json"
-    assert run.main(["--e2e", "--hf", "--smoke", "--device", "cpu", "--budget", "0.05", "--json", str(out)]) == 0
+    argv = ["--e2e", "--hf", "--model", model, "--smoke", "--device", "cpu", "--budget", "0.05", "--json", str(out)]
+    assert run.main(argv) == 0
     rows = json.loads(out.read_text())["results"]
+    assert {r["case"]["family"] for r in rows} == {model}
     assert [r["provider"] for r in rows] == ["unpatched", "glimpse_ops", "eager_patch"]
     assert all("error" not in r for r in rows), rows
     assert rows[2]["check"].startswith("kept positions differing from glimpse_ops: 0.00%")
     visual, text = rows[0]["case"]["visual"], rows[0]["case"]["text"]
-    seq = visual + 2 + text
+    seq = visual + (0 if model == "internvl" else 2) + text  # Qwen: vision start and end tokens
     kept = math.ceil(0.074 * visual)
     # every layer's cache, 0..K compacted in place and K+1.. computed on the kept tokens
     assert rows[1]["kv_cache_share"] == pytest.approx((seq - visual + kept) / seq, rel=1e-6)

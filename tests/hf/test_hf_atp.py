@@ -14,6 +14,7 @@ from glimpse_ops.hf.atp import apply_atp  # noqa: E402
 
 FAMILIES = {
     "qwen2_5_vl": (testing.tiny_qwen2_5_vl, testing.qwen_inputs),
+    "qwen2_vl": (testing.tiny_qwen2_vl, testing.qwen_inputs),
     "qwen3_vl": (testing.tiny_qwen3_vl, testing.qwen_inputs),
     "internvl": (testing.tiny_internvl, testing.internvl_inputs),
     "llava": (testing.tiny_llava, testing.llava_inputs),
@@ -127,3 +128,8 @@ def test_errors():
 def test_a_stage_inside_qwen3_vl_deepstack_layers_is_refused():
     with pytest.raises(ValueError, match="DeepStack"):
         apply_atp(testing.tiny_qwen3_vl(), (1, 4))
+
+
+def test_any_resolution_families_are_refused():
+    with pytest.raises(TypeError, match="any-resolution"):
+        apply_atp(testing.tiny_llava_next(), STAGES)

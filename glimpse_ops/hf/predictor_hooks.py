@@ -1,4 +1,4 @@
-"""The hooks of GlimpsePrune with a trained glimpse token and VIP (Qwen2.5-VL).
+"""The hooks of GlimpsePrune with a trained glimpse token and VIP (Qwen2.5-VL, Qwen3-VL).
 
 On top of the training-free hooks (``prune_hooks.py``): ViT block outputs are kept at the
 predictor's levels; a pre-hook on the text model appends the glimpse (its input embedding,
@@ -88,6 +88,9 @@ class PredictorPruneHandle(GlimpsePruneHandle):
         positions = kwargs.get("position_ids")
         if positions is not None:
             kwargs["position_ids"] = torch.cat([positions, positions[..., -1:] + 1], dim=-1)
+        deepstack = kwargs.get("visual_pos_masks")  # Qwen3-VL: the glimpse gets no DeepStack feature
+        if deepstack is not None:
+            kwargs["visual_pos_masks"] = torch.cat([deepstack, torch.zeros_like(deepstack[:, :1])], dim=1)
         return args, kwargs
 
     def _inject(self, layer: int):
@@ -121,7 +124,10 @@ class PredictorPruneHandle(GlimpsePruneHandle):
                 f"{head_scores.shape[0]} image tokens; with a predictor the ViT must run for this prompt "
                 "(no reused or expanded encoder outputs, no beam search)"
             )
-        order = window_index(self.grid_thw, merge, vision.window_size, vision.patch_size).to(head_scores.device)
+        if getattr(vision, "window_size", None):  # Qwen2.5-VL's ViT runs its merge groups in window order
+            order = window_index(self.grid_thw, merge, vision.window_size, vision.patch_size).to(head_scores.device)
+        else:  # Qwen3-VL's keeps them in raster order
+            order = torch.arange(head_scores.shape[0], device=head_scores.device)
         features = [merged_raster(self.vit_outputs[level], order, merge) for level in self.predictor.config.vit_layers]
         grid_hw = [(h // merge, w // merge) for _, h, w in self.grid_thw.tolist()]
         self.vit_outputs.clear()  # used once: a later prompt must bring its own

@@ -21,6 +21,7 @@ from .predictor_hooks import PredictorPruneHandle, load_predictor
 from .prune_hooks import GlimpsePruneHandle, Selection
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
+TRAINED_MODEL_TYPES = ("qwen2_5_vl", "qwen3_vl")  # the ViT taps and their token order are known
 
 
 def apply_glimpse_prune(
@@ -47,7 +48,7 @@ def apply_glimpse_prune(
     keeps fewer; at least ``min_keep``, default 1). ``threshold=None`` with
     ``max_keep_ratio=1.0`` keeps every token.
 
-    Trained mode (Qwen2.5-VL): ``predictor`` is a ``GlimpsePredictor``, a ``.safetensors``
+    Trained mode (Qwen2.5-VL, Qwen3-VL): ``predictor`` is a ``GlimpsePredictor``, a ``.safetensors``
     file written by ``GlimpsePredictor.save``, or a folder of the GlimpsePrune release
     (``config.json`` + ``new_modules_gp.pt``). The layer is the predictor's. The keep rule
     is the release's, per sample (``caps_per="sample"``, the default, as the release commit)
@@ -83,9 +84,10 @@ def apply_glimpse_prune(
         if selection is not None:
             raise ValueError("glimpse_ops.hf.apply_glimpse_prune: selection= applies to the training-free mode; "
                              "with a predictor the VIP selects")  # fmt: skip
-        if adapter.model_type != "qwen2_5_vl":
+        if adapter.model_type not in TRAINED_MODEL_TYPES:
             raise TypeError(
-                f"glimpse_ops.hf.apply_glimpse_prune: a trained predictor needs Qwen2.5-VL, got {adapter.model_type}"
+                "glimpse_ops.hf.apply_glimpse_prune: a trained predictor needs Qwen2.5-VL or Qwen3-VL, got "
+                f"{adapter.model_type}"
             )
         if caps_per not in (None, *CAPS_PER):
             raise ValueError(

@@ -151,8 +151,8 @@ def train_glimpse(
 ) -> GlimpsePredictor:
     """Train ``predictor`` (the glimpse token and the VIP) on ``batches`` with the LM frozen;
     one optimizer step per batch; saves safetensors to ``save_to`` when given."""
-    if adapter_for(model).model_type != "qwen2_5_vl":
-        raise TypeError("glimpse_ops.hf.train_glimpse: trained GlimpsePrune needs a Qwen2.5-VL model")
+    if adapter_for(model).model_type not in ("qwen2_5_vl", "qwen3_vl"):
+        raise TypeError("glimpse_ops.hf.train_glimpse: trained GlimpsePrune needs a Qwen2.5-VL or Qwen3-VL model")
     frozen = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
     device = next(model.parameters()).device

@@ -1,4 +1,5 @@
-"""GlimpsePrune with a trained glimpse token + VIP on the tiny HF Qwen2.5-VL (random weights)."""
+"""GlimpsePrune with a trained glimpse token + VIP on the tiny HF Qwen2.5-VL and Qwen3-VL (random
+weights)."""
 
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ TOLERANCES = {torch.float32: (1e-5, 1e-5)}
 LOGIT_TOLERANCES = {torch.float32: (1e-4, 1e-4)}
 
 
-@pytest.fixture
-def setup(seed):
-    model = testing.tiny_qwen2_5_vl(seed=seed % 1000)
+@pytest.fixture(params=["qwen2_5_vl", "qwen3_vl"])
+def setup(seed, request):
+    build = {"qwen2_5_vl": testing.tiny_qwen2_5_vl, "qwen3_vl": testing.tiny_qwen3_vl}[request.param]
+    model = build(seed=seed % 1000)
     torch.manual_seed(seed)
     predictor = GlimpsePredictor.for_model(model, K, VIT_LEVELS, **SIZES)
     return model, predictor, seed

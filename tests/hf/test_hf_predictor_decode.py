@@ -1,4 +1,4 @@
-"""Generation after a trained prune (tiny HF Qwen2.5-VL, random weights, fp32), batched and
+"""Generation after a trained prune (tiny HF Qwen2.5-VL and Qwen3-VL, random weights, fp32), batched and
 left-padded, against an explicit recomputation: the stock model over prompt + generated tokens,
 no cache, with per-layer masks that say what the pruned model attends to. Layers 0..K: prompt
 tokens see the whole prompt; every later query, and every query of layers K+1.., sees only the
@@ -22,11 +22,20 @@ K, VIT_LEVELS, STEPS = 3, (1, 0), 5
 TOLERANCES = {torch.float32: (1e-4, 1e-4)}
 
 
+FAMILIES = {
+    "qwen2_5_vl": (testing.tiny_qwen2_5_vl, K),
+    "qwen3_vl": (testing.tiny_qwen3_vl, K),
+    "qwen3_vl-deepstack-after-prune": (testing.tiny_qwen3_vl, 1),  # DeepStack injects after layers 0 and 1
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("rule", [dict(), dict(max_keep_ratio=0.25), dict(fixed_keep_ratio=0.4, caps_per="image")])
-def test_decoding_after_a_trained_prune_matches_the_explicit_recomputation(seed, rule):
-    model = testing.tiny_qwen2_5_vl(seed=seed % 1000)
+def test_decoding_after_a_trained_prune_matches_the_explicit_recomputation(seed, rule, family):
+    build, layer = FAMILIES[family]
+    model = build(seed=seed % 1000)
     torch.manual_seed(seed)
-    predictor = GlimpsePredictor.for_model(model, K, VIT_LEVELS, width=32, cond=32, fuse_heads=2)
+    predictor = GlimpsePredictor.for_model(model, layer, VIT_LEVELS, width=32, cond=32, fuse_heads=2)
     x = testing.qwen_image_inputs([[(8, 8)], [(4, 8), (4, 4)], [(8, 8)]], text_lengths=[2, 6, 4], seed=seed)
     predictor = centered_predictor(model, predictor, x)  # the default threshold then drops about half
     positions = []
@@ -47,7 +56,7 @@ def test_decoding_after_a_trained_prune_matches_the_explicit_recomputation(seed,
     assert bool((kept_prompt | visual | ~x["attention_mask"].bool()).all()), "text is never dropped"
     assert bool((kept_prompt & visual).sum(1).lt(visual.sum(1)).any()), "the prune dropped something"
 
-    want = recompute_pruned(model, x, out.sequences, kept_prompt, K)
+    want = recompute_pruned(model, x, out.sequences, kept_prompt, layer)
     for t, got in enumerate(out.logits):
         assert_close(f"step {t}", got, want[:, prompt_len - 1 + t], TOLERANCES[torch.float32])
 

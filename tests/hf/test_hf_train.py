@@ -13,9 +13,10 @@ from glimpse_ops.hf.predictor import GlimpsePredictor  # noqa: E402
 from glimpse_ops.hf.train import glimpse_training_loss, train_glimpse  # noqa: E402
 
 
-@pytest.fixture
-def setup(seed):
-    model = testing.tiny_qwen2_5_vl(seed=seed % 1000)
+@pytest.fixture(params=["qwen2_5_vl", "qwen3_vl"])
+def setup(seed, request):
+    build = {"qwen2_5_vl": testing.tiny_qwen2_5_vl, "qwen3_vl": testing.tiny_qwen3_vl}[request.param]
+    model = build(seed=seed % 1000)
     torch.manual_seed(seed)
     predictor = GlimpsePredictor.for_model(model, 3, (1, 0), width=32, cond=32, fuse_heads=2)
     return model, predictor, testing.qwen_training_batch(seed=seed)
@@ -76,5 +77,5 @@ def test_training_moves_the_kept_fraction_and_saves_a_usable_predictor(setup, tm
 
 def test_train_glimpse_refuses_other_families():
     model = testing.tiny_llava()
-    with pytest.raises(TypeError, match="needs a Qwen2.5-VL"):
+    with pytest.raises(TypeError, match="needs a Qwen2.5-VL or Qwen3-VL"):
         train_glimpse(model, None, [])

@@ -1,4 +1,5 @@
-"""The hooks of GlimpsePrune with a trained glimpse token and VIP (Qwen2.5-VL, Qwen3-VL).
+"""The hooks of GlimpsePrune with a trained glimpse token and VIP (Qwen2.5-VL, Qwen3-VL,
+InternVL; where each reads its ViT: ``vit_taps.py``).
 
 On top of the training-free hooks (``prune_hooks.py``): ViT block outputs are kept at the
 predictor's levels; a pre-hook on the text model appends the glimpse (its input embedding,
@@ -20,11 +21,11 @@ import torch
 from torch import Tensor, nn
 
 from .. import compact_kv, glimpse_scores, keep_index, prune_kv
-from .hooks import vit_grid
 from .keep_rule import TrainedKeepRule
-from .predictor import GlimpsePredictor, PredictorConfig, merged_raster, window_index
+from .predictor import GlimpsePredictor, PredictorConfig
 from .prune_hooks import GlimpsePruneHandle, _Prefill
 from .release import load_release, predictor_config_from_release
+from .vit_taps import Layout, VitTaps
 
 
 @dataclass
@@ -33,16 +34,17 @@ class PredictorPruneHandle(GlimpsePruneHandle):
     fixed_keep_ratio: float | None = None
     caps_per: str = "sample"  # "sample" (the release commit) or "image" (later versions of the release)
     vit_outputs: dict = field(default_factory=dict)
-    grid_thw: Tensor | None = None
+    taps: VitTaps | None = None
+    layout: Layout | None = None  # the images of the latest ViT call
     prompt_length: int = 0
 
     def attach_predictor_hooks(self, model: nn.Module) -> None:
-        visual = model.model.visual
+        self.taps = VitTaps(model)
         # generate (5.2x) runs the ViT before the multimodal model and drops image_grid_thw
-        # from its kwargs, so the grid and the features are taken at the ViT itself.
-        self.hooks.append(visual.register_forward_pre_hook(self._on_vit, with_kwargs=True))
+        # from its kwargs, so the layout and the features are taken at the ViT itself.
+        self.hooks.append(self.taps.vision.register_forward_pre_hook(self._on_vit, with_kwargs=True))
         for level in self.predictor.config.vit_layers:
-            self.hooks.append(visual.blocks[level].register_forward_hook(self._vit_tap(level)))
+            self.hooks.append(self.taps.blocks[level].register_forward_hook(self._vit_tap(level)))
         self.hooks.append(self.adapter.text_model.register_forward_pre_hook(self._append_glimpse, with_kwargs=True))
         for layer in self.predictor.glimpse_layers:
             if layer == 0:  # the input embedding: appended by _append_glimpse
@@ -53,7 +55,7 @@ class PredictorPruneHandle(GlimpsePruneHandle):
 
     def _on_vit(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.vit_outputs.clear()
-        self.grid_thw = vit_grid(args, kwargs)
+        self.layout = self.taps.layout(args, kwargs)
 
     def _on_multimodal(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         super()._on_multimodal(module, args, kwargs)
@@ -115,28 +117,22 @@ class PredictorPruneHandle(GlimpsePruneHandle):
         normalize = "logits" if self.predictor.config.use_attention_logits else "log_probs"
         logits = glimpse_scores(p.glimpse_q, keys_k, valid, scale=None, normalize=normalize)  # [B, H, 1, S + 1]
         head_scores = logits[:, :, 0, :S].transpose(1, 2)[p.visual]  # [N, H]
-        vision = self.model.config.vision_config
-        merge = vision.spatial_merge_size
-        encoded = 0 if self.grid_thw is None else int(self.grid_thw.prod(dim=1).sum()) // (merge * merge)
+        encoded = 0 if self.layout is None else self.layout.tokens
         if encoded != head_scores.shape[0] or len(self.vit_outputs) != len(self.predictor.config.vit_layers):
             raise RuntimeError(
                 f"glimpse_ops.hf: the ViT features seen ({encoded} tokens) do not match the prompt's "
                 f"{head_scores.shape[0]} image tokens; with a predictor the ViT must run for this prompt "
                 "(no reused or expanded encoder outputs, no beam search)"
             )
-        if getattr(vision, "window_size", None):  # Qwen2.5-VL's ViT runs its merge groups in window order
-            order = window_index(self.grid_thw, merge, vision.window_size, vision.patch_size).to(head_scores.device)
-        else:  # Qwen3-VL's keeps them in raster order
-            order = torch.arange(head_scores.shape[0], device=head_scores.device)
-        features = [merged_raster(self.vit_outputs[level], order, merge) for level in self.predictor.config.vit_layers]
-        grid_hw = [(h // merge, w // merge) for _, h, w in self.grid_thw.tolist()]
+        levels = self.predictor.config.vit_layers
+        features = [self.taps.features(self.vit_outputs[level], self.layout) for level in levels]
+        grid_hw = self.layout.grids
         self.vit_outputs.clear()  # used once: a later prompt must bring its own
         return self.predictor.vip(head_scores, features, grid_hw)
 
     def image_sizes(self) -> list[int]:
-        """Visual tokens per image of the latest prefill, in order (host ints from the grid)."""
-        merge = self.model.config.vision_config.spatial_merge_size
-        return [t * h * w // (merge * merge) for t, h, w in self.grid_thw.tolist()]
+        """Visual tokens per image (per tile on InternVL) of the latest prefill, in order."""
+        return [h * w for h, w in self.layout.grids]
 
     @property
     def rule(self) -> TrainedKeepRule:

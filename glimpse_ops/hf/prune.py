@@ -19,9 +19,10 @@ from .keep_rule import CAPS_PER, TrainedKeepRule
 from .predictor import GlimpsePredictor
 from .predictor_hooks import PredictorPruneHandle, load_predictor
 from .prune_hooks import GlimpsePruneHandle, Selection
+from .vit_taps import FAMILIES as VIT_TAP_FAMILIES
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
-TRAINED_MODEL_TYPES = ("qwen2_5_vl", "qwen3_vl")  # the ViT taps and their token order are known
+TRAINED_MODEL_TYPES = VIT_TAP_FAMILIES  # the ViT taps and their token order are known (vit_taps.py)
 
 
 def apply_glimpse_prune(
@@ -48,7 +49,7 @@ def apply_glimpse_prune(
     keeps fewer; at least ``min_keep``, default 1). ``threshold=None`` with
     ``max_keep_ratio=1.0`` keeps every token.
 
-    Trained mode (Qwen2.5-VL, Qwen3-VL): ``predictor`` is a ``GlimpsePredictor``, a ``.safetensors``
+    Trained mode (Qwen2.5-VL, Qwen3-VL, InternVL): ``predictor`` is a ``GlimpsePredictor``, a ``.safetensors``
     file written by ``GlimpsePredictor.save``, or a folder of the GlimpsePrune release
     (``config.json`` + ``new_modules_gp.pt``). The layer is the predictor's. The keep rule
     is the release's, per sample (``caps_per="sample"``, the default, as the release commit)
@@ -86,8 +87,8 @@ def apply_glimpse_prune(
                              "with a predictor the VIP selects")  # fmt: skip
         if adapter.model_type not in TRAINED_MODEL_TYPES:
             raise TypeError(
-                "glimpse_ops.hf.apply_glimpse_prune: a trained predictor needs Qwen2.5-VL or Qwen3-VL, got "
-                f"{adapter.model_type}"
+                "glimpse_ops.hf.apply_glimpse_prune: a trained predictor needs Qwen2.5-VL, Qwen3-VL or InternVL, "
+                f"got {adapter.model_type}"
             )
         if caps_per not in (None, *CAPS_PER):
             raise ValueError(

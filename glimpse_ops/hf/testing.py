@@ -334,9 +334,10 @@ def qwen_video_inputs(
     }
 
 
-def qwen_training_batch(batch: int = 2, answer_length: int = 3, seed: int = 0) -> dict:
-    """``qwen_inputs`` plus random ``answer_ids`` [B, answer_length] (a train_glimpse batch)."""
-    x = qwen_inputs(batch=batch, text_lengths=[2 + b for b in range(batch)], seed=seed)
+def qwen_training_batch(batch: int = 2, answer_length: int = 3, seed: int = 0, inputs=None) -> dict:
+    """``qwen_inputs`` (or ``inputs``, a builder of the same signature, e.g.
+    ``internvl_inputs``) plus random ``answer_ids`` [B, answer_length] (a train_glimpse batch)."""
+    x = (inputs or qwen_inputs)(batch=batch, text_lengths=[2 + b for b in range(batch)], seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
     return {**x, "answer_ids": torch.randint(3, 200, (batch, answer_length), generator=g)}
 

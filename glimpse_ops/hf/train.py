@@ -31,6 +31,7 @@ from .adapters import adapter_for
 from .hooks import layer_mask
 from .predictor import GlimpsePredictor
 from .predictor_hooks import PredictorPruneHandle
+from .vit_taps import FAMILIES as VIT_TAP_FAMILIES
 
 
 class _Stop(Exception):
@@ -151,8 +152,10 @@ def train_glimpse(
 ) -> GlimpsePredictor:
     """Train ``predictor`` (the glimpse token and the VIP) on ``batches`` with the LM frozen;
     one optimizer step per batch; saves safetensors to ``save_to`` when given."""
-    if adapter_for(model).model_type not in ("qwen2_5_vl", "qwen3_vl"):
-        raise TypeError("glimpse_ops.hf.train_glimpse: trained GlimpsePrune needs a Qwen2.5-VL or Qwen3-VL model")
+    if adapter_for(model).model_type not in VIT_TAP_FAMILIES:
+        raise TypeError(
+            "glimpse_ops.hf.train_glimpse: trained GlimpsePrune needs a Qwen2.5-VL, Qwen3-VL or InternVL model"
+        )
     frozen = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
     device = next(model.parameters()).device

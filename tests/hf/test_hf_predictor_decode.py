@@ -1,4 +1,4 @@
-"""Generation after a trained prune (tiny HF Qwen2.5-VL and Qwen3-VL, random weights, fp32), batched and
+"""Generation after a trained prune (tiny HF Qwen2.5-VL, Qwen3-VL, InternVL; random weights, fp32), batched and
 left-padded, against an explicit recomputation: the stock model over prompt + generated tokens,
 no cache, with per-layer masks that say what the pruned model attends to. Layers 0..K: prompt
 tokens see the whole prompt; every later query, and every query of layers K+1.., sees only the
@@ -17,26 +17,33 @@ from glimpse_ops.hf import testing  # noqa: E402
 from glimpse_ops.hf.predictor import GlimpsePredictor  # noqa: E402
 
 K, VIT_LEVELS, STEPS = 3, (1, 0), 5
+# a generated image placeholder would read as a missing image feature in the recomputation
+SPECIAL = [testing.IMAGE, testing.VIDEO, testing.VISION_START, testing.VISION_END]
 
 # (atol, rtol) of logits by dtype: cached decoding against the uncached recomputation
 TOLERANCES = {torch.float32: (1e-4, 1e-4)}
 
 
+def _qwen_images(seed):
+    return testing.qwen_image_inputs([[(8, 8)], [(4, 8), (4, 4)], [(8, 8)]], text_lengths=[2, 6, 4], seed=seed)
+
+
 FAMILIES = {
-    "qwen2_5_vl": (testing.tiny_qwen2_5_vl, K),
-    "qwen3_vl": (testing.tiny_qwen3_vl, K),
-    "qwen3_vl-deepstack-after-prune": (testing.tiny_qwen3_vl, 1),  # DeepStack injects after layers 0 and 1
+    "qwen2_5_vl": (testing.tiny_qwen2_5_vl, K, _qwen_images),
+    "qwen3_vl": (testing.tiny_qwen3_vl, K, _qwen_images),
+    "qwen3_vl-deepstack-after-prune": (testing.tiny_qwen3_vl, 1, _qwen_images),  # DeepStack after layers 0, 1
+    "internvl": (testing.tiny_internvl, K, lambda seed: testing.internvl_inputs(3, [2, 6, 4], seed)),
 }
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("rule", [dict(), dict(max_keep_ratio=0.25), dict(fixed_keep_ratio=0.4, caps_per="image")])
 def test_decoding_after_a_trained_prune_matches_the_explicit_recomputation(seed, rule, family):
-    build, layer = FAMILIES[family]
+    build, layer, inputs = FAMILIES[family]
     model = build(seed=seed % 1000)
     torch.manual_seed(seed)
     predictor = GlimpsePredictor.for_model(model, layer, VIT_LEVELS, width=32, cond=32, fuse_heads=2)
-    x = testing.qwen_image_inputs([[(8, 8)], [(4, 8), (4, 4)], [(8, 8)]], text_lengths=[2, 6, 4], seed=seed)
+    x = inputs(seed)
     predictor = centered_predictor(model, predictor, x)  # the default threshold then drops about half
     positions = []
     with hf.pruned(model, predictor=predictor, **rule) as handle:
@@ -45,7 +52,8 @@ def test_decoding_after_a_trained_prune_matches_the_explicit_recomputation(seed,
         )
         with torch.no_grad():
             out = model.generate(**x, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False,
-                                 output_logits=True, return_dict_in_generate=True)  # fmt: skip
+                                 output_logits=True, return_dict_in_generate=True,
+                                 suppress_tokens=SPECIAL)  # fmt: skip
         hook.remove()
         index = handle.last_index
     prompt_len = x["input_ids"].shape[1]
@@ -66,7 +74,7 @@ def test_decoding_after_a_trained_prune_matches_the_explicit_recomputation(seed,
         lambda m, a, k: stock_positions.append(k.get("position_ids")), with_kwargs=True
     )
     with torch.no_grad():
-        model.generate(**x, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False)
+        model.generate(**x, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False, suppress_tokens=SPECIAL)
     hook.remove()
     assert len(positions) == STEPS
     for step, (a, b) in enumerate(zip(positions[1:], stock_positions[1:])):

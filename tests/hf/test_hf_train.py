@@ -12,14 +12,20 @@ from glimpse_ops.hf import testing  # noqa: E402
 from glimpse_ops.hf.predictor import GlimpsePredictor  # noqa: E402
 from glimpse_ops.hf.train import glimpse_training_loss, train_glimpse  # noqa: E402
 
+FAMILIES = {
+    "qwen2_5_vl": (testing.tiny_qwen2_5_vl, testing.qwen_inputs),
+    "qwen3_vl": (testing.tiny_qwen3_vl, testing.qwen_inputs),
+    "internvl": (testing.tiny_internvl, testing.internvl_inputs),
+}
 
-@pytest.fixture(params=["qwen2_5_vl", "qwen3_vl"])
+
+@pytest.fixture(params=list(FAMILIES))
 def setup(seed, request):
-    build = {"qwen2_5_vl": testing.tiny_qwen2_5_vl, "qwen3_vl": testing.tiny_qwen3_vl}[request.param]
+    build, inputs = FAMILIES[request.param]
     model = build(seed=seed % 1000)
     torch.manual_seed(seed)
     predictor = GlimpsePredictor.for_model(model, 3, (1, 0), width=32, cond=32, fuse_heads=2)
-    return model, predictor, testing.qwen_training_batch(seed=seed)
+    return model, predictor, testing.qwen_training_batch(seed=seed, inputs=inputs)
 
 
 def test_weights_of_one_reproduce_the_stock_model(setup):
@@ -31,8 +37,9 @@ def test_weights_of_one_reproduce_the_stock_model(setup):
         batch,
         input_ids=ids,
         attention_mask=torch.cat([batch["attention_mask"], torch.ones_like(batch["answer_ids"])], dim=1),
-        mm_token_type_ids=torch.cat([batch["mm_token_type_ids"], torch.zeros_like(batch["answer_ids"])], dim=1),
     )
+    if "mm_token_type_ids" in batch:
+        full["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(batch["answer_ids"])], 1)
     del full["answer_ids"]
     with torch.no_grad():
         want = model(**full).logits[:, S - 1 : S - 1 + A]
@@ -77,5 +84,5 @@ def test_training_moves_the_kept_fraction_and_saves_a_usable_predictor(setup, tm
 
 def test_train_glimpse_refuses_other_families():
     model = testing.tiny_llava()
-    with pytest.raises(TypeError, match="needs a Qwen2.5-VL or Qwen3-VL"):
+    with pytest.raises(TypeError, match="needs a Qwen2.5-VL, Qwen3-VL or InternVL"):
         train_glimpse(model, None, [])

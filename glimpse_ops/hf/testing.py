@@ -25,6 +25,24 @@ _TEXT = dict(
 )
 
 
+_QWEN_IDS = dict(
+    image_token_id=IMAGE,
+    video_token_id=VIDEO,
+    vision_start_token_id=VISION_START,
+    vision_end_token_id=VISION_END,
+    bos_token_id=BOS,
+    eos_token_id=EOS,
+    pad_token_id=PAD,
+)
+
+
+def _build(model_class, config, attn_implementation: str, seed: int):
+    """``model_class(config)`` with the attention implementation, seeded weights, eval mode."""
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    return model_class(config).eval()
+
+
 def tiny_qwen2_5_vl(attn_implementation: str = "sdpa", seed: int = 0):
     """A random Qwen2_5_VLForConditionalGeneration: 6 text layers (hidden 64, 4/2 heads of
     dim 16, M-RoPE sections [2, 3, 3]), a 2-block ViT with 2x2 patches, fp32, eval mode."""
@@ -48,17 +66,9 @@ def tiny_qwen2_5_vl(attn_implementation: str = "sdpa", seed: int = 0):
             window_size=8,
             fullatt_block_indexes=[1],
         ),
-        image_token_id=IMAGE,
-        video_token_id=VIDEO,
-        vision_start_token_id=VISION_START,
-        vision_end_token_id=VISION_END,
-        bos_token_id=BOS,
-        eos_token_id=EOS,
-        pad_token_id=PAD,
+        **_QWEN_IDS,
     )
-    config._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    return Qwen2_5_VLForConditionalGeneration(config).eval()
+    return _build(Qwen2_5_VLForConditionalGeneration, config, attn_implementation, seed)
 
 
 def tiny_qwen2_vl(attn_implementation: str = "sdpa", seed: int = 0):
@@ -82,17 +92,9 @@ def tiny_qwen2_vl(attn_implementation: str = "sdpa", seed: int = 0):
             temporal_patch_size=2,
             spatial_merge_size=2,
         ),
-        image_token_id=IMAGE,
-        video_token_id=VIDEO,
-        vision_start_token_id=VISION_START,
-        vision_end_token_id=VISION_END,
-        bos_token_id=BOS,
-        eos_token_id=EOS,
-        pad_token_id=PAD,
+        **_QWEN_IDS,
     )
-    config._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    return Qwen2VLForConditionalGeneration(config).eval()
+    return _build(Qwen2VLForConditionalGeneration, config, attn_implementation, seed)
 
 
 def tiny_qwen3_vl(attn_implementation: str = "sdpa", seed: int = 0):
@@ -125,17 +127,9 @@ def tiny_qwen3_vl(attn_implementation: str = "sdpa", seed: int = 0):
             num_position_embeddings=64,
             deepstack_visual_indexes=[0, 1],
         ),
-        image_token_id=IMAGE,
-        video_token_id=VIDEO,
-        vision_start_token_id=VISION_START,
-        vision_end_token_id=VISION_END,
-        bos_token_id=BOS,
-        eos_token_id=EOS,
-        pad_token_id=PAD,
+        **_QWEN_IDS,
     )
-    config._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    return Qwen3VLForConditionalGeneration(config).eval()
+    return _build(Qwen3VLForConditionalGeneration, config, attn_implementation, seed)
 
 
 def tiny_llava(attn_implementation: str = "sdpa", seed: int = 0):
@@ -164,9 +158,7 @@ def tiny_llava(attn_implementation: str = "sdpa", seed: int = 0):
         eos_token_id=EOS,
         pad_token_id=PAD,
     )
-    config._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    return LlavaForConditionalGeneration(config).eval()
+    return _build(LlavaForConditionalGeneration, config, attn_implementation, seed)
 
 
 def tiny_internvl(attn_implementation: str = "sdpa", seed: int = 0):
@@ -189,9 +181,7 @@ def tiny_internvl(attn_implementation: str = "sdpa", seed: int = 0):
         eos_token_id=EOS,
         pad_token_id=PAD,
     )  # fmt: skip
-    config._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    return InternVLForConditionalGeneration(config).eval()
+    return _build(InternVLForConditionalGeneration, config, attn_implementation, seed)
 
 
 _ANYRES = dict(
@@ -217,9 +207,7 @@ def tiny_llava_next(attn_implementation: str = "sdpa", seed: int = 0):
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
     config = LlavaNextConfig(**_ANYRES, text_config={**_TEXT, "model_type": "qwen2"})
-    config._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    return LlavaNextForConditionalGeneration(config).eval()
+    return _build(LlavaNextForConditionalGeneration, config, attn_implementation, seed)
 
 
 def tiny_llava_onevision(attn_implementation: str = "sdpa", seed: int = 0):
@@ -228,9 +216,7 @@ def tiny_llava_onevision(attn_implementation: str = "sdpa", seed: int = 0):
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
     config = LlavaOnevisionConfig(**_ANYRES, text_config={**_TEXT, "model_type": "qwen2"}, video_token_id=VIDEO)
-    config._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    return LlavaOnevisionForConditionalGeneration(config).eval()
+    return _build(LlavaOnevisionForConditionalGeneration, config, attn_implementation, seed)
 
 
 # (height, width) in pixels of each sample's image: one tiled 2x2, one 1x2, then repeating

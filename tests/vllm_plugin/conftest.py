@@ -1,4 +1,4 @@
-"""Fixtures shared by the trained-mode and tensor-parallel vLLM tests: a tiny checkpoint, its
+"""Fixtures shared by the vLLM plugin tests: a tiny checkpoint, its
 HF model, a predictor file for it, the test prompts, and the HF path's answers."""
 
 from __future__ import annotations
@@ -22,21 +22,21 @@ def case_images(specs):
 
 
 @pytest.fixture(scope="session")
-def checkpoint_p(tmp_path_factory):
+def checkpoint(tmp_path_factory):
     from glimpse_ops.vllm import testing
 
-    return testing.write_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny-qwen2_5_vl-p"), seed=5)
+    return testing.write_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny-qwen2_5_vl"), seed=5)
 
 
 @pytest.fixture(scope="session")
-def hf_model_p(checkpoint_p):
+def hf_model(checkpoint):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint_p).eval()
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint).eval()
 
 
 @pytest.fixture(scope="session")
-def predictor_file(checkpoint_p, hf_model_p, tmp_path_factory):
+def predictor_file(checkpoint, hf_model, tmp_path_factory):
     """A random predictor whose threshold splits the test images' tokens about in half."""
     from helpers import centered_predictor
 
@@ -44,16 +44,16 @@ def predictor_file(checkpoint_p, hf_model_p, tmp_path_factory):
     from glimpse_ops.vllm import testing
 
     torch.manual_seed(0)
-    predictor = GlimpsePredictor.for_model(hf_model_p, LAYER, VIT_LEVELS, width=32, cond=32, fuse_heads=2)
-    inputs = testing.hf_inputs(checkpoint_p, [(text, case_images(specs)) for text, specs in CASES])
-    centered_predictor(hf_model_p, predictor, inputs, image_token_id=hf_model_p.config.image_token_id)
+    predictor = GlimpsePredictor.for_model(hf_model, LAYER, VIT_LEVELS, width=32, cond=32, fuse_heads=2)
+    inputs = testing.hf_inputs(checkpoint, [(text, case_images(specs)) for text, specs in CASES])
+    centered_predictor(hf_model, predictor, inputs, image_token_id=hf_model.config.image_token_id)
     path = tmp_path_factory.mktemp("predictor") / "predictor.safetensors"
     predictor.save(path)
     return path
 
 
 @pytest.fixture(scope="session")
-def hf_answers(checkpoint_p, hf_model_p):
+def hf_answers(checkpoint, hf_model):
     """``answers(**prune)``: per case, the HF path's greedy tokens, and the sorted prompt
     lengths after the prune of the cases with images."""
     from glimpse_ops import hf
@@ -62,10 +62,10 @@ def hf_answers(checkpoint_p, hf_model_p):
     def answers(**prune) -> tuple[list[list[int]], list[int]]:
         tokens, kept = [], []
         for text, specs in CASES:
-            x = testing.hf_inputs(checkpoint_p, [(text, case_images(specs))])
+            x = testing.hf_inputs(checkpoint, [(text, case_images(specs))])
             S = x["input_ids"].shape[1]
-            with hf.pruned(hf_model_p, **prune) as handle, torch.no_grad():
-                out = hf_model_p.generate(**x, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False)
+            with hf.pruned(hf_model, **prune) as handle, torch.no_grad():
+                out = hf_model.generate(**x, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False)
             tokens.append(out[0, S:].tolist())
             if specs:
                 kept.append(handle.last_index.shape[1])

@@ -29,18 +29,6 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return testing.write_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny-qwen2_5_vl"), seed=3)
-
-
-@pytest.fixture(scope="module")
-def hf_model(checkpoint):
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint).eval()
-
-
 def _engine(checkpoint, **prune):
     glimpse_vllm.register()  # what the vllm.general_plugins entry point does in each process
     return vllm.LLM(

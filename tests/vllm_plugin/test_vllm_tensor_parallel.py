@@ -39,12 +39,12 @@ def _run_tp2(tmp_path, checkpoint, *options: str) -> dict:
 
 
 @pytest.mark.parametrize("mode", ["training-free", "trained"])
-def test_tensor_parallel_2_keeps_what_the_hf_path_keeps(tmp_path, checkpoint_p, predictor_file, hf_answers, mode):
+def test_tensor_parallel_2_keeps_what_the_hf_path_keeps(tmp_path, checkpoint, predictor_file, hf_answers, mode):
     if mode == "trained":
-        got = _run_tp2(tmp_path, checkpoint_p, "--predictor", str(predictor_file))
+        got = _run_tp2(tmp_path, checkpoint, "--predictor", str(predictor_file))
         tokens, kept = hf_answers(predictor=predictor_file)
     else:
-        got = _run_tp2(tmp_path, checkpoint_p, "--max-keep-ratio", "0.3")
+        got = _run_tp2(tmp_path, checkpoint, "--max-keep-ratio", "0.3")
         tokens, kept = hf_answers(max_keep_ratio=0.3)
     assert got["tokens"] == tokens
     assert got["kept"] == kept

@@ -22,10 +22,10 @@ RULE = dict(max_keep_ratio=0.6, caps_per="image")  # threshold: the predictor's 
 
 
 @pytest.fixture(scope="module")
-def trained(checkpoint_p, predictor_file):
+def trained(checkpoint, predictor_file):
     glimpse_vllm.register()
     return vllm.LLM(
-        model=str(checkpoint_p), dtype="float32", max_model_len=1024, seed=0, block_size=32,
+        model=str(checkpoint), dtype="float32", max_model_len=1024, seed=0, block_size=32,
         num_gpu_blocks_override=64, limit_mm_per_prompt={"image": 2, "video": 0},
         **glimpse_vllm.engine_kwargs(predictor=predictor_file, **RULE),
     )  # fmt: skip
@@ -38,7 +38,7 @@ def _prompt(checkpoint, text, images):
     return {"prompt": rendered, **({"multi_modal_data": {"image": images}} if images else {})}
 
 
-def test_trained_mode_equals_the_hf_path(checkpoint_p, predictor_file, hf_answers, trained):
+def test_trained_mode_equals_the_hf_path(checkpoint, predictor_file, hf_answers, trained):
     scheduler = trained.llm_engine.engine_core.engine_core.scheduler
     shrunk: list[int] = []
     original = scheduler._shrink
@@ -50,7 +50,7 @@ def test_trained_mode_equals_the_hf_path(checkpoint_p, predictor_file, hf_answer
     scheduler._shrink = spy
     try:
         params = vllm.SamplingParams(max_tokens=STEPS, min_tokens=STEPS, temperature=0.0)
-        outputs = trained.generate([_prompt(checkpoint_p, t, case_images(s)) for t, s in CASES], params)
+        outputs = trained.generate([_prompt(checkpoint, t, case_images(s)) for t, s in CASES], params)
     finally:
         scheduler._shrink = original
     tokens, kept = hf_answers(predictor=predictor_file, **RULE)
@@ -59,12 +59,12 @@ def test_trained_mode_equals_the_hf_path(checkpoint_p, predictor_file, hf_answer
     assert sorted(shrunk) == kept, "the same number of tokens kept per request as the HF path"
 
 
-def test_trained_settings_resolve_like_the_hf_path(checkpoint_p, predictor_file, tmp_path):
+def test_trained_settings_resolve_like_the_hf_path(checkpoint, predictor_file, tmp_path):
     from transformers import AutoConfig
 
     from glimpse_ops.vllm.config import PruneSettings
 
-    hf_config = AutoConfig.from_pretrained(checkpoint_p)
+    hf_config = AutoConfig.from_pretrained(checkpoint)
     for key, value in glimpse_vllm.engine_kwargs(predictor=predictor_file)["hf_overrides"].items():
         setattr(hf_config, key, value)
     settings = PruneSettings.from_hf_config(hf_config, 6)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from dataclasses import dataclass
 import peers
 import torch
 import torch.nn.functional as F
-from timing import peak_mib, sync, time_ms
+from timing import CompileWatch, RecompiledWhileTiming, peak_mib, quantiles, settle, spread_text, sync, time_ms
 from torch import Tensor
 
 from glimpse_ops.layers import attention_mask
@@ -166,11 +165,11 @@ def _build_model(config: LVLMConfig, device: str, dtype: torch.dtype) -> LVLM:
         return LVLM(config).to(dtype)
 
 
-def _decode_tokens_per_s(
-    prefill: Callable[[], tuple], model: LVLM, steps: int, batch: int, device: str, reps: int
-) -> float:
-    rates = []
-    for _ in range(reps):
+def _decode_rate(prefill: Callable[[], tuple], model: LVLM, steps: int, batch: int, device: str, reps: int) -> dict:
+    """Decode tokens/s (p20, p50, p80 over ``reps`` runs of ``steps`` single-token steps after
+    one prefill each; the first run warms up until nothing compiles)."""
+
+    def run() -> float:
         logits, state = prefill()[:2]
         token = logits.argmax(-1)
         sync(device)
@@ -178,8 +177,14 @@ def _decode_tokens_per_s(
         for _ in range(steps):
             token = model.decode_step(token, state).argmax(-1)
         sync(device)
-        rates.append(batch * steps / (time.perf_counter() - begin))
-    return statistics.median(rates)
+        return batch * steps / (time.perf_counter() - begin)
+
+    settle(run, "decode")
+    compiles = CompileWatch.count()
+    rates = quantiles([run() for _ in range(reps)])
+    if CompileWatch.count() != compiles:
+        raise RecompiledWhileTiming(f"{CompileWatch.count() - compiles} compilation(s) while timing decode steps")
+    return rates
 
 
 def _check(ours: Compacted, eager: Compacted, logits_ours: Tensor, logits_eager: Tensor) -> tuple[bool, str]:
@@ -223,12 +228,14 @@ def run_e2e_case(case: E2ECase, device: str, budget_s: float, progress: Progress
                 continue
             try:
                 row["peak_mib"] = peak_mib(prefill, device)
-                row["prefill_ms"] = time_ms(prefill, device, budget_s)["p50"]
+                row["prefill"] = time_ms(prefill, device, budget_s)
+                row["prefill_ms"] = row["prefill"]["p50"]
                 state = prefill()[1]
                 row["kv_cache_bytes"] = state.cache_bytes()
                 row["kv_cache_mib"] = round(row["kv_cache_bytes"] / 2**20, 2)
                 del state
-                row["decode_tok_s"] = _decode_tokens_per_s(prefill, model, case.decode_steps, case.batch, device, 3)
+                row["decode"] = _decode_rate(prefill, model, case.decode_steps, case.batch, device, 5)
+                row["decode_tok_s"] = row["decode"]["p50"]
                 if name in overheads:
                     row["overhead_ms"] = time_ms(overheads[name], device, budget_s)["p50"]
                     row["overhead_share"] = row["overhead_ms"] / row["prefill_ms"]
@@ -250,7 +257,8 @@ def run_e2e_case(case: E2ECase, device: str, budget_s: float, progress: Progress
 
 def print_e2e_table(rows: list[dict]) -> None:
     header = (
-        f"{'case':<36} {'provider':<12} {'prefill ms':>10} {'vs eager':>8} {'decode tok/s':>12} {'vs full':>8} "
+        f"{'case':<36} {'provider':<12} {'prefill ms':>10} {'spread':>6} {'vs eager':>8} {'decode tok/s':>12} "
+        f"{'spread':>6} {'vs full':>8} "
         f"{'KV MiB':>8} {'KV share':>8} {'overhead':>9} {'peak MiB':>9}"
     )
     print("\n" + header + "\n" + "-" * len(header))
@@ -264,8 +272,9 @@ def print_e2e_table(rows: list[dict]) -> None:
         overhead = f"{100 * row['overhead_share']:.1f}%" if "overhead_share" in row else "-"
         peak = f"{row['peak_mib']:.0f}" if row.get("peak_mib") is not None else "-"
         print(
-            f"{name:<36} {row['provider']:<12} {row['prefill_ms']:>10.2f} {row.get('prefill_vs_eager', 0):>7.2f}x "
-            f"{row['decode_tok_s']:>12.1f} {row['decode_vs_unpruned']:>7.2f}x {row['kv_cache_mib']:>8.2f} "
+            f"{name:<36} {row['provider']:<12} {row['prefill_ms']:>10.2f} {spread_text(row['prefill']):>6} "
+            f"{row.get('prefill_vs_eager', 0):>7.2f}x {row['decode_tok_s']:>12.1f} {spread_text(row['decode']):>6} "
+            f"{row['decode_vs_unpruned']:>7.2f}x {row['kv_cache_mib']:>8.2f} "
             f"{100 * row['kv_cache_share']:>7.1f}% {overhead:>9} {peak:>9}"
         )
 
@@ -335,7 +344,8 @@ def run_train_case(case: E2ECase, device: str, budget_s: float, progress: Progre
         else:
             try:
                 row["peak_mib"] = peak_mib(fn, device)
-                row["step_ms"] = time_ms(fn, device, budget_s)["p50"]
+                row["step"] = time_ms(fn, device, budget_s)
+                row["step_ms"] = row["step"]["p50"]
             except torch.OutOfMemoryError as exc:
                 row["error"] = f"out of memory: {str(exc)[:200]}"
         rows.append(row)
@@ -348,7 +358,7 @@ def run_train_case(case: E2ECase, device: str, budget_s: float, progress: Progre
 
 
 def print_train_table(rows: list[dict]) -> None:
-    header = f"{'case':<36} {'provider':<20} {'step ms':>10} {'x unmasked':>11} {'peak MiB':>9}"
+    header = f"{'case':<36} {'provider':<20} {'step ms':>10} {'spread':>6} {'x unmasked':>11} {'peak MiB':>9}"
     print("\n" + header + "\n" + "-" * len(header))
     last = None
     for row in rows:
@@ -358,4 +368,7 @@ def print_train_table(rows: list[dict]) -> None:
             print(f"{name:<36} {row['provider']:<20} {row.get('error', 'skipped')[:80]}")
             continue
         peak = f"{row['peak_mib']:.0f}" if row.get("peak_mib") is not None else "-"
-        print(f"{name:<36} {row['provider']:<20} {row['step_ms']:>10.2f} {row['step_vs_unmasked']:>10.2f}x {peak:>9}")
+        print(
+            f"{name:<36} {row['provider']:<20} {row['step_ms']:>10.2f} {spread_text(row['step']):>6} "
+            f"{row['step_vs_unmasked']:>10.2f}x {peak:>9}"
+        )

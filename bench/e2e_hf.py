@@ -11,15 +11,16 @@ Three providers on the same random-weight model:
   per-layer per-sample ``index_select`` with host syncs (``peers.py``).
 
 Per case: prefill latency, the time of layers 0..K (the forward stopped at layer K + 1;
-for the patches it includes the pruning step), decode tokens/s, KV-cache bytes after
-prefill and (GPU) peak memory. GPU: Qwen2.5-VL-7B shapes in bf16, 4k and 16k visual
-tokens, 7.4% kept; CPU: a small Qwen2.5-VL in fp32.
+for the patches it includes the pruning step), decode tokens/s from per-step times inside
+``generate`` (``decode_step_ms``: generate's setup and the prefill are outside every step),
+KV-cache bytes after prefill and (GPU) peak memory; each median with its p20 and p80, and no
+compilation inside a timed loop (``timing.settle`` / ``RecompiledWhileTiming``). GPU: the
+family's ~7B shapes in bf16, 4k and 16k visual tokens, 7.4% kept; CPU: a small model in fp32.
 """
 
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 import peers
 import torch
 from hf_families import FAMILIES
-from timing import peak_mib, sync, time_ms
+from timing import CompileWatch, RecompiledWhileTiming, peak_mib, quantiles, settle, spread_text, sync, time_ms
 
 from glimpse_ops.hf import SelectionInputs, apply_glimpse_prune, glimpse_prune_selection
 from glimpse_ops.progress import Progress
@@ -159,9 +160,16 @@ def run_hf_case(case: HFCase, device: str, budget_s: float, progress: Progress) 
                     row["kv_cache_bytes"] = sum(lay.keys.numel() * lay.keys.element_size() * 2 for lay in cache.layers)
                     del out, cache
                     row["peak_mib"] = peak_mib(prefill, device)
-                    row["prefill_ms"] = time_ms(prefill, device, budget_s)["p50"]
-                    row["layers_0_to_k_ms"] = time_ms(_prefix_fn(model, inputs, layer), device, budget_s)["p50"]
-                    row["decode_tok_s"] = _decode_rate(model, inputs, case, row["prefill_ms"], device)
+                    row["prefill"] = time_ms(prefill, device, budget_s)
+                    row["prefill_ms"] = row["prefill"]["p50"]
+                    row["layers_0_to_k"] = time_ms(_prefix_fn(model, inputs, layer), device, budget_s)
+                    row["layers_0_to_k_ms"] = row["layers_0_to_k"]["p50"]
+                    row["decode"] = _decode_rate(model, inputs, case, device)
+                    row["decode_tok_s"] = row["decode"]["p50"]
+                    if handle is None:  # the cross-check: a hand-written loop of single-token calls
+                        direct = quantiles(direct_decode_step_ms(model, inputs, case.decode_steps, device))
+                        row["decode_direct_tok_s"] = case.batch * 1e3 / direct["p50"]
+                        row["decode_direct_step_ms"] = direct
         except torch.OutOfMemoryError as exc:
             row["error"] = f"out of memory: {str(exc)[:200]}"
         finally:
@@ -182,24 +190,79 @@ def run_hf_case(case: HFCase, device: str, budget_s: float, progress: Progress) 
     return rows
 
 
-def _decode_rate(model, inputs: dict, case: HFCase, prefill_ms: float, device: str) -> float:
-    """Decode tokens/s: (generate time - prefill time) over the tokens after the first."""
-    times = []
-    for _ in range(3):
-        sync(device)
-        begin = time.perf_counter()
-        model.generate(**inputs, max_new_tokens=case.decode_steps, min_new_tokens=case.decode_steps, do_sample=False)
-        sync(device)
-        times.append(time.perf_counter() - begin)
-    decode_s = max(statistics.median(times) - prefill_ms * 1e-3, 1e-9)
-    return case.batch * (case.decode_steps - 1) / decode_s
+def decode_step_ms(model, inputs: dict, steps: int, device: str, repeats: int = 3, clock=time.perf_counter) -> list:
+    """Per-step decode times in ms from ``repeats`` greedy ``generate`` calls of ``steps`` tokens:
+    a stopping criterion stamps the clock (after a device sync) each time a token is out, and
+    the steps are the gaps between stamps after the first (the first token ends the prefill).
+    generate's own setup and the prefill are therefore outside every step."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Stamp(StoppingCriteria):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def __call__(self, input_ids, scores, **kwargs):
+            sync(device)
+            self.times.append(clock())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def run() -> list[float]:
+        stamp = Stamp()
+        model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                       stopping_criteria=StoppingCriteriaList([stamp]))  # fmt: skip
+        return [1e3 * (b - a) for a, b in zip(stamp.times[:-1], stamp.times[1:])]
+
+    settle(run, "generate")
+    compiles = CompileWatch.count()
+    gaps = [gap for _ in range(repeats) for gap in run()]
+    if CompileWatch.count() != compiles:
+        raise RecompiledWhileTiming(f"{CompileWatch.count() - compiles} compilation(s) while timing decode steps")
+    return gaps
+
+
+def direct_decode_step_ms(model, inputs: dict, steps: int, device: str, repeats: int = 3) -> list:
+    """Per-step times in ms of a hand-written decode loop on the stock model: one prefill, then
+    single-token forward calls on its cache, each synchronized and timed alone (the cross-check
+    of ``decode_step_ms`` on the unpatched model)."""
+    gaps: list[float] = []
+    length = inputs["input_ids"].shape[1]
+    rope = getattr(model.config.get_text_config(), "rope_parameters", None) or {}
+    rope_axes = (3,) if "mrope_section" in rope else ()
+    with torch.no_grad():
+        for round_index in range(repeats + 1):  # round 0 warms up
+            out = model(**inputs, use_cache=True, logits_to_keep=1)
+            cache, token, mask = out.past_key_values, out.logits[:, -1:].argmax(-1), inputs["attention_mask"]
+            round_gaps = []
+            for i in range(steps - 1):
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                position = torch.tensor([length + i], device=token.device)
+                # the timing needs the shapes, not the exact M-RoPE values: every axis at S + i
+                ids = position.expand(*rope_axes, token.shape[0], 1)
+                sync(device)
+                begin = time.perf_counter()
+                out = model(input_ids=token, attention_mask=mask, past_key_values=cache, cache_position=position,
+                            position_ids=ids, use_cache=True)  # fmt: skip
+                token = out.logits[:, -1:].argmax(-1)
+                sync(device)
+                round_gaps.append(1e3 * (time.perf_counter() - begin))
+            gaps += round_gaps if round_index else []
+    return gaps
+
+
+def _decode_rate(model, inputs: dict, case: HFCase, device: str) -> dict[str, float]:
+    """Decode tokens/s from the per-step times: p50 (and p20/p80 of the rate) over all steps."""
+    steps = quantiles(decode_step_ms(model, inputs, case.decode_steps, device))
+    rate = {q: case.batch * 1e3 / steps[other] for q, other in (("p20", "p80"), ("p50", "p50"), ("p80", "p20"))}
+    return {**rate, "step_ms": steps}
 
 
 def print_hf_table(rows: list[dict]) -> None:
+    """One line per provider; each median has its p20-p80 spread as a share of it beside it,
+    flagged with '!' above 20% (see timing.spread_text)."""
     header = (
-        f"{'case':<34} {'provider':<12} {'prefill ms':>10} {'vs eager':>8} {'vs stock':>8} "
-        f"{'0..K ms':>9} {'0..K x':>7} "
-        f"{'decode tok/s':>12} {'KV share':>8} {'peak MiB':>9}"
+        f"{'case':<34} {'provider':<12} {'prefill ms':>10} {'spread':>6} {'vs eager':>8} {'vs stock':>8} "
+        f"{'0..K ms':>9} {'spread':>6} {'0..K x':>7} "
+        f"{'decode tok/s':>12} {'spread':>6} {'KV share':>8} {'peak MiB':>9}"
     )
     print("\n" + header + "\n" + "-" * len(header))
     last = None
@@ -211,8 +274,18 @@ def print_hf_table(rows: list[dict]) -> None:
             continue
         peak = f"{row['peak_mib']:.0f}" if row.get("peak_mib") is not None else "-"
         print(
-            f"{name:<34} {row['provider']:<12} {row['prefill_ms']:>10.2f} "
+            f"{name:<34} {row['provider']:<12} {row['prefill_ms']:>10.2f} {spread_text(row['prefill']):>6} "
             f"{row.get('prefill_vs_eager_patch', 0):>7.2f}x {row.get('prefill_vs_unpatched', 0):>7.2f}x "
-            f"{row['layers_0_to_k_ms']:>9.2f} {row.get('layers_0_to_k_vs_unpatched', 0):>6.2f}x "
-            f"{row['decode_tok_s']:>12.1f} {100 * row.get('kv_cache_share', 0):>7.1f}% {peak:>9}"
+            f"{row['layers_0_to_k_ms']:>9.2f} {spread_text(row['layers_0_to_k']):>6} "
+            f"{row.get('layers_0_to_k_vs_unpatched', 0):>6.2f}x "
+            f"{row['decode_tok_s']:>12.1f} {spread_text(row['decode']):>6} "
+            f"{100 * row.get('kv_cache_share', 0):>7.1f}% {peak:>9}"
         )
+    for row in rows:
+        if "decode_direct_tok_s" in row:
+            d, direct = row["decode"], row["decode_direct_tok_s"]
+            agree = "agrees" if d["p20"] <= direct <= d["p80"] else "DISAGREES"
+            print(
+                f"decode cross-check, {row['name']} unpatched: generate per step {d['p50']:.1f} tok/s "
+                f"(p20-p80 {d['p20']:.1f}-{d['p80']:.1f}), hand-written loop {direct:.1f} tok/s: {agree}"
+            )

@@ -245,24 +245,33 @@ def _load(path: Path) -> dict | None:
         return None
 
 
+def spread_text(row: dict) -> str:
+    """The p20-p80 spread as a share of p50, '!' above 20% (as bench/timing.spread_text; this
+    script stays importable without torch)."""
+    if "p20" not in row or "p80" not in row or not row.get("p50"):
+        return "-"
+    share = (row["p80"] - row["p20"]) / row["p50"]
+    return f"{100 * share:.0f}%{'!' if share > 0.2 else ''}"
+
+
 def kernel_lines(data: dict) -> list[str]:
     copy = data["machine"].get("copy_gbs")
     lines = [
         f"Measured copy bandwidth: {copy:.0f} GB/s (read + write)." if copy else "",
         "",
-        "| case | provider | p50 ms | vs eager | vs reference+compile | GB/s | % copy |",
-        "|---|---|---|---|---|---|---|",
+        "| case | provider | p50 ms | p20-p80 / p50 | vs eager | vs reference+compile | GB/s | % copy |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     rows = [r for r in data["results"] if "tflops" not in r]
     compiled = {r["name"]: r["p50"] for r in rows if r["provider"] == "reference+compile" and "p50" in r}
     for r in rows:
         if "p50" not in r:
-            lines.append(f"| {r['name']} | {r['provider']} | {r.get('error', 'skipped')[:80]} | | | | |")
+            lines.append(f"| {r['name']} | {r['provider']} | {r.get('error', 'skipped')[:80]} | | | | | |")
             continue
         vs_eager = f"{r['speedup_vs_eager']:.2f}x" if "speedup_vs_eager" in r else "-"
         vs_compile = f"{compiled[r['name']] / r['p50']:.2f}x" if r["name"] in compiled else "-"
         lines.append(
-            f"| {r['name']} | {r['provider']} | {r['p50']:.3f} | {vs_eager} | {vs_compile} | "
+            f"| {r['name']} | {r['provider']} | {r['p50']:.3f} | {spread_text(r)} | {vs_eager} | {vs_compile} | "
             f"{r.get('gbps', 0):.0f} | {r.get('pct_copy_bw', 0):.0f}% |"
         )
     return lines
@@ -271,18 +280,20 @@ def kernel_lines(data: dict) -> list[str]:
 def attention_lines(data: dict, matrix_tflops: float | None) -> list[str]:
     lines = [
         "",
-        "| case | provider | p50 ms | time / SDPA unmasked | TFLOP/s | % of bf16 matrix rate | peak extra MiB |",
-        "|---|---|---|---|---|---|---|",
+        "| case | provider | p50 ms | p20-p80 / p50 | time / SDPA unmasked | TFLOP/s | % of bf16 matrix rate | "
+        "peak extra MiB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in data["results"]:
         if "tflops" not in r and "p50" in r:
             continue
         if "p50" not in r:
-            lines.append(f"| {r['name']} | {r['provider']} | {r.get('error', 'skipped')[:80]} | | | | |")
+            lines.append(f"| {r['name']} | {r['provider']} | {r.get('error', 'skipped')[:80]} | | | | | |")
             continue
         rate = f"{100 * r['tflops'] / matrix_tflops:.0f}%" if matrix_tflops else "-"
         lines.append(
-            f"| {r['name']} | {r['provider']} | {r['p50']:.3f} | {r.get('time_vs_sdpa_unmasked', 0):.2f} | "
+            f"| {r['name']} | {r['provider']} | {r['p50']:.3f} | {spread_text(r)} | "
+            f"{r.get('time_vs_sdpa_unmasked', 0):.2f} | "
             f"{r['tflops']:.0f} | {rate} | {r.get('peak_extra_mib', 0):.0f} |"
         )
     return lines

@@ -39,7 +39,7 @@ import peers  # noqa: E402
 from attention import attention_cases, attention_providers, run_attention_case  # noqa: E402
 from e2e import e2e_cases, print_e2e_table, print_train_table, run_e2e_case, run_train_case, train_cases  # noqa: E402
 from registry import COMPACTED_LAYERS, SCORE_LAYER, Case, all_cases, make_inputs  # noqa: E402
-from timing import copy_bandwidth_gbs, gate_failed, machine_info, measure  # noqa: E402
+from timing import copy_bandwidth_gbs, gate_failed, machine_info, measure, spread_text  # noqa: E402
 
 import glimpse_ops as g  # noqa: E402
 from glimpse_ops import reference as ref  # noqa: E402
@@ -298,8 +298,9 @@ def run_case(
 
 
 def print_table(rows: list[dict], device: str) -> None:
-    header = f"{'case':<40} {'provider':<18} {'p50 ms':>10} {'vs eager':>9} {'GB/s':>8} {'% copy':>7}"
-    header += "\n" + f"{'(attention rows: time relative to SDPA unmasked, t; TFLOP/s; peak extra memory)':>92}"
+    header = f"{'case':<40} {'provider':<18} {'p50 ms':>10} {'spread':>6} {'vs eager':>9} {'GB/s':>8} {'% copy':>7}"
+    header += "\n" + f"{'(spread: p20-p80 as a share of p50, ! above 20%; attention rows: time relative to SDPA':>99}"
+    header += "\n" + f"{'unmasked, t; TFLOP/s; peak extra memory)':>99}"
     print("\n" + header + "\n" + "-" * len(header.splitlines()[0]))
     last = None
     for row in rows:
@@ -311,14 +312,15 @@ def print_table(rows: list[dict], device: str) -> None:
         if "tflops" in row:
             memory = f" {row['peak_extra_mib']:>9.0f} MiB" if "peak_extra_mib" in row else ""
             print(
-                f"{name:<40} {row['provider']:<18} {row['p50']:>10.3f} {row.get('time_vs_sdpa_unmasked', 0):>8.2f}t "
+                f"{name:<40} {row['provider']:<18} {row['p50']:>10.3f} {spread_text(row):>6} "
+                f"{row.get('time_vs_sdpa_unmasked', 0):>8.2f}t "
                 f"{row['tflops']:>8.1f} TFLOP/s{memory}"
             )
             continue
         speed = f"{row['speedup_vs_eager']:.2f}x" if "speedup_vs_eager" in row else "-"
         print(
-            f"{name:<40} {row['provider']:<18} {row['p50']:>10.3f} {speed:>9} {row['gbps']:>8.1f} "
-            f"{row['pct_copy_bw']:>6.1f}%"
+            f"{name:<40} {row['provider']:<18} {row['p50']:>10.3f} {spread_text(row):>6} {speed:>9} "
+            f"{row['gbps']:>8.1f} {row['pct_copy_bw']:>6.1f}%"
         )
 
 
@@ -372,10 +374,15 @@ def run_each(
 
 
 def gate_exit_code(rows: list[dict]) -> int:
-    """1 (with a line on stderr) when a provider failed its correctness gate, else 0."""
+    """1 (with a line on stderr) when a provider failed its correctness gate or compiled
+    inside a timed loop, else 0."""
     failed = [r for r in rows if "failed the correctness gate" in r.get("error", "")]
     if failed:
         print(f"{len(failed)} provider(s) failed the correctness gate", file=sys.stderr)
+        return 1
+    recompiled = [r for r in rows if "RecompiledWhileTiming" in r.get("error", "")]
+    if recompiled:
+        print(f"{len(recompiled)} provider(s) compiled inside a timed loop: their times mean nothing", file=sys.stderr)
         return 1
     return 0
 

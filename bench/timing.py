@@ -24,10 +24,75 @@ def quantiles(samples: list[float]) -> dict[str, float]:
     return {"p20": at(0.2), "p50": at(0.5), "p80": at(0.8), "reps": len(ordered)}
 
 
+SPREAD_FLAG = 0.2  # a row whose p20-p80 spread exceeds this share of its median is flagged
+
+
+class RecompiledWhileTiming(RuntimeError):
+    """A torch.compile graph or a Triton kernel was compiled inside a timed loop."""
+
+
+class CompileWatch:
+    """Counts compilations in this process: graphs torch.compile (dynamo) built and Triton
+    kernel specializations compiled (Triton's ``jit_cache_hook`` runs before each; no
+    launcher of ours uses ``triton.autotune``, so that is every Triton compile)."""
+
+    triton_compiles = 0
+    _installed = False
+
+    @classmethod
+    def install(cls) -> None:
+        if cls._installed:
+            return
+        cls._installed = True
+        try:
+            from triton import knobs
+        except ImportError:  # no Triton (or one without knobs): dynamo's count alone
+            return
+        previous = knobs.runtime.jit_cache_hook
+
+        def hook(*args, **kwargs):
+            cls.triton_compiles += 1
+            return previous(*args, **kwargs) if previous is not None else False  # a true value skips the compile
+
+        knobs.runtime.jit_cache_hook = hook
+
+    @classmethod
+    def count(cls) -> int:
+        cls.install()
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"]) + cls.triton_compiles
+
+
+def settle(fn: Callable[[], object], what: str = "the timed call", max_calls: int = 5) -> None:
+    """Warm-up calls of ``fn`` until one compiles nothing (torch.compile, Triton), at most
+    ``max_calls``; a call that still compiles after that is an error (a recompile per call)."""
+    for _ in range(max_calls):
+        before = CompileWatch.count()
+        fn()
+        if CompileWatch.count() == before:
+            return
+    raise RecompiledWhileTiming(f"{what} still compiles after {max_calls} warm-up calls (a recompile on every call?)")
+
+
+def spread_share(stats: dict[str, float]) -> float:
+    """(p80 - p20) / p50 of a ``quantiles`` result."""
+    return (stats["p80"] - stats["p20"]) / stats["p50"] if stats["p50"] > 0 else 0.0
+
+
+def spread_text(stats: dict[str, float]) -> str:
+    """'±x%' of the p20-p80 spread around the median, with '!' when it exceeds SPREAD_FLAG."""
+    share = spread_share(stats)
+    return f"{100 * share:.0f}%{'!' if share > SPREAD_FLAG else ' '}"
+
+
 def time_ms(fn: Callable[[], object], device: str, budget_s: float) -> dict[str, float]:
-    """Median-of-reps timing in ms: CUDA events on GPU, perf_counter on CPU. One untimed
-    warm-up call first (compilation, autotuning, allocator warm-up)."""
-    fn()
+    """Median-of-reps timing in ms (p20, p50, p80 and reps): CUDA events on GPU, perf_counter
+    on CPU. Untimed warm-up calls first until a call compiles nothing (compilation, Triton
+    specializations, allocator warm-up); a compile inside the timed loop raises
+    ``RecompiledWhileTiming``."""
+    settle(fn)
+    compiles = CompileWatch.count()
     samples: list[float] = []
     start_all = time.perf_counter()
     if device == "cuda":
@@ -44,6 +109,8 @@ def time_ms(fn: Callable[[], object], device: str, budget_s: float) -> dict[str,
             begin = time.perf_counter()
             fn()
             samples.append((time.perf_counter() - begin) * 1e3)
+    if CompileWatch.count() != compiles:
+        raise RecompiledWhileTiming(f"{CompileWatch.count() - compiles} compilation(s) inside the timed loop")
     return quantiles(samples)
 
 

@@ -29,6 +29,8 @@ def test_e2e_smoke_run_reports_every_provider(tmp_path):
     assert all("error" not in r for r in rows), rows
     train, rows = rows[3:], rows[:3]
     assert all(r["step_ms"] > 0 and r["case"]["kind"] == "train_step" for r in train)
+    assert all(r["step"]["p20"] <= r["step"]["p50"] <= r["step"]["p80"] for r in train), "spreads kept"
+    assert all(r[k]["p20"] <= r[k]["p50"] <= r[k]["p80"] for r in rows[:3] for k in ("prefill", "decode"))
     assert train[0]["step_vs_unmasked"] == 1.0
     assert "same kept positions: True" in rows[1]["check"]
     case = e2e.e2e_cases("cpu", True)[0]
@@ -60,3 +62,8 @@ def test_e2e_hf_smoke_run_reports_every_provider(tmp_path, model):
     kept = math.ceil(0.074 * visual)
     # every layer's cache, 0..K compacted in place and K+1.. computed on the kept tokens
     assert rows[1]["kv_cache_share"] == pytest.approx((seq - visual + kept) / seq, rel=1e-6)
+    # every median keeps its spread; the stock row carries the hand-written decode loop's cross-check
+    for row in rows:
+        for key in ("prefill", "layers_0_to_k", "decode"):
+            assert row[key]["p20"] <= row[key]["p50"] <= row[key]["p80"], (row["provider"], key)
+    assert rows[0]["decode_direct_tok_s"] > 0 and "decode_direct_tok_s" not in rows[1]

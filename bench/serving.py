@@ -8,7 +8,7 @@ Per image size (visual tokens per request) and keep ratio, for each engine:
 * correctness gate: the first request's greedy tokens equal glimpse_ops.hf's on the same
   checkpoint (stock: the stock HF model's; plugin: ``hf.pruned`` at the same ratio);
 * requests/s and output tokens/s for a batch of requests (all submitted at once), and the
-  time to first token of one request alone (median of 3);
+  time to first token of one request alone (median of 5, with its p20-p80 spread);
 * KV blocks held by one request after its prefill (measured from the scheduler's block pool)
   and the peak of blocks in use while the batch runs;
 * concurrent requests that fit in the engine's KV cache: its blocks divided by the blocks one
@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from timing import quantiles, spread_text
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the scheduler's block pool is read in-process
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -124,7 +125,7 @@ def _measure(bench: _Bench, case: ServingCase, ratio: float | None) -> dict:
     if got != want:
         return row | {"error": f"failed the correctness gate: vLLM {got[:8]}... != glimpse_ops.hf {want[:8]}..."}
     ttft = []
-    for _ in range(3):
+    for _ in range(5):
         start = time.perf_counter()
         engine.generate([prompts[0]], _greedy(1), use_tqdm=False)
         ttft.append(1e3 * (time.perf_counter() - start))
@@ -148,6 +149,7 @@ def _measure(bench: _Bench, case: ServingCase, ratio: float | None) -> dict:
     elapsed = time.perf_counter() - start
     per_request = math.ceil((prompt_tokens + OUTPUT_TOKENS) / BLOCK)  # once it has generated its tokens
     return row | {
+        "ttft": quantiles(ttft),
         "ttft_ms": statistics.median(ttft),
         "requests_per_s": case.requests / elapsed,
         "output_tok_per_s": outputs / elapsed,
@@ -181,7 +183,7 @@ def run_serving_case(bench: _Bench, case: ServingCase, ratios: list[float], prog
 
 def print_serving_table(rows: list[dict]) -> None:
     header = (
-        f"{'case':<34} {'provider':<12} {'keep':>5} {'TTFT ms':>8} {'req/s':>7} {'tok/s':>7} "
+        f"{'case':<34} {'provider':<12} {'keep':>5} {'TTFT ms':>8} {'spread':>6} {'req/s':>7} {'tok/s':>7} "
         f"{'blocks/req':>10} {'peak blocks':>11} {'fit':>5} {'fit x':>6}"
     )
     print("\n" + header + "\n" + "-" * len(header))
@@ -191,7 +193,8 @@ def print_serving_table(rows: list[dict]) -> None:
             print(f"{row['name']:<34} {row['provider']:<12} {keep:>5} {row.get('error', '')[:90]}")
             continue
         print(
-            f"{row['name']:<34} {row['provider']:<12} {keep:>5} {row['ttft_ms']:>8.1f} {row['requests_per_s']:>7.2f} "
+            f"{row['name']:<34} {row['provider']:<12} {keep:>5} {row['ttft_ms']:>8.1f} {spread_text(row['ttft']):>6} "
+            f"{row['requests_per_s']:>7.2f} "
             f"{row['output_tok_per_s']:>7.1f} {row['blocks_held_after_prefill']:>10} {row['peak_blocks_in_use']:>11} "
             f"{row['concurrent_requests_that_fit']:>5} {row.get('concurrency_vs_stock', 1.0):>5.2f}x"
         )

@@ -52,10 +52,16 @@ def test_decode_is_timed_per_step_without_generate_setup_or_prefill():
     assert steps == pytest.approx([2.0] * (5 * 3)), "only the gaps between tokens after the first"
 
 
-def test_a_compile_inside_the_timed_loop_fails_loudly(monkeypatch):
-    calls = {"n": 0}
+@pytest.fixture
+def compiles(monkeypatch) -> dict:
+    """A stand-in compile counter the test bumps: {"n": compilations so far}."""
     count = {"n": 0}
     monkeypatch.setattr(timing.CompileWatch, "count", classmethod(lambda cls: count["n"]))
+    return count
+
+
+def test_a_compile_inside_the_timed_loop_fails_loudly(compiles):
+    calls, count = {"n": 0}, compiles
 
     def compiles_on_the_fourth_call():
         calls["n"] += 1
@@ -66,10 +72,8 @@ def test_a_compile_inside_the_timed_loop_fails_loudly(monkeypatch):
         timing.time_ms(compiles_on_the_fourth_call, "cpu", 0.0)
 
 
-def test_warm_up_runs_until_nothing_compiles(monkeypatch):
-    calls = {"n": 0}
-    count = {"n": 0}
-    monkeypatch.setattr(timing.CompileWatch, "count", classmethod(lambda cls: count["n"]))
+def test_warm_up_runs_until_nothing_compiles(compiles):
+    calls, count = {"n": 0}, compiles
 
     def compiles_on_the_first_two_calls():
         calls["n"] += 1

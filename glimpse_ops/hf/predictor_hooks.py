@@ -175,7 +175,14 @@ def load_predictor(predictor, model: nn.Module, where: str = "glimpse_ops.hf.app
     if isinstance(predictor, GlimpsePredictor):
         return predictor
     path = _predictor_path(predictor, where)
-    return load_release(path, model) if path.is_dir() else GlimpsePredictor.load(path)
+    # built in fp32 whatever the default dtype (vLLM builds models under the model's dtype):
+    # weights loaded into bf16 parameters would be rounded before any later cast
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        return load_release(path, model) if path.is_dir() else GlimpsePredictor.load(path)
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def predictor_config(predictor, model: nn.Module, where: str) -> PredictorConfig:

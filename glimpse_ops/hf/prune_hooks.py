@@ -117,7 +117,7 @@ class GlimpsePruneHandle(PatchHandle):
 
         def deepstack(hidden: Tensor, visual_pos_masks: Tensor, visual_embeds: Tensor) -> Tensor:
             p = handle.prefill
-            if p is not None and p.index is not None and hidden.shape[1] != visual_pos_masks.shape[1]:
+            if p is not None and p.index is not None:  # compacted (its length may still equal S)
                 B, S = visual_pos_masks.shape
                 index = p.index.where(p.index >= 0, S)  # padding slots land in a column cut off below
                 kept = torch.zeros(B, S + 1, dtype=torch.bool, device=index.device).scatter_(1, index, True)[:, :S]

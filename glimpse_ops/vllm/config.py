@@ -79,7 +79,12 @@ def check_engine(vllm_config) -> None:
     scheduler, parallel = vllm_config.scheduler_config, vllm_config.parallel_config
     text = model.hf_config.get_text_config()
     PruneSettings.from_hf_config(model.hf_config, text.num_hidden_layers)
+    split_vit = getattr(getattr(model, "multimodal_config", None), "mm_encoder_tp_mode", "weights") == "data"
+    trained = getattr(model.hf_config, "glimpse_predictor", None) is not None
     refusals = [
+        (split_vit and trained and parallel.tensor_parallel_size > 1,
+         "mm_encoder_tp_mode='data' and a trained predictor: each rank's ViT sees only some images, the "
+         "predictor needs every image's features"),
         (not current_platform.is_cpu(), "the device: only vLLM's CPU engine is supported and tested so far"),
         (not model.enforce_eager, "enforce_eager=False: the number of kept tokens changes per request, "
                                   "a traced graph cannot follow it; pass enforce_eager=True"),

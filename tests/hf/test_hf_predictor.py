@@ -254,3 +254,22 @@ def test_predictor_errors(setup, tmp_path):
         with pytest.raises(ValueError, match=f"{next(iter(option))} applies with a predictor only"):
             hf.apply_glimpse_prune(model, **option)
     assert not hasattr(model, "_glimpse_ops_patch")
+
+
+def test_a_saved_predictor_loads_exactly_under_another_default_dtype(tmp_path):
+    """vLLM builds its model under the model's dtype: a predictor file loaded there must not be
+    rounded through bf16 parameters."""
+    from glimpse_ops.hf.predictor_hooks import load_predictor
+
+    model = testing.tiny_qwen2_5_vl()
+    predictor = GlimpsePredictor.for_model(model, K, VIT_LEVELS, **SIZES)
+    path = tmp_path / "p.safetensors"
+    predictor.save(path)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        loaded = load_predictor(str(path), model)
+    finally:
+        torch.set_default_dtype(previous)
+    for (name, want), got in zip(predictor.state_dict().items(), loaded.state_dict().values()):
+        assert got.dtype == torch.float32 and torch.equal(got, want), name

@@ -33,6 +33,11 @@ CASES = {
     "qwen2_vl-images": (testing.tiny_qwen2_vl, _images, 3),
     "qwen3_vl-images": (testing.tiny_qwen3_vl, _images, 3),
     "qwen3_vl-images-deepstack-after-prune": (testing.tiny_qwen3_vl, _images, 1),
+    # the longest row is text only and keeps everything: the compacted batch is as wide as the
+    # prompt, yet the image row was compacted and its DeepStack features must follow it
+    "qwen3_vl-deepstack-full-width": (
+        testing.tiny_qwen3_vl, lambda seed: testing.qwen_image_inputs([[(8, 8)], []], [2, 30], seed), 1,
+    ),
     "llava": (testing.tiny_llava, lambda seed: testing.llava_inputs(batch=2, text_lengths=[2, 5], seed=seed), 3),
     "internvl": (testing.tiny_internvl, lambda seed: testing.internvl_inputs(2, [2, 5], seed), 3),
     "llava_next": (testing.tiny_llava_next, lambda seed: testing.anyres_inputs(2, [2, 5], seed), 3),

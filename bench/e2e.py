@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import peers
 import torch
 import torch.nn.functional as F
-from timing import CompileWatch, RecompiledWhileTiming, peak_mib, quantiles, settle, spread_text, sync, time_ms
+from timing import no_compiles, peak_mib, quantiles, settle, spread_text, sync, time_ms
 from torch import Tensor
 
 from glimpse_ops.layers import attention_mask
@@ -180,11 +180,8 @@ def _decode_rate(prefill: Callable[[], tuple], model: LVLM, steps: int, batch: i
         return batch * steps / (time.perf_counter() - begin)
 
     settle(run, "decode")
-    compiles = CompileWatch.count()
-    rates = quantiles([run() for _ in range(reps)])
-    if CompileWatch.count() != compiles:
-        raise RecompiledWhileTiming(f"{CompileWatch.count() - compiles} compilation(s) while timing decode steps")
-    return rates
+    with no_compiles("while timing decode steps"):
+        return quantiles([run() for _ in range(reps)])
 
 
 def _check(ours: Compacted, eager: Compacted, logits_ours: Tensor, logits_eager: Tensor) -> tuple[bool, str]:

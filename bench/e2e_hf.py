@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import peers
 import torch
 from hf_families import FAMILIES
-from timing import CompileWatch, RecompiledWhileTiming, peak_mib, quantiles, settle, spread_text, sync, time_ms
+from timing import no_compiles, peak_mib, quantiles, settle, spread_text, sync, time_ms
 
 from glimpse_ops.hf import SelectionInputs, apply_glimpse_prune, glimpse_prune_selection
 from glimpse_ops.progress import Progress
@@ -213,11 +213,8 @@ def decode_step_ms(model, inputs: dict, steps: int, device: str, repeats: int = 
         return [1e3 * (b - a) for a, b in zip(stamp.times[:-1], stamp.times[1:])]
 
     settle(run, "generate")
-    compiles = CompileWatch.count()
-    gaps = [gap for _ in range(repeats) for gap in run()]
-    if CompileWatch.count() != compiles:
-        raise RecompiledWhileTiming(f"{CompileWatch.count() - compiles} compilation(s) while timing decode steps")
-    return gaps
+    with no_compiles("while timing decode steps"):
+        return [gap for _ in range(repeats) for gap in run()]
 
 
 def direct_decode_step_ms(model, inputs: dict, steps: int, device: str, repeats: int = 3) -> list:

@@ -8,7 +8,8 @@ import platform
 import re
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -64,6 +65,16 @@ class CompileWatch:
         return int(counters["stats"]["unique_graphs"]) + cls.triton_compiles
 
 
+@contextmanager
+def no_compiles(where: str) -> Iterator[None]:
+    """Raise ``RecompiledWhileTiming`` if anything compiles inside the ``with`` block (``where``
+    says what was being timed)."""
+    before = CompileWatch.count()
+    yield
+    if CompileWatch.count() != before:
+        raise RecompiledWhileTiming(f"{CompileWatch.count() - before} compilation(s) {where}")
+
+
 def settle(fn: Callable[[], object], what: str = "the timed call", max_calls: int = 5) -> None:
     """Warm-up calls of ``fn`` until one compiles nothing (torch.compile, Triton), at most
     ``max_calls``; a call that still compiles after that is an error (a recompile per call)."""
@@ -92,7 +103,12 @@ def time_ms(fn: Callable[[], object], device: str, budget_s: float) -> dict[str,
     specializations, allocator warm-up); a compile inside the timed loop raises
     ``RecompiledWhileTiming``."""
     settle(fn)
-    compiles = CompileWatch.count()
+    with no_compiles("inside the timed loop"):
+        return quantiles(_samples_ms(fn, device, budget_s))
+
+
+def _samples_ms(fn: Callable[[], object], device: str, budget_s: float) -> list[float]:
+    """The timed calls of ``time_ms`` in ms: at least 5 (GPU) or 3 (CPU), then until ``budget_s``."""
     samples: list[float] = []
     start_all = time.perf_counter()
     if device == "cuda":
@@ -109,9 +125,7 @@ def time_ms(fn: Callable[[], object], device: str, budget_s: float) -> dict[str,
             begin = time.perf_counter()
             fn()
             samples.append((time.perf_counter() - begin) * 1e3)
-    if CompileWatch.count() != compiles:
-        raise RecompiledWhileTiming(f"{CompileWatch.count() - compiles} compilation(s) inside the timed loop")
-    return quantiles(samples)
+    return samples
 
 
 def measure(fn: Callable[[], object], device: str, budget_s: float) -> dict[str, float]:

@@ -25,6 +25,17 @@ _TEXT = dict(
 )
 
 
+# the ViT shape the tiny Qwen2.5-VL and Qwen3-VL share (2 blocks, 2x2 patches, 2x2 merge)
+_QWEN_VIT = dict(
+    depth=2,
+    hidden_size=32,
+    intermediate_size=64,
+    num_heads=2,
+    out_hidden_size=64,
+    patch_size=2,
+    temporal_patch_size=2,
+    spatial_merge_size=2,
+)
 _QWEN_IDS = dict(
     image_token_id=IMAGE,
     video_token_id=VIDEO,
@@ -55,14 +66,7 @@ def tiny_qwen2_5_vl(attn_implementation: str = "sdpa", seed: int = 0):
             "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
         },
         vision_config=dict(
-            depth=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            out_hidden_size=64,
-            patch_size=2,
-            temporal_patch_size=2,
-            spatial_merge_size=2,
+            **_QWEN_VIT,
             window_size=8,
             fullatt_block_indexes=[1],
         ),
@@ -116,14 +120,7 @@ def tiny_qwen3_vl(attn_implementation: str = "sdpa", seed: int = 0):
             },
         },  # fmt: skip
         vision_config=dict(
-            depth=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            out_hidden_size=64,
-            patch_size=2,
-            temporal_patch_size=2,
-            spatial_merge_size=2,
+            **_QWEN_VIT,
             num_position_embeddings=64,
             deepstack_visual_indexes=[0, 1],
         ),

@@ -85,7 +85,7 @@ def build_model(case: HFCase, device: str):
 
 def make_inputs(case: HFCase, device: str) -> dict:
     g = torch.Generator().manual_seed(0)
-    x = FAMILIES[case.family].inputs(case.visual, case.batch, case.text, g)
+    x = FAMILIES[case.family].inputs(case.visual, case.batch, case.text, g, case.preset)
     return {k: v.to(device, case.dtype) if v.is_floating_point() else v.to(device) for k, v in x.items()}
 
 
@@ -127,7 +127,10 @@ def run_hf_case(case: HFCase, device: str, budget_s: float, progress: Progress) 
     inputs = make_inputs(case, device)
     n_layers = len(model.model.language_model.layers)
     layer = max(0, math.ceil(2 * n_layers / 3) - 1)
-    base = {"case": case.as_dict(), "name": case.name()}
+    # the any-resolution families pack the tile grid nearest the case's count (hf_families.anyres_grid)
+    visual_tokens = int((inputs["input_ids"][0] == FAMILIES[case.family].image_token_id).sum())
+    label = case.name() + ("" if visual_tokens == case.visual else f" ({visual_tokens} visual tokens)")
+    base = {"case": case.as_dict(), "name": label, "visual_tokens": visual_tokens}
     rows: list[dict] = []
     patches = {"unpatched": None, "glimpse_ops": glimpse_prune_selection, "eager_patch": eager_selection}
     reference: dict = {}
@@ -176,7 +179,7 @@ def run_hf_case(case: HFCase, device: str, budget_s: float, progress: Progress) 
             if handle is not None:
                 handle.remove()
         rows.append(row)
-        progress.step(f"{case.name()} {name}")
+        progress.step(f"{label} {name}")
     first = rows[0] if "prefill_ms" in rows[0] else None
     eager = next((r for r in rows if r["provider"] == "eager_patch" and "prefill_ms" in r), None)
     for row in rows:

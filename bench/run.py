@@ -484,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--model",
         default="qwen2_5_vl",
-        help="with --e2e --hf: the model family (qwen2_5_vl, qwen3_vl, internvl; bench/hf_families.py)",
+        help="with --e2e --hf: the model family (qwen2_5_vl, qwen3_vl, internvl, llava_next, llava_onevision; "
+        "bench/hf_families.py)",
     )
     parser.add_argument(
         "--vllm",

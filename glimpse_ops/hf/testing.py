@@ -238,6 +238,21 @@ def anyres_inputs(batch: int = 1, text_lengths: list[int] | None = None, seed: i
     return {"input_ids": ids, "attention_mask": mask.long(), "pixel_values": pixel_values, "image_sizes": sizes}
 
 
+def onevision_video_inputs(frames: int = 3, text_lengths: list[int] | None = None, seed: int = 0) -> dict:
+    """Inputs for ``tiny_llava_onevision`` with an image and a video per sample: the image as in
+    ``anyres_inputs``, then a video of ``frames`` 16x16 frames (4 tokens each after the model's
+    2x2 pooling, and one image-newline token after the last frame), random text, left padding."""
+    x = anyres_inputs(len(text_lengths or [4]), [0] * len(text_lengths or [4]), seed, tiny_llava_onevision())
+    g = torch.Generator().manual_seed(seed + 1)
+    lengths = text_lengths or [4]
+    video = [VIDEO] * (frames * 4 + 1)
+    rows = [[t for t in row.tolist() if t != PAD] + video + torch.randint(3, 200, (k,), generator=g).tolist()
+            for row, k in zip(x["input_ids"], lengths)]  # fmt: skip
+    ids, mask = _left_pad(rows)
+    videos = torch.randn(len(rows), frames, 3, 16, 16, generator=g)
+    return dict(x, input_ids=ids, attention_mask=mask.long(), pixel_values_videos=videos)
+
+
 def _left_pad(rows: list[list[int]]) -> tuple[Tensor, Tensor]:
     length = max(len(r) for r in rows)
     ids = torch.full((len(rows), length), PAD, dtype=torch.long)

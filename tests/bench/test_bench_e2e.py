@@ -44,7 +44,7 @@ def test_e2e_smoke_run_reports_every_provider(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["qwen2_5_vl", "qwen3_vl", "internvl"])
+@pytest.mark.parametrize("model", ["qwen2_5_vl", "qwen3_vl", "internvl", "llava_next", "llava_onevision"])
 def test_e2e_hf_smoke_run_reports_every_provider(tmp_path, model):
     pytest.importorskip("transformers")
     import run
@@ -57,9 +57,18 @@ def test_e2e_hf_smoke_run_reports_every_provider(tmp_path, model):
     assert [r["provider"] for r in rows] == ["unpatched", "glimpse_ops", "eager_patch"]
     assert all("error" not in r for r in rows), rows
     assert rows[2]["check"].startswith("kept positions differing from glimpse_ops: 0.00%")
-    visual, text = rows[0]["case"]["visual"], rows[0]["case"]["text"]
-    seq = visual + (0 if model == "internvl" else 2) + text  # Qwen: vision start and end tokens
-    kept = math.ceil(0.074 * visual)
+    visual, text = rows[0]["visual_tokens"], rows[0]["case"]["text"]
+    candidates = visual
+    if model.startswith("llava"):  # the tile grid nearest the case's count; its newline tokens are kept
+        import hf_families
+
+        grid_rows, _, tokens = hf_families.anyres_grid(model, "small", rows[0]["case"]["visual"])
+        tile, patch, _ = hf_families.ANYRES_VISION[(model, "small")]
+        side = tile // patch
+        assert visual == tokens and f"({tokens} visual tokens)" in rows[0]["name"]
+        candidates = visual - grid_rows * side
+    seq = visual + (2 if model.startswith("qwen") else 0) + text  # Qwen: vision start and end tokens
+    kept = visual - candidates + math.ceil(0.074 * candidates)
     # every layer's cache, 0..K compacted in place and K+1.. computed on the kept tokens
     assert rows[1]["kv_cache_share"] == pytest.approx((seq - visual + kept) / seq, rel=1e-6)
     # every median keeps its spread; the stock row carries the hand-written decode loop's cross-check

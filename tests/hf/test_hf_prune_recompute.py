@@ -42,6 +42,9 @@ CASES = {
     "internvl": (testing.tiny_internvl, lambda seed: testing.internvl_inputs(2, [2, 5], seed), 3),
     "llava_next": (testing.tiny_llava_next, lambda seed: testing.anyres_inputs(2, [2, 5], seed), 3),
     "llava_onevision": (testing.tiny_llava_onevision, lambda seed: testing.anyres_inputs(2, [2, 5], seed), 3),
+    "llava_onevision-image-and-video": (
+        testing.tiny_llava_onevision, lambda seed: testing.onevision_video_inputs(3, [2, 5], seed), 3,
+    ),
     "qwen2_5_vl-video": (
         testing.tiny_qwen2_5_vl, lambda seed: testing.qwen_video_inputs([(2, 4, 4), (3, 4, 8)], [3, 5], seed), 3,
     ),

@@ -16,6 +16,7 @@ from .prune import apply_glimpse_prune, pruned
 from .prune_hooks import GlimpsePruneHandle, SelectionInputs, glimpse_prune_selection
 from .release import load_release
 from .train import train_glimpse
+from .trainer import TrainConfig, Trainer
 
 __all__ = [
     "ATPHandle",
@@ -28,5 +29,7 @@ __all__ = [
     "load_release",
     "pruned",
     "SelectionInputs",
+    "TrainConfig",
+    "Trainer",
     "train_glimpse",
 ]

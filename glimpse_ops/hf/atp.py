@@ -61,6 +61,7 @@ class _State:
     visual: Tensor
     spatial: Tensor | None  # fp32 [B, S], filled at the first stage
     weight: Tensor | None = None  # soft keep weights [B, S] (train)
+    weight_seen: dict = field(default_factory=dict)  # layer -> the weights it attended with (train)
     cos_sin: tuple | None = None  # position embeddings of the current sequence (infer)
     index: Tensor | None = None  # the latest stage's kept positions (infer)
     layer_valid: dict = field(default_factory=dict)  # per-layer key validity for decoding (infer)
@@ -167,13 +168,20 @@ class ATPHandle(PatchHandle):
                 raise RuntimeError("glimpse_ops.hf.apply_atp: mode='train' runs whole sequences (no cache reuse)")
             if s.weight is None:
                 s.weight = torch.ones(s.visual.shape, device=q.device)
+            # Activation checkpointing calls a layer again during backward, after later stages
+            # changed s.weight: a second call of the same layer in one forward is that
+            # recomputation and must see the weights this layer saw the first time.
+            recomputing = layer in s.weight_seen
+            weight = s.weight_seen.setdefault(layer, s.weight)
             if str(layer) in self.stages:
-                z, _ = self.stages[str(layer)](q, k, s.valid, s.visual, s.visual & (s.weight > 0.5), s.spatial)
+                z, _ = self.stages[str(layer)](q, k, s.valid, s.visual, s.visual & (weight > 0.5), s.spatial)
                 mask = (z > 0).float() if self.hard else torch.sigmoid(TAU * z)
-                s.weight = s.weight * torch.where(s.visual, mask, torch.ones_like(z))
-            self.kept = (s.weight * s.visual).sum(dim=1)
-            self.kept_per_layer.append(self.kept)
-            out = soft_mask_attention(q, k, v, s.weight.to(q.dtype), s.valid, causal=True, scale=scaling)
+                weight = weight * torch.where(s.visual, mask, torch.ones_like(z))
+            kept = (weight * s.visual).sum(dim=1)  # also when recomputing: the same saved tensors
+            if not recomputing:
+                s.weight, self.kept = weight, kept
+                self.kept_per_layer.append(kept)
+            out = soft_mask_attention(q, k, v, weight.to(q.dtype), s.valid, causal=True, scale=scaling)
             return out.transpose(1, 2)
         if q.shape[2] == 1 and k.shape[2] > 1 and layer in s.layer_valid:  # decoding
             valid = torch.cat([s.layer_valid[layer], torch.ones_like(s.layer_valid[layer][:, :1])], dim=1)

@@ -348,3 +348,43 @@ def llava_inputs(batch: int = 1, text_lengths: list[int] | None = None, seed: in
     rows = [[BOS] + [IMAGE] * image_tokens + torch.randint(3, 200, (n,), generator=g).tolist() for n in lengths]
     ids, mask = _left_pad(rows)
     return {"input_ids": ids, "attention_mask": mask.long(), "pixel_values": torch.randn(batch, 3, 16, 16, generator=g)}
+
+
+def tiny_tokenizer():
+    """A character-level fast tokenizer over printable ASCII (ids 4..98) with the tiny models'
+    special ids: <pad> 0, <s> 1, </s> 2, <unk> 3, <image> / <|image_pad|> 250, <|video_pad|>
+    251, <|vision_start|> 252, <|vision_end|> 253. Left padding. Needs the tokenizers package."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": PAD, "<s>": BOS, "</s>": EOS, "<unk>": 3}
+    vocab.update({c: 4 + i for i, c in enumerate(string.printable[:95])})
+    specials = {
+        "<image>": IMAGE,
+        "<|video_pad|>": VIDEO,
+        "<|vision_start|>": VISION_START,
+        "<|vision_end|>": VISION_END,
+    }
+    vocab.update(specials)
+    model = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    model.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=model, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        additional_special_tokens=list(specials), padding_side="left",
+    )  # fmt: skip
+
+
+def save_tiny_llava(path, seed: int = 0) -> None:
+    """``tiny_llava`` and a processor for it (``tiny_tokenizer`` + a 16x16 CLIP image
+    processor; no torchvision needed) in a folder ``from_pretrained`` and ``AutoProcessor``
+    load: a stand-in checkpoint for the training CLI's tests."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    model = tiny_llava(seed=seed)
+    model.save_pretrained(path)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tiny_tokenizer(), patch_size=2,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1)  # fmt: skip
+    processor.save_pretrained(path)

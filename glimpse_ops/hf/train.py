@@ -20,6 +20,7 @@ A batch is a dict of the model's prompt inputs (``input_ids`` left padded,
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -60,6 +61,11 @@ def _visual_keep_probs(model: nn.Module, predictor: GlimpsePredictor, prompt: di
     ]
     handle.hooks = hooks
     handle.attach_predictor_hooks(model)
+    # No activation checkpointing here (HF checkpoints in training mode only, and drops the
+    # cache there): a recomputed layer K would run these hooks again during backward. Forward
+    # 2, over prompt + answer, is the large one and keeps it. The frozen model has no dropout.
+    training = model.training
+    model.eval()
     try:
         model(**prompt, use_cache=True)
     except _Stop:
@@ -67,6 +73,7 @@ def _visual_keep_probs(model: nn.Module, predictor: GlimpsePredictor, prompt: di
     finally:
         for hook in handle.hooks:
             hook.remove()
+        model.train(training)
     if "probs" not in result:
         raise ValueError("glimpse_ops.hf.train_glimpse: the batch has no image tokens")
     return result["probs"], result["visual"]
@@ -90,29 +97,67 @@ def soft_masks(
     return early, late
 
 
-def glimpse_training_loss(
+@dataclass
+class LossTerms:
+    """The sums a training loss is made of, so ranks can combine them into global means:
+    cross entropy summed over the answer tokens (``answer_tokens`` of them), and the kept
+    weights summed over the visual tokens (``visual_tokens`` of them). Sums carry gradients,
+    counts do not."""
+
+    answer_ce_sum: Tensor
+    answer_tokens: Tensor
+    kept_sum: Tensor
+    visual_tokens: Tensor
+    logits: Tensor  # the answer rows' logits [B, A, V], detached
+
+    def loss(self, keep_ratio: float, budget_weight: float) -> tuple[Tensor, Tensor, Tensor]:
+        """(answer CE mean + budget_weight * |kept fraction - keep_ratio|, CE mean, kept fraction)."""
+        ce = self.answer_ce_sum / self.answer_tokens.clamp_min(1)
+        kept = self.kept_sum / self.visual_tokens.clamp_min(1)
+        return ce + budget_weight * (kept - keep_ratio).abs(), ce, kept
+
+
+def answer_ce_sum(logits: Tensor, prompt_len: int, answer: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(cross entropy summed over the answer tokens, their count, the answer rows' logits
+    [B, A, V]): position prompt_len - 1 + i predicts answer token i (-100: padding)."""
+    answer_logits = logits[:, prompt_len - 1 : prompt_len - 1 + answer.shape[1]]
+    ce = F.cross_entropy(
+        answer_logits.float().reshape(-1, logits.shape[-1]), answer.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    return ce, (answer != -100).sum(), answer_logits.detach()
+
+
+def prompt_and_answer(batch: dict) -> tuple[dict, Tensor, dict]:
+    """(the prompt inputs, answer_ids [B, A], the model inputs over prompt + answer)."""
+    prompt = {k: v for k, v in batch.items() if k != "answer_ids"}
+    answer = batch["answer_ids"]
+    ids = torch.cat([prompt["input_ids"], answer.clamp(min=0)], dim=1)
+    valid = torch.cat([prompt["attention_mask"].bool(), torch.ones_like(answer, dtype=torch.bool)], dim=1)
+    inputs = dict(prompt, input_ids=ids, attention_mask=valid.long())
+    if "mm_token_type_ids" in prompt:
+        inputs["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(answer)], dim=1)
+    return prompt, answer, inputs
+
+
+def glimpse_loss_terms(
     model: nn.Module,
     predictor: GlimpsePredictor,
     batch: dict,
-    keep_ratio: float,
-    budget_weight: float = 1.0,
     force_weight: float | None = None,
-) -> tuple[Tensor, dict]:
-    """(answer cross entropy + budget_weight * |mean w - keep_ratio|, info). ``force_weight``
-    replaces w by a constant (a test hook: 1.0 must reproduce the stock model)."""
-    prompt = {k: v for k, v in batch.items() if k != "answer_ids"}
-    answer = batch["answer_ids"]
+    hold: list | None = None,
+) -> LossTerms:
+    """The two forwards of a training step (module docstring) -> ``LossTerms``. ``force_weight``
+    replaces w by a constant (a test hook: 1.0 must reproduce the stock model). ``hold``: a
+    list that receives the soft-mask hooks instead of removing them, for the caller to remove
+    after backward (activation checkpointing recomputes the layers there, hooks included)."""
+    prompt, answer, inputs = prompt_and_answer(batch)
     probs, visual = _visual_keep_probs(model, predictor, prompt)
     B, S = visual.shape
     if force_weight is not None:
         probs = torch.full_like(probs, force_weight)
     weight = torch.ones(B, S + answer.shape[1], device=probs.device)
     weight[:, :S][visual] = probs
-    ids = torch.cat([prompt["input_ids"], answer.clamp(min=0)], dim=1)
-    valid = torch.cat([prompt["attention_mask"].bool(), torch.ones_like(answer, dtype=torch.bool)], dim=1)
-    inputs = dict(prompt, input_ids=ids, attention_mask=valid.long())
-    if "mm_token_type_ids" in prompt:
-        inputs["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(answer)], dim=1)
+    valid = inputs["attention_mask"].bool()
     dtype = next(model.parameters()).dtype
     early, late = soft_masks(
         valid, torch.cat([visual, torch.zeros_like(answer, dtype=torch.bool)], dim=1), S, weight, dtype
@@ -131,13 +176,28 @@ def glimpse_training_loss(
     try:
         logits = model(**inputs, use_cache=False).logits
     finally:
-        for hook in hooks:
-            hook.remove()
-    answer_logits = logits[:, S - 1 : S - 1 + answer.shape[1]]  # position S-1+i predicts answer token i
-    ce = F.cross_entropy(answer_logits.float().reshape(-1, logits.shape[-1]), answer.reshape(-1), ignore_index=-100)
-    kept = probs.mean()
-    loss = ce + budget_weight * (kept - keep_ratio).abs()
-    return loss, {"answer_ce": ce.detach(), "kept_fraction": kept.detach(), "logits": answer_logits.detach()}
+        if hold is None:
+            for hook in hooks:
+                hook.remove()
+        else:
+            hold.extend(hooks)
+    ce, n_answer, answer_logits = answer_ce_sum(logits, S, answer)
+    return LossTerms(ce, n_answer, probs.sum(), torch.tensor(probs.numel(), device=probs.device), answer_logits)
+
+
+def glimpse_training_loss(
+    model: nn.Module,
+    predictor: GlimpsePredictor,
+    batch: dict,
+    keep_ratio: float,
+    budget_weight: float = 1.0,
+    force_weight: float | None = None,
+) -> tuple[Tensor, dict]:
+    """(answer cross entropy + budget_weight * |mean w - keep_ratio|, info) on one process.
+    ``force_weight`` replaces w by a constant (a test hook: 1.0 must reproduce the stock model)."""
+    terms = glimpse_loss_terms(model, predictor, batch, force_weight)
+    loss, ce, kept = terms.loss(keep_ratio, budget_weight)
+    return loss, {"answer_ce": ce.detach(), "kept_fraction": kept.detach(), "logits": terms.logits}
 
 
 def train_glimpse(
@@ -180,3 +240,11 @@ def train_glimpse(
     if save_to is not None:
         predictor.save(save_to)
     return predictor
+
+
+if __name__ == "__main__":  # python -m glimpse_ops.hf.train: the training CLI
+    import sys
+
+    from .train_cli import main
+
+    sys.exit(main())

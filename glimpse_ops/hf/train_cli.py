@@ -1,0 +1,117 @@
+"""``python -m glimpse_ops.hf.train``: train the glimpse token + VIP or ATP stages of an HF
+model on a JSON-lines file, on one process or under ``torchrun`` (DDP or FSDP2).
+
+    torchrun --nproc-per-node 8 -m glimpse_ops.hf.train --model Qwen/Qwen2.5-VL-7B-Instruct \\
+        --data train.jsonl --mode glimpse --strategy fsdp --bf16 --steps 2000 --out runs/gp
+
+Writes under --out: ``checkpoints/step-NNNNNN.pt`` (resumable on any number of processes with
+--resume), ``history.jsonl`` (one line per step) and the trained modules (``predictor.safetensors``
+for ``pruned(model, predictor=...)``, or ``atp_stages.pt``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+
+def _layers(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v.strip())
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m glimpse_ops.hf.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="a local folder (or hub id) with the model and its processor")
+    p.add_argument("--data", required=True, help="JSON-lines file of {image, question, answer}")
+    p.add_argument("--mode", choices=("glimpse", "atp"), default="glimpse")
+    p.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp", help="under torchrun")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=1, help="samples per process per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--keep-ratio", type=float, default=0.1, help="the budget: the kept fraction of visual tokens")
+    p.add_argument("--budget-weight", type=float, default=1.0)
+    p.add_argument("--bf16", action="store_true", help="bf16 model and compute, fp32 trainable weights")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--score-layer", type=int, help="glimpse: the layer K (default: about 2/3 of the depth)")
+    p.add_argument("--vit-layers", type=_layers, help="glimpse: ViT blocks the VIP reads, e.g. 31,23,15,7")
+    p.add_argument("--atp-layers", type=_layers, help="atp: the stage layers, e.g. 4,14")
+    p.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: only the last)")
+    p.add_argument("--resume", help="a checkpoint written by an earlier run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    return p.parse_args(argv)
+
+
+def _micro_batches(dataset, collator, batch_size: int, rank: int, world: int, seed: int) -> Iterator[dict]:
+    """This rank's micro-batches, epoch after epoch (a DistributedSampler reshuffles each)."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    if len(dataset) < batch_size * world:
+        raise ValueError(
+            f"glimpse_ops.hf.train: {len(dataset)} records cannot fill a batch of {batch_size} on {world} processes"
+        )
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collator, drop_last=True)
+    for epoch in itertools.count():
+        sampler.set_epoch(epoch)
+        yield from loader
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from .data import Collator, JsonlDataset
+    from .distributed import init_from_env, world
+    from .predictor import GlimpsePredictor
+    from .trainer import TrainConfig, Trainer
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    init_from_env(device)
+    rank, world_size = world()
+    torch.manual_seed(args.seed)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype).to(device)
+    processor = AutoProcessor.from_pretrained(args.model)
+    predictor = None
+    if args.mode == "glimpse":
+        n_layers = model.config.get_text_config().num_hidden_layers
+        depth = getattr(model.config.vision_config, "depth", None) or model.config.vision_config.num_hidden_layers
+        K = args.score_layer if args.score_layer is not None else max(0, round(2 * n_layers / 3) - 1)
+        step = max(1, depth // 4)  # default: four blocks evenly spaced, ending at the last (7B: 31, 23, 15, 7)
+        vit = args.vit_layers or tuple(sorted({max(0, depth - 1 - i * step) for i in range(4)}, reverse=True))
+        predictor = GlimpsePredictor.for_model(model, K, vit)
+    config = TrainConfig(
+        mode=args.mode, strategy=args.strategy, keep_ratio=args.keep_ratio, budget_weight=args.budget_weight,
+        lr=args.lr, grad_accum=args.grad_accum, precision="bf16" if args.bf16 else "fp32",
+        activation_checkpointing=args.activation_checkpointing, save_every=args.save_every,
+    )  # fmt: skip
+    out = Path(args.out)
+    history_file = out / "history.jsonl"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        how = f"{world_size} processes ({args.strategy})" if world_size > 1 else "1 process"
+        print(f"glimpse_ops.hf.train: {args.mode} on {how}: {args.model}, {args.data}")
+    trainer = Trainer(model, config, predictor=predictor, atp_layers=args.atp_layers)
+    if args.resume:
+        trainer.resume(args.resume)
+    dataset = JsonlDataset(args.data)
+    batches = _micro_batches(dataset, Collator(processor), args.batch_size, rank, world_size, args.seed)
+    history = trainer.fit(batches, args.steps, checkpoint_dir=out / "checkpoints")
+    if rank == 0:
+        with history_file.open("a") as f:
+            for record in history:
+                f.write(json.dumps(record) + "\n")
+    trainer.export(out / ("predictor.safetensors" if args.mode == "glimpse" else "atp_stages.pt"))
+    if rank == 0:
+        print(f"glimpse_ops.hf.train: wrote {out}")
+    trainer.close()
+    return 0

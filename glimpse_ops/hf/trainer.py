@@ -1,0 +1,274 @@
+"""One training loop for both trainers, on one process or under ``torchrun`` (DDP or FSDP2).
+
+* ``mode="glimpse"``: the glimpse token and the VIP (``GlimpsePredictor``), loss of
+  ``train.glimpse_loss_terms`` (answer cross entropy under the VIP's soft key mask, budget
+  |kept fraction - keep_ratio|).
+* ``mode="atp"``: ATP stages (``apply_atp(mode="train")``), loss of ``atp_loss_terms``
+  (answer cross entropy under the stages' soft masks, the same budget on the soft kept
+  fraction).
+
+Across ranks the loss is the one of the whole global batch: the cross entropy is summed over
+every rank's answer tokens and divided by their global count, and the kept fraction is the
+global mean over every visual token (not a mean of per-rank fractions). Each rank
+backpropagates its share of that loss, scaled by the world size because DDP and FSDP2 average
+gradients, so 2 ranks x batch b step exactly as 1 process x batch 2b. With ``grad_accum``
+micro-batches per step the step's loss is the mean of the micro-batches' global losses.
+``precision="bf16"``: autocast to bf16, fp32 master weights and optimizer state for the
+trainable modules. Checkpoints hold the trainable modules and the optimizer state in full,
+written by rank 0, so a run saved on N ranks resumes on M.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from . import distributed
+from .adapters import adapter_for
+from .atp import ATPHandle, apply_atp
+from .predictor import GlimpsePredictor
+from .train import LossTerms, answer_ce_sum, glimpse_loss_terms, prompt_and_answer
+from .vit_taps import FAMILIES as VIT_TAP_FAMILIES
+
+MODES = ("glimpse", "atp")
+
+
+@dataclass
+class TrainConfig:
+    mode: str = "glimpse"  # "glimpse" or "atp"
+    strategy: str = "ddp"  # "ddp" or "fsdp" (ignored on one process)
+    keep_ratio: float = 0.1
+    budget_weight: float = 1.0
+    lr: float = 1e-4
+    grad_accum: int = 1  # micro-batches per optimizer step
+    precision: str = "fp32"  # or "bf16": autocast, fp32 master weights
+    activation_checkpointing: bool = False  # the frozen LM's decoder layers (non-reentrant)
+    save_every: int = 0  # optimizer steps between checkpoints (0: only at the end)
+
+    def check(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"glimpse_ops.hf.Trainer: mode must be one of {MODES}, got {self.mode!r}")
+        if self.strategy not in distributed.STRATEGIES:
+            raise ValueError(
+                f"glimpse_ops.hf.Trainer: strategy must be one of {distributed.STRATEGIES}, got {self.strategy!r}"
+            )
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"glimpse_ops.hf.Trainer: precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.grad_accum < 1:
+            raise ValueError(f"glimpse_ops.hf.Trainer: grad_accum must be >= 1, got {self.grad_accum}")
+
+
+def atp_loss_terms(model: nn.Module, handle: ATPHandle, batch: dict) -> LossTerms:
+    """One forward over prompt + answer with the ATP stages' soft masks (``handle`` from
+    ``apply_atp(model, layers, mode="train")``) -> ``LossTerms`` (kept: the soft kept counts
+    after the last stage)."""
+    prompt, answer, inputs = prompt_and_answer(batch)
+    logits = model(**inputs, use_cache=False).logits
+    ce, n_answer, answer_logits = answer_ce_sum(logits, prompt["input_ids"].shape[1], answer)
+    return LossTerms(ce, n_answer, handle.kept.sum(), handle.state.visual.sum(), answer_logits)
+
+
+class TrainStep(nn.Module):
+    """The frozen model and the trainable modules in one module, so DDP and FSDP2 see one
+    forward: ``forward(batch) -> LossTerms``."""
+
+    def __init__(self, model: nn.Module, trainable: nn.Module, mode: str, atp: ATPHandle | None = None) -> None:
+        super().__init__()
+        self.model, self.trainable, self.mode, self.atp = model, trainable, mode, atp
+        self.held: list = []  # hooks kept until backward (activation checkpointing recomputes there)
+
+    def forward(self, batch: dict) -> LossTerms:
+        if self.mode == "glimpse":
+            return glimpse_loss_terms(self.model, self.trainable, batch, hold=self.held)
+        return atp_loss_terms(self.model, self.atp, batch)
+
+    def release(self) -> None:
+        for hook in self.held:
+            hook.remove()
+        self.held.clear()
+
+
+class Trainer:
+    """``Trainer(model, config, predictor=... | atp_layers=...)`` then ``fit(batches, steps)``.
+
+    ``batches``: this rank's micro-batches in order (a dict of the model's prompt inputs plus
+    ``answer_ids`` [B, A], -100 for padding; ``data.JsonlDataset`` and ``data.collator`` make
+    them from a JSON-lines file). Launch under ``torchrun`` to train on several processes; the
+    process group is started from the environment when it is not already up."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig,
+        predictor: GlimpsePredictor | None = None,
+        atp_layers: tuple[int, ...] | None = None,
+        atp_stages: nn.ModuleDict | None = None,
+        log: Callable[[str], None] | None = print,
+    ) -> None:
+        config.check()
+        self.config, self.model = config, model
+        self.device = next(model.parameters()).device
+        distributed.init_from_env(self.device)
+        self.rank, self.world = distributed.world()
+        self.log = log if self.rank == 0 else None
+        adapter = adapter_for(model)
+        if config.mode == "glimpse" and predictor is None:
+            raise ValueError("glimpse_ops.hf.Trainer: mode='glimpse' needs predictor=")
+        if config.mode == "glimpse" and adapter.model_type not in VIT_TAP_FAMILIES:
+            raise TypeError(
+                f"glimpse_ops.hf.Trainer: trained GlimpsePrune needs a {', '.join(VIT_TAP_FAMILIES)} model, "
+                f"got {adapter.model_type}"
+            )
+        if config.mode == "atp" and not atp_layers and atp_stages is None:
+            raise ValueError("glimpse_ops.hf.Trainer: mode='atp' needs atp_layers= (or atp_stages=)")
+        self.frozen = [p.requires_grad for p in model.parameters()]
+        model.requires_grad_(False)
+        self.atp = None
+        if config.mode == "glimpse":
+            trainable = predictor.to(self.device)
+        else:
+            layers = tuple(sorted(int(k) for k in atp_stages)) if atp_stages is not None else tuple(atp_layers)
+            self.atp = apply_atp(model, layers, mode="train", stages=atp_stages)
+            trainable = self.atp.stages
+        trainable.train()
+        if config.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.train()  # HF checkpoints only in training mode (the frozen LM has no dropout to switch)
+        self.trainable = trainable
+        self.step_module = TrainStep(model, trainable, config.mode, self.atp)
+        # FSDP2 shards each decoder layer on its own, except in glimpse mode layers 0..K: the
+        # glimpse's gradient enters layer K through its query and cached keys rather than the
+        # layer's output, which FSDP2's backward unshard hooks never see; those layers shard
+        # with the root (gathered for the whole step)
+        per_layer = adapter.layers[predictor.config.score_layer + 1 :] if config.mode == "glimpse" else adapter.layers
+        self.wrapped = distributed.wrap(self.step_module, list(per_layer), config.strategy)
+        # after wrapping: FSDP2 replaces the parameters with their shards
+        self.optimizer = torch.optim.AdamW([p for p in trainable.parameters()], lr=config.lr, weight_decay=0.0)
+        self.step = 0
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        """A checkpoint of the trainable modules, the optimizer and the step (every rank calls)."""
+        extra = {"step": self.step, "config": asdict(self.config)}
+        if self.config.mode == "atp":
+            extra["atp_layers"] = sorted(int(k) for k in self.trainable)
+        distributed.save_checkpoint(path, self.trainable, self.optimizer, extra)
+
+    def resume(self, path: str | Path) -> None:
+        """Continue from a checkpoint (any world size or strategy wrote it); ``fit`` then skips
+        the micro-batches the saved steps consumed."""
+        extra = distributed.load_checkpoint(path, self.trainable, self.optimizer)
+        self.step = int(extra["step"])
+
+    def export(self, path: str | Path) -> None:
+        """The trained modules for inference: a predictor ``.safetensors`` (``pruned(model,
+        predictor=path)``) or the ATP stages (``torch.load`` -> ``{"layers", "state"}``)."""
+        state = distributed.full_state(self.trainable)
+        if self.rank != 0:
+            return
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        if self.config.mode == "glimpse":
+            predictor = GlimpsePredictor(self.trainable.config)
+            predictor.load_state_dict(state)
+            predictor.save(path)
+        else:
+            torch.save({"layers": sorted(int(k) for k in self.trainable), "state": state}, path)
+
+    # --- training -----------------------------------------------------------------------------
+    def _autocast(self):
+        if self.config.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _no_sync(self, last: bool):
+        """Skip the gradient reduction on all but the last micro-batch of a step."""
+        if last or self.world == 1:
+            return contextlib.nullcontext()
+        if self.config.strategy == "ddp":
+            return self.wrapped.no_sync()
+        self.wrapped.set_requires_gradient_sync(False)
+        return contextlib.nullcontext()
+
+    def _micro_step(self, batch: dict, last: bool) -> Tensor:
+        """Forward and backward of one micro-batch; returns [global loss, CE, kept fraction]."""
+        c = self.config
+        if self.world > 1 and c.strategy == "fsdp":
+            self.wrapped.set_requires_gradient_sync(last)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        with self._no_sync(last):
+            with self._autocast():
+                terms = self.wrapped(batch)
+            sums = distributed.global_sum(
+                torch.stack([terms.answer_ce_sum, terms.answer_tokens, terms.kept_sum, terms.visual_tokens]).float()
+            )
+            ce_sum, n_answer, kept_sum, n_visual = sums
+            kept = kept_sum / n_visual.clamp_min(1)
+            ce = ce_sum / n_answer.clamp_min(1)
+            direction = torch.sign(kept - c.keep_ratio)
+            # this rank's share of d(global loss); DDP / FSDP2 average over ranks, hence the world size
+            share = terms.answer_ce_sum / n_answer.clamp_min(1)
+            share = share + c.budget_weight * direction * terms.kept_sum / n_visual.clamp_min(1)
+            (share * self.world / c.grad_accum).backward()
+            self.step_module.release()
+        return torch.stack([ce + c.budget_weight * (kept - c.keep_ratio).abs(), ce, kept]).detach()
+
+    def fit(self, batches: Iterable[dict], steps: int, checkpoint_dir: str | Path | None = None) -> list[dict]:
+        """Run optimizer steps ``self.step + 1 .. steps`` over ``batches`` (after skipping the
+        micro-batches of the steps already done). Returns one record per step (global loss,
+        answer CE, kept fraction, seconds); rank 0 logs each step and the checkpoints."""
+        c = self.config
+        micro = iter(batches)
+        skipped = list(itertools.islice(micro, self.step * c.grad_accum))
+        if len(skipped) < self.step * c.grad_accum:
+            raise ValueError(f"glimpse_ops.hf.Trainer.fit: the data ended before the resumed step {self.step}")
+        history = []
+        try:
+            while self.step < steps:
+                start = time.perf_counter()
+                group = list(itertools.islice(micro, c.grad_accum))
+                if len(group) < c.grad_accum:
+                    raise ValueError(
+                        f"glimpse_ops.hf.Trainer.fit: the data ended at step {self.step + 1} of {steps} "
+                        f"({c.grad_accum} micro-batches per step)"
+                    )
+                self.optimizer.zero_grad(set_to_none=True)
+                totals = sum(self._micro_step(b, i == len(group) - 1) for i, b in enumerate(group)) / len(group)
+                self.optimizer.step()
+                self.step += 1
+                loss, ce, kept = (float(v) for v in totals)
+                record = {"step": self.step, "loss": loss, "answer_ce": ce, "kept_fraction": kept,
+                          "seconds": time.perf_counter() - start}  # fmt: skip
+                history.append(record)
+                if self.log is not None:
+                    self.log(
+                        f"[{self.step}/{steps}] loss {loss:.4f} answer CE {ce:.4f} kept {kept:.1%} "
+                        f"{record['seconds']:.2f} s/step ({self.world} rank{'s' if self.world > 1 else ''})"
+                    )
+                if checkpoint_dir is not None and (
+                    self.step == steps or (c.save_every and self.step % c.save_every == 0)
+                ):
+                    path = Path(checkpoint_dir) / f"step-{self.step:06d}.pt"
+                    self.save(path)
+                    if self.log is not None:
+                        self.log(f"checkpoint {path}")
+        finally:
+            self.step_module.release()
+        if any(not math.isfinite(r["loss"]) for r in history):
+            raise FloatingPointError(f"glimpse_ops.hf.Trainer.fit: a non-finite loss: {history}")
+        return history
+
+    def close(self) -> None:
+        """Give the model back as it was: ATP removed, requires_grad restored."""
+        if self.atp is not None:
+            self.atp.remove()
+            self.atp = None
+        for p, flag in zip(self.model.parameters(), self.frozen):
+            p.requires_grad_(flag)

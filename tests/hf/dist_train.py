@@ -1,0 +1,96 @@
+"""A training run for ``test_hf_distributed.py``: run it with ``torchrun --nproc-per-node N``
+or plainly (one process). Every step's global batch is the same whatever N is: rank r takes
+samples r*b .. (r+1)*b - 1 of each, so the runs must agree to fp32 tolerance.
+
+Rank 0 writes (torch.save) the first step's gradients, the final trainable parameters and
+the step records to --out."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from glimpse_ops.hf import testing
+from glimpse_ops.hf.distributed import _full, world
+from glimpse_ops.hf.predictor import GlimpsePredictor
+from glimpse_ops.hf.trainer import TrainConfig, Trainer
+
+# visual tokens per sample: 16, 16, 4, 4 (8x8 and 4x4 patch images): at step 1 rank 0 holds
+# 32 and rank 1 8, so a mean of per-rank kept fractions is not the global fraction
+IMAGES = [[(8, 8)], [(8, 8)], [(4, 4)], [(4, 4)]]
+
+
+def global_batch(step: int, accum: int, micro: int) -> dict:
+    images = [IMAGES[(step * accum + micro + b) % len(IMAGES)] for b in range(len(IMAGES))]
+    x = testing.qwen_image_inputs(images, text_lengths=[2, 4, 3, 5], seed=100 * step + micro)
+    answers = torch.randint(3, 200, (len(images), 3), generator=torch.Generator().manual_seed(step))
+    answers[1, 2] = -100  # one padded answer slot: the CE is a mean over real answer tokens
+    return {**x, "answer_ids": answers}
+
+
+def rank_slice(batch: dict, rank: int, world_size: int) -> dict:
+    """Samples rank*b .. (rank+1)*b - 1 (one image per sample; pixel rows by each image's grid)."""
+    B = batch["input_ids"].shape[0]
+    b = B // world_size
+    rows = slice(rank * b, (rank + 1) * b)
+    patches = batch["image_grid_thw"].prod(dim=1).tolist()
+    start = sum(patches[: rank * b])
+    out = {k: v[rows] for k, v in batch.items() if k not in ("pixel_values",)}
+    out["pixel_values"] = batch["pixel_values"][start : start + sum(patches[rows])]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mode", default="glimpse")
+    parser.add_argument("--strategy", default="ddp")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--accum", type=int, default=1)
+    parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--save-every", type=int, default=0)
+    parser.add_argument("--checkpoint-dir")
+    parser.add_argument("--resume")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    torch.use_deterministic_algorithms(True)
+    model = testing.tiny_qwen2_5_vl(seed=3)
+    torch.manual_seed(4)
+    predictor = GlimpsePredictor.for_model(model, 3, (1, 0), width=32, cond=32, fuse_heads=2)
+    config = TrainConfig(mode=args.mode, strategy=args.strategy, keep_ratio=0.2, budget_weight=2.0, lr=1e-2,
+                         grad_accum=args.accum, activation_checkpointing=args.checkpointing,
+                         save_every=args.save_every)  # fmt: skip
+    torch.manual_seed(5)  # the ATP stages' initial weights
+    trainer = Trainer(model, config, predictor=predictor if args.mode == "glimpse" else None,
+                      atp_layers=(1, 3) if args.mode == "atp" else None)  # fmt: skip
+    calls = []  # the last decoder layer's calls: activation checkpointing adds one per backward
+    model.model.language_model.layers[-1].register_forward_pre_hook(lambda *_: calls.append(1))
+    rank, world_size = world()
+    batches = [
+        rank_slice(global_batch(step, args.accum, micro), rank, world_size)
+        for step in range(args.steps)
+        for micro in range(args.accum)
+    ]
+    grads = None
+    if args.resume:
+        trainer.resume(args.resume)
+    else:  # the first step by hand, to keep its gradients (Adam's first update hides their scale)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        for micro in range(args.accum):
+            trainer._micro_step(batches[micro], micro == args.accum - 1)
+        grads = {n: _full(p.grad) for n, p in trainer.trainable.named_parameters()}
+        trainer.optimizer.step()
+        trainer.step = 1
+    history = trainer.fit(batches, args.steps, checkpoint_dir=args.checkpoint_dir)
+    params = {n: _full(p) for n, p in trainer.trainable.named_parameters()}
+    if rank == 0:
+        torch.save(
+            {"grads": grads, "params": params, "history": history, "world": world_size, "layer_calls": len(calls)},
+            args.out,
+        )
+    trainer.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -152,6 +152,7 @@ def glimpse_loss_terms(
     after backward (activation checkpointing recomputes the layers there, hooks included)."""
     prompt, answer, inputs = prompt_and_answer(batch)
     probs, visual = _visual_keep_probs(model, predictor, prompt)
+    probs = probs.float()  # bf16 under autocast; the mask and the budget are fp32
     B, S = visual.shape
     if force_weight is not None:
         probs = torch.full_like(probs, force_weight)

@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--accum", type=int, default=1)
     parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--bf16", action="store_true", help="the model in bf16, autocast, fp32 trainable weights")
     parser.add_argument("--save-every", type=int, default=0)
     parser.add_argument("--checkpoint-dir")
     parser.add_argument("--resume")
@@ -56,11 +57,13 @@ def main() -> None:
 
     torch.use_deterministic_algorithms(True)
     model = testing.tiny_qwen2_5_vl(seed=3)
+    if args.bf16:
+        model = model.to(torch.bfloat16)
     torch.manual_seed(4)
     predictor = GlimpsePredictor.for_model(model, 3, (1, 0), width=32, cond=32, fuse_heads=2)
     config = TrainConfig(mode=args.mode, strategy=args.strategy, keep_ratio=0.2, budget_weight=2.0, lr=1e-2,
                          grad_accum=args.accum, activation_checkpointing=args.checkpointing,
-                         save_every=args.save_every)  # fmt: skip
+                         save_every=args.save_every, precision="bf16" if args.bf16 else "fp32")  # fmt: skip
     torch.manual_seed(5)  # the ATP stages' initial weights
     trainer = Trainer(model, config, predictor=predictor if args.mode == "glimpse" else None,
                       atp_layers=(1, 3) if args.mode == "atp" else None)  # fmt: skip
@@ -84,9 +87,18 @@ def main() -> None:
         trainer.step = 1
     history = trainer.fit(batches, args.steps, checkpoint_dir=args.checkpoint_dir)
     params = {n: _full(p) for n, p in trainer.trainable.named_parameters()}
+    optimizer_dtypes = {str(v.dtype) for state in trainer.optimizer.state.values() for v in state.values()
+                        if torch.is_tensor(v) and v.dim() > 0}  # fmt: skip
     if rank == 0:
         torch.save(
-            {"grads": grads, "params": params, "history": history, "world": world_size, "layer_calls": len(calls)},
+            {
+                "grads": grads,
+                "params": params,
+                "history": history,
+                "world": world_size,
+                "layer_calls": len(calls),
+                "optimizer_dtypes": optimizer_dtypes,
+            },  # fmt: skip
             args.out,
         )
     trainer.close()

@@ -97,23 +97,46 @@ def spread_text(stats: dict[str, float]) -> str:
     return f"{100 * share:.0f}%{'!' if share > SPREAD_FLAG else ' '}"
 
 
-def time_ms(fn: Callable[[], object], device: str, budget_s: float) -> dict[str, float]:
+def time_ms(fn: Callable[[], object], device: str, budget_s: float, cold: bool = False) -> dict[str, float]:
     """Median-of-reps timing in ms (p20, p50, p80 and reps): CUDA events on GPU, perf_counter
     on CPU. Untimed warm-up calls first until a call compiles nothing (compilation, Triton
     specializations, allocator warm-up); a compile inside the timed loop raises
-    ``RecompiledWhileTiming``."""
+    ``RecompiledWhileTiming``. ``cold``: the caches are evicted (untimed) before each call."""
     settle(fn)
+    before = (lambda: evict_caches(device)) if cold else None
     with no_compiles("inside the timed loop"):
-        return quantiles(_samples_ms(fn, device, budget_s))
+        return quantiles(_samples_ms(fn, device, budget_s, before))
 
 
-def _samples_ms(fn: Callable[[], object], device: str, budget_s: float) -> list[float]:
-    """The timed calls of ``time_ms`` in ms: at least 5 (GPU) or 3 (CPU), then until ``budget_s``."""
+# bytes written between timed calls of a cold measurement: well above the last-level cache
+# (a 2-core EPYC here: 32 MiB of L3; H200: 50 MiB of L2)
+EVICT_BYTES = {"cpu": 96 * 2**20, "cuda": 256 * 2**20}
+_evict_buffers: dict[str, torch.Tensor] = {}
+
+
+def evict_caches(device: str) -> None:
+    """Read a buffer larger than the last-level cache, so the next call reads its inputs from
+    memory as a real prefill does (its K/V were written layers earlier). Reading leaves clean
+    lines: the timed call pays no write-back of the eviction's data."""
+    buffer = _evict_buffers.get(device)
+    if buffer is None:
+        buffer = _evict_buffers[device] = torch.ones(EVICT_BYTES[device] // 8, dtype=torch.int64, device=device)
+    buffer.sum()
+    sync(device)
+
+
+def _samples_ms(
+    fn: Callable[[], object], device: str, budget_s: float, before: Callable[[], None] | None = None
+) -> list[float]:
+    """The timed calls of ``time_ms`` in ms: at least 5 (GPU) or 3 (CPU), then until ``budget_s``
+    (``before`` runs untimed before each)."""
     samples: list[float] = []
     start_all = time.perf_counter()
     if device == "cuda":
         torch.cuda.synchronize()
         while len(samples) < 5 or (time.perf_counter() - start_all < budget_s and len(samples) < 200):
+            if before is not None:
+                before()
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
             fn()
@@ -122,20 +145,23 @@ def _samples_ms(fn: Callable[[], object], device: str, budget_s: float) -> list[
             samples.append(begin.elapsed_time(end))
     else:
         while len(samples) < 3 or (time.perf_counter() - start_all < budget_s and len(samples) < 50):
+            if before is not None:
+                before()
             begin = time.perf_counter()
             fn()
             samples.append((time.perf_counter() - begin) * 1e3)
     return samples
 
 
-def measure(fn: Callable[[], object], device: str, budget_s: float) -> dict[str, float]:
+def measure(fn: Callable[[], object], device: str, budget_s: float, cold: bool = False) -> dict[str, float]:
     """time_ms plus, on GPU, the peak memory allocated above what was live before."""
     if device != "cuda":
-        return time_ms(fn, device, budget_s)
+        return time_ms(fn, device, budget_s, cold)
+    evict_caches(device)  # its buffer is allocated before the baseline
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    stats = time_ms(fn, device, budget_s)
+    stats = time_ms(fn, device, budget_s, cold)
     stats["peak_extra_mib"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
     return stats
 

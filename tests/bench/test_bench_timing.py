@@ -116,3 +116,28 @@ def test_spreads_are_printed_beside_medians_and_flagged_above_20_percent(capsys)
     noisy_line = next(line for line in out if " noisy " in line)
     assert "10%" in steady_line and "!" not in steady_line
     assert "50%!" in noisy_line
+
+
+def test_cold_timing_evicts_the_caches_before_each_call_outside_the_timed_span(monkeypatch):
+    clock, events = FakeClock(), []
+
+    def evict(device):
+        events.append("evict")
+        clock.now += 1.0  # slow on purpose: none of it may reach a sample
+
+    def op():
+        events.append("op")
+        clock.now += 0.002
+
+    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    monkeypatch.setattr(timing, "evict_caches", evict)
+    stats = timing.time_ms(op, "cpu", 0.0, cold=True)
+    timed = events[events.index("evict") :]
+    assert timed == ["evict", "op"] * stats["reps"], "one eviction before every timed call"
+    assert stats["p20"] == pytest.approx(2.0) and stats["p80"] == pytest.approx(2.0)
+
+
+def test_the_real_eviction_reads_more_than_the_last_level_cache():
+    timing.evict_caches("cpu")
+    buffer = timing._evict_buffers["cpu"]
+    assert buffer.numel() * buffer.element_size() >= 64 * 2**20

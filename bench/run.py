@@ -262,15 +262,32 @@ def providers_for(case: Case, device: str, wanted: set[str]) -> dict[str, Callab
     return {name: fn for name, fn in out.items() if name in wanted}
 
 
-def run_case(
-    case: Case, device: str, wanted: set[str], budget_s: float, copy_gbs: float, progress: Progress
-) -> list[dict]:
+def case_inputs(case: Case, device: str) -> tuple[dict, dict]:
+    """(fresh random inputs, the reference's outputs) of a case."""
     torch.manual_seed(0)
     inputs = make_inputs(case, device)
     if case.op == "compact_kv":
         keep = ref.select_tokens_reference(inputs["scores"], inputs["candidates"], None, case.max_keep, 0)
         inputs["index"] = ref.keep_index_reference(keep, case.max_len, "left")[0]
-    want = _reference_fn(case)(inputs)
+    return inputs, _reference_fn(case)(inputs)
+
+
+def figures(case: Case, p50_ms: float, ceiling_gbps: float | None, eager_ms: float | None) -> dict:
+    """What a timed row reports beside its time (bench/run.py and the pytest-benchmark suite):
+    bytes a perfect kernel moves, GB/s, % of the case's copy ceiling, speed-up over eager."""
+    out = {"moved_bytes": case.moved_bytes(), "gbps": case.moved_bytes() / (p50_ms * 1e-3) / 1e9}
+    if ceiling_gbps:
+        out["pct_copy_bw"] = 100 * out["gbps"] / ceiling_gbps
+        out["copy_ceiling_gbps"] = ceiling_gbps
+    if eager_ms:
+        out["speedup_vs_eager"] = eager_ms / p50_ms
+    return out
+
+
+def run_case(
+    case: Case, device: str, wanted: set[str], budget_s: float, copy_gbs: float, progress: Progress
+) -> list[dict]:
+    inputs, want = case_inputs(case, device)
     rows = []
     for name, fn in providers_for(case, device, wanted).items():
         row = {"case": case.as_dict(), "name": case.name(), "provider": name}
@@ -283,20 +300,17 @@ def run_case(
                     rows.append(row)
                     continue
             row.update(measure(lambda fn=fn: fn(inputs), device, budget_s, cold=True))
-            row["gbps"] = case.moved_bytes() / (row["p50"] * 1e-3) / 1e9
         except Exception as exc:  # a provider that crashes is reported, the run goes on
             row["error"] = f"{type(exc).__name__}: {exc}"[:300]
         rows.append(row)
         progress.step(f"{case.name()} {name}")
     eager = next((r["p50"] for r in rows if r["provider"] == "eager" and "p50" in r), None)
     # % copy: against this case's copy row (same bytes, cold caches), else the run's copy bandwidth
-    ceiling = next((r["gbps"] for r in rows if r["provider"] == "copy" and "p50" in r), copy_gbs)
+    copy = next((r for r in rows if r["provider"] == "copy" and "p50" in r), None)
+    ceiling = figures(case, copy["p50"], None, None)["gbps"] if copy else copy_gbs
     for row in rows:
-        if eager and "p50" in row:
-            row["speedup_vs_eager"] = eager / row["p50"]
-        if "gbps" in row:
-            row["pct_copy_bw"] = 100 * row["gbps"] / ceiling
-            row["copy_ceiling_gbps"] = ceiling
+        if "p50" in row:
+            row.update(figures(case, row["p50"], ceiling, eager))
     return rows
 
 

@@ -166,6 +166,11 @@ def measure(fn: Callable[[], object], device: str, budget_s: float, cold: bool =
     return stats
 
 
+def default_device(requested: str | None = None) -> str:
+    """``requested``, else cuda when a GPU is there, else cpu."""
+    return requested or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()

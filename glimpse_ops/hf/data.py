@@ -29,6 +29,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ValueError(f"glimpse_ops.hf.data: {path}:{number} is not JSON ({exc})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"glimpse_ops.hf.data: {path}:{number} is not a JSON object")
         missing = [k for k in KEYS if not isinstance(record.get(k), str)]
         if missing:
             raise ValueError(f"glimpse_ops.hf.data: {path}:{number} needs string fields {missing}")

@@ -66,6 +66,11 @@ def wrap(step: nn.Module, layers: list[nn.Module], strategy: str) -> nn.Module:
         return DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
     from torch.distributed.fsdp import fully_shard
 
+    # DDP broadcasts rank 0's weights; fully_shard keeps each rank's own, so do it here
+    with torch.no_grad():
+        for p in step.parameters():
+            if p.requires_grad:
+                dist.broadcast(p.data, src=0)
     for layer in layers:
         fully_shard(layer)
     fully_shard(step)

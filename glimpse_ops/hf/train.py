@@ -53,20 +53,20 @@ def _visual_keep_probs(model: nn.Module, predictor: GlimpsePredictor, prompt: di
         result["visual"] = p.visual
         raise _Stop
 
-    hooks = [
-        adapter.multimodal.register_forward_pre_hook(handle._on_multimodal, with_kwargs=True),
-        adapter.layers[K].register_forward_pre_hook(handle._before_layer_k, with_kwargs=True),
-        adapter.layers[K].self_attn.q_proj.register_forward_hook(handle._on_q_proj),
-        adapter.layers[K].register_forward_hook(after_k, with_kwargs=True),
-    ]
-    handle.hooks = hooks
-    handle.attach_predictor_hooks(model)
+    handle.hooks = []
     # No activation checkpointing here (HF checkpoints in training mode only, and drops the
     # cache there): a recomputed layer K would run these hooks again during backward. Forward
     # 2, over prompt + answer, is the large one and keeps it. The frozen model has no dropout.
     training = model.training
     model.eval()
     try:
+        handle.hooks += [
+            adapter.multimodal.register_forward_pre_hook(handle._on_multimodal, with_kwargs=True),
+            adapter.layers[K].register_forward_pre_hook(handle._before_layer_k, with_kwargs=True),
+            adapter.layers[K].self_attn.q_proj.register_forward_hook(handle._on_q_proj),
+            adapter.layers[K].register_forward_hook(after_k, with_kwargs=True),
+        ]
+        handle.attach_predictor_hooks(model)
         model(**prompt, use_cache=True)
     except _Stop:
         pass

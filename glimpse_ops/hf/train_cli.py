@@ -49,19 +49,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _micro_batches(dataset, collator, batch_size: int, rank: int, world: int, seed: int) -> Iterator[dict]:
-    """This rank's micro-batches, epoch after epoch (a DistributedSampler reshuffles each)."""
-    from torch.utils.data import DataLoader, DistributedSampler
+def _micro_batches(
+    dataset, collator, batch_size: int, rank: int, world: int, seed: int, skip: int = 0
+) -> Iterator[dict]:
+    """This rank's micro-batches, epoch after epoch (a DistributedSampler reshuffles each),
+    after the first ``skip`` (dropped by index: their images are never loaded). The global
+    order does not depend on the world size: step k uses the same samples on any number of
+    processes that gives the same samples per step."""
+    from torch.utils.data import DistributedSampler
 
     if len(dataset) < batch_size * world:
         raise ValueError(
             f"glimpse_ops.hf.train: {len(dataset)} records cannot fill a batch of {batch_size} on {world} processes"
         )
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collator, drop_last=True)
     for epoch in itertools.count():
         sampler.set_epoch(epoch)
-        yield from loader
+        indices = list(sampler)
+        for start in range(0, len(indices) - batch_size + 1, batch_size):
+            if skip > 0:
+                skip -= 1
+                continue
+            yield collator([dataset[i] for i in indices[start : start + batch_size]])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,15 +110,19 @@ def main(argv: list[str] | None = None) -> int:
         how = f"{world_size} processes ({args.strategy})" if world_size > 1 else "1 process"
         print(f"glimpse_ops.hf.train: {args.mode} on {how}: {args.model}, {args.data}")
     trainer = Trainer(model, config, predictor=predictor, atp_layers=args.atp_layers)
+    trainer.global_batch = args.batch_size * world_size * args.grad_accum
     if args.resume:
         trainer.resume(args.resume)
     dataset = JsonlDataset(args.data)
-    batches = _micro_batches(dataset, Collator(processor), args.batch_size, rank, world_size, args.seed)
-    history = trainer.fit(batches, args.steps, checkpoint_dir=out / "checkpoints")
-    if rank == 0:
-        with history_file.open("a") as f:
-            for record in history:
-                f.write(json.dumps(record) + "\n")
+    done = trainer.step * args.grad_accum  # micro-batches per rank the resumed steps used
+    batches = _micro_batches(dataset, Collator(processor), args.batch_size, rank, world_size, args.seed, done)
+
+    def record(step: dict) -> None:  # one line per step, so a run cut short keeps its history
+        if rank == 0:
+            with history_file.open("a") as f:
+                f.write(json.dumps(step) + "\n")
+
+    trainer.fit(batches, args.steps, checkpoint_dir=out / "checkpoints", skip_done=False, on_step=record)
     trainer.export(out / ("predictor.safetensors" if args.mode == "glimpse" else "atp_stages.pt"))
     if rank == 0:
         print(f"glimpse_ops.hf.train: wrote {out}")

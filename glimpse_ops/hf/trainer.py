@@ -130,8 +130,18 @@ class Trainer:
         if config.mode == "atp" and not atp_layers and atp_stages is None:
             raise ValueError("glimpse_ops.hf.Trainer: mode='atp' needs atp_layers= (or atp_stages=)")
         self.frozen = [p.requires_grad for p in model.parameters()]
-        model.requires_grad_(False)
+        self.was_training = model.training
+        self.was_checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))
         self.atp = None
+        self.global_batch: int | None = None  # samples per optimizer step over all ranks (the CLI sets it)
+        try:
+            self._setup(model, config, adapter, predictor, atp_layers, atp_stages)
+        except BaseException:
+            self.close()  # the model as it was
+            raise
+
+    def _setup(self, model, config, adapter, predictor, atp_layers, atp_stages) -> None:
+        model.requires_grad_(False)
         if config.mode == "glimpse":
             trainable = predictor.to(self.device)
         else:
@@ -157,7 +167,7 @@ class Trainer:
     # --- checkpoints --------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
         """A checkpoint of the trainable modules, the optimizer and the step (every rank calls)."""
-        extra = {"step": self.step, "config": asdict(self.config)}
+        extra = {"step": self.step, "config": asdict(self.config), "global_batch": self.global_batch}
         if self.config.mode == "atp":
             extra["atp_layers"] = sorted(int(k) for k in self.trainable)
         distributed.save_checkpoint(path, self.trainable, self.optimizer, extra)
@@ -165,6 +175,17 @@ class Trainer:
     def resume(self, path: str | Path) -> None:
         """Continue from a checkpoint (any world size or strategy wrote it); ``fit`` then skips
         the micro-batches the saved steps consumed."""
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved["config"]["mode"] != self.config.mode:
+            raise ValueError(f"glimpse_ops.hf.Trainer.resume: {path} trained mode={saved['config']['mode']!r}")
+        before, now = saved.get("global_batch"), self.global_batch
+        if before is not None and now is not None and before != now:
+            # the data order is the same only for the same samples per step (whatever the world size)
+            raise ValueError(
+                f"glimpse_ops.hf.Trainer.resume: {path} was trained with {before} samples per step "
+                f"(batch size x processes x grad_accum), this run has {now}: the data would not continue"
+            )
+        del saved
         extra = distributed.load_checkpoint(path, self.trainable, self.optimizer)
         self.step = int(extra["step"])
 
@@ -220,15 +241,25 @@ class Trainer:
             self.step_module.release()
         return torch.stack([ce + c.budget_weight * (kept - c.keep_ratio).abs(), ce, kept]).detach()
 
-    def fit(self, batches: Iterable[dict], steps: int, checkpoint_dir: str | Path | None = None) -> list[dict]:
-        """Run optimizer steps ``self.step + 1 .. steps`` over ``batches`` (after skipping the
-        micro-batches of the steps already done). Returns one record per step (global loss,
-        answer CE, kept fraction, seconds); rank 0 logs each step and the checkpoints."""
+    def fit(
+        self,
+        batches: Iterable[dict],
+        steps: int,
+        checkpoint_dir: str | Path | None = None,
+        skip_done: bool = True,
+        on_step: Callable[[dict], None] | None = None,
+    ) -> list[dict]:
+        """Run optimizer steps ``self.step + 1 .. steps`` over ``batches``, first skipping the
+        micro-batches of the steps already done (``skip_done=False``: ``batches`` already starts
+        after them). Returns one record per step (global loss, answer CE, kept fraction,
+        seconds), also passed to ``on_step``; rank 0 logs each step and the checkpoints. A
+        non-finite loss stops the run at once (it is global: every rank stops)."""
         c = self.config
         micro = iter(batches)
-        skipped = list(itertools.islice(micro, self.step * c.grad_accum))
-        if len(skipped) < self.step * c.grad_accum:
-            raise ValueError(f"glimpse_ops.hf.Trainer.fit: the data ended before the resumed step {self.step}")
+        if skip_done:
+            skipped = sum(1 for _ in itertools.islice(micro, self.step * c.grad_accum))
+            if skipped < self.step * c.grad_accum:
+                raise ValueError(f"glimpse_ops.hf.Trainer.fit: the data ended before the resumed step {self.step}")
         history = []
         try:
             while self.step < steps:
@@ -247,6 +278,10 @@ class Trainer:
                 record = {"step": self.step, "loss": loss, "answer_ce": ce, "kept_fraction": kept,
                           "seconds": time.perf_counter() - start}  # fmt: skip
                 history.append(record)
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"glimpse_ops.hf.Trainer.fit: the loss is {loss} at step {self.step}")
+                if on_step is not None:
+                    on_step(record)
                 if self.log is not None:
                     self.log(
                         f"[{self.step}/{steps}] loss {loss:.4f} answer CE {ce:.4f} kept {kept:.1%} "
@@ -261,14 +296,16 @@ class Trainer:
                         self.log(f"checkpoint {path}")
         finally:
             self.step_module.release()
-        if any(not math.isfinite(r["loss"]) for r in history):
-            raise FloatingPointError(f"glimpse_ops.hf.Trainer.fit: a non-finite loss: {history}")
         return history
 
     def close(self) -> None:
-        """Give the model back as it was: ATP removed, requires_grad restored."""
+        """Give the model back as it was: ATP removed, requires_grad, training mode and
+        gradient checkpointing restored."""
         if self.atp is not None:
             self.atp.remove()
             self.atp = None
+        if self.config.activation_checkpointing and not self.was_checkpointing:
+            self.model.gradient_checkpointing_disable()
+        self.model.train(self.was_training)
         for p, flag in zip(self.model.parameters(), self.frozen):
             p.requires_grad_(flag)

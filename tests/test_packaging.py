@@ -162,10 +162,18 @@ def test_setup_reads_the_toolkit_root_through_an_nvcc_wrapper():
 
 
 def _imports_of(path: Path, package: str) -> set[str]:
-    """Absolute names of the glimpse_ops modules a file imports (any nesting level)."""
+    """Absolute names of the glimpse_ops modules a file imports (any nesting level), except
+    under ``if __name__ == "__main__":`` (run as a script, not when imported)."""
     import ast
 
     tree = ast.parse(path.read_text())
+    main_guard = [
+        n for n in tree.body
+        if isinstance(n, ast.If) and isinstance(n.test, ast.Compare) and isinstance(n.test.left, ast.Name)
+        and n.test.left.id == "__name__" and ast.literal_eval(n.test.comparators[0]) == "__main__"
+    ]  # fmt: skip
+    for guard in main_guard:
+        tree.body.remove(guard)
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):

@@ -90,15 +90,18 @@ def kernel_schema(convention: type, returns: str) -> str:
 
 
 def define_native(op: str, convention: type, returns: str) -> None:
-    """Declare ``glimpse::_<op>_native`` (implemented in csrc/) with the op's convention."""
-    torch.library.define(f"glimpse::_{op}_native", kernel_schema(convention, returns))
+    """Declare ``glimpse::_<op>_native`` (implemented in csrc/) with the op's convention; a
+    private op's leading underscore is dropped (``_soft_mask_attention_forward_native``)."""
+    torch.library.define(f"glimpse::_{op.lstrip('_')}_native", kernel_schema(convention, returns))
 
 
 def run_kernel(spec, backend: str, call: tuple):
-    """Run the op's ``native`` or ``triton`` kernel on the normalized call."""
+    """Run the op's ``native`` or ``triton`` kernel on the normalized call. Private ops'
+    kernels drop the leading underscore: ``_soft_mask_attention_forward_native``,
+    ``glimpse_scores_backward_triton``."""
     if backend == "native":
-        return getattr(torch.ops.glimpse, f"_{spec.op}_native")(*call)
-    if backend == "triton":  # private ops' launchers drop the underscore: glimpse_scores_backward_triton
+        return getattr(torch.ops.glimpse, f"_{spec.op.lstrip('_')}_native")(*call)
+    if backend == "triton":
         return getattr(spec.triton_module(), f"{spec.op.lstrip('_')}_triton")(*call)
     raise ValueError(f"glimpse.{spec.op}: run_kernel takes native or triton, got {backend!r}")
 

@@ -11,10 +11,10 @@ from torch import Tensor
 from .. import _validation as v
 from .._backend import OpBackends, register
 from ..reference import attention_column_scores_reference, default_scale
-from ._register import Call, define_op, require_tensors, run_kernel, score_dtype
+from ._register import Call, define_native, define_op, require_tensors, run_kernel, score_dtype
 
 OP = "attention_column_scores"
-SPEC = register(OpBackends(OP, triton="attention_column_scores", fp64=("reference",)))
+SPEC = register(OpBackends(OP, native=("cpu",), triton="attention_column_scores", fp64=("reference",)))
 SCHEMA = (
     "(Tensor q, Tensor k, Tensor? query_mask=None, Tensor? key_mask=None, bool causal=True, "
     "float? scale=None, str backend='auto') -> Tensor"
@@ -22,7 +22,7 @@ SCHEMA = (
 
 
 class Kernel(NamedTuple):
-    """What the Triton kernels take."""
+    """What the native and Triton kernels take."""
 
     q: Tensor
     k: Tensor
@@ -65,6 +65,7 @@ def _router(c: Call) -> Tensor:
 
 
 define_op(OP, SCHEMA, _router, _fake)
+define_native(OP, Kernel, "Tensor")
 
 
 def attention_column_scores(
@@ -86,7 +87,8 @@ def attention_column_scores(
         key_mask: bool [B, S], False for padding keys; None means every key.
         causal: row i sees keys j <= i only.
         scale: logit scale, default ``1 / sqrt(D)``.
-        backend: ``auto | reference | native | triton``.
+        backend: ``auto | reference | native | triton`` (``auto``: native on CPU, Triton on
+            CUDA; fp64 runs on ``reference``).
 
     Returns:
         fp32 [B, H, S]: ``out[b, h, j] = sum over selected rows i of P[b, h, i, j]``, with P

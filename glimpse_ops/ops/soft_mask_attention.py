@@ -15,12 +15,16 @@ from torch import Tensor
 from .. import _validation as v
 from .._backend import OpBackends, register
 from ..reference import default_scale, soft_mask_attention_backward_reference, soft_mask_attention_forward_reference
-from ._register import Call, Signature, define_op, require_tensors, run_kernel
+from ._register import Call, Signature, define_native, define_op, require_tensors, run_kernel
 
 OP = "soft_mask_attention"
-SPEC = register(OpBackends(OP, triton="soft_mask_attention", fp64=("reference",)))
-FORWARD_SPEC = register(OpBackends("_soft_mask_attention_forward", triton="soft_mask_attention", fp64=("reference",)))
-BACKWARD_SPEC = register(OpBackends("_soft_mask_attention_backward", triton="soft_mask_attention", fp64=("reference",)))
+SPEC = register(OpBackends(OP, native=("cpu",), triton="soft_mask_attention", fp64=("reference",)))
+FORWARD_SPEC = register(
+    OpBackends("_soft_mask_attention_forward", native=("cpu",), triton="soft_mask_attention", fp64=("reference",))
+)
+BACKWARD_SPEC = register(
+    OpBackends("_soft_mask_attention_backward", native=("cpu",), triton="soft_mask_attention", fp64=("reference",))
+)
 SCHEMA = (
     "(Tensor q, Tensor k, Tensor v, Tensor key_weight, Tensor? key_mask=None, bool causal=True, "
     "float? scale=None, str backend='auto') -> Tensor"
@@ -37,7 +41,7 @@ BACKWARD_SCHEMA = (
 
 
 class ForwardKernel(NamedTuple):
-    """What the Triton forward kernel takes."""
+    """What the native and Triton forward kernels take; they return (out, L fp32 [B, H, N])."""
 
     q: Tensor
     k: Tensor
@@ -49,7 +53,7 @@ class ForwardKernel(NamedTuple):
 
 
 class BackwardKernel(NamedTuple):
-    """What the Triton backward kernels take."""
+    """What the native and Triton backward kernels take; they return (dq, dk, dv, dw)."""
 
     grad_out: Tensor
     q: Tensor
@@ -118,7 +122,7 @@ def _backward_fake(c: Call) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 def _backward_router(c: Call) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     chosen = BACKWARD_SPEC.resolve(c.backend, c.q.device, c.q.dtype, c.q.shape[-1])
-    if chosen == "triton":
+    if chosen != "reference":
         kernel = BackwardKernel(c.grad_out, c.q, c.k, c.v, c.key_weight, c.key_mask, c.causal,
                                 default_scale(c.q.shape[-1], c.scale), c.out, c.lse)  # fmt: skip
         return run_kernel(BACKWARD_SPEC, chosen, kernel)
@@ -132,6 +136,8 @@ torch.library.impl(f"glimpse::{OP}", "CompositeImplicitAutograd")(_composite)
 SIGNATURE = Signature(OP, SCHEMA)
 FORWARD_SIGNATURE = define_op("_soft_mask_attention_forward", FORWARD_SCHEMA, _forward_router, _forward_fake)
 define_op("_soft_mask_attention_backward", BACKWARD_SCHEMA, _backward_router, _backward_fake)
+define_native("_soft_mask_attention_forward", ForwardKernel, "(Tensor, Tensor)")
+define_native("_soft_mask_attention_backward", BackwardKernel, "(Tensor, Tensor, Tensor, Tensor)")
 
 
 def _setup_context(ctx, inputs, output):
@@ -172,7 +178,8 @@ def soft_mask_attention(
         key_mask: bool [B, N], False for padding keys; None means every key.
         causal: row i sees keys j <= i only.
         scale: logit scale, default ``1 / sqrt(D)``.
-        backend: ``auto | reference | native | triton``.
+        backend: ``auto | reference | native | triton`` (``auto``: native on CPU, Triton on
+            CUDA; fp64 runs on ``reference``).
 
     Returns:
         [B, H, N, D] in q's dtype: ``P[i, j] = w_j exp(s_ij) / sum_l w_l exp(s_il)`` over

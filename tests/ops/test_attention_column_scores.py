@@ -1,5 +1,6 @@
 """attention_column_scores: the reference against an independent row-by-row fp64 softmax,
-every backend against the reference at odd sizes, GQA, causal or not, ragged masks."""
+every backend against the reference at odd sizes, GQA, causal or not, ragged masks; the
+native CPU kernel at 4099 keys."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from helpers import assert_close, attention_qkv, backend_device_params, dtypes_for, non_contiguous
 
 from glimpse_ops import attention_column_scores
+from glimpse_ops._backend import REGISTRY
 from glimpse_ops.reference import attention_column_scores_reference
 
 COLUMNS = backend_device_params("attention_column_scores")
@@ -70,3 +72,22 @@ def test_column_scores_backends_match_reference(bd, seed, size, causal):
         got = attention_column_scores(non_contiguous(q), k, query_mask, key_mask, causal=causal, backend=backend)
         want = attention_column_scores_reference(q, k, query_mask, key_mask, causal)
         assert_close(f"columns {dtype}", got, want, TOLERANCES[dtype])
+
+
+@pytest.mark.skipif(
+    "native" not in REGISTRY["attention_column_scores"].available("cpu"), reason="the native extension is not built"
+)
+@pytest.mark.parametrize("causal", [True, False])
+def test_column_scores_native_cpu_long_every_row_and_no_row(seed, causal):
+    """4099 keys, bf16: every row selected (query_mask None) and a batch with no selected
+    row (all zeros), against the reference."""
+    q, k, _ = attention_qkv(2, 4, 2, 4099, 64, torch.bfloat16, "cpu")
+    key_mask = torch.rand(2, 4099) < 0.9
+    got = attention_column_scores(q, k, None, key_mask, causal=causal, backend="native")
+    assert_close("every row", got, attention_column_scores_reference(q, k, None, key_mask, causal), (2e-3, 1e-3))
+    query_mask = torch.rand(2, 4099) < 0.1
+    query_mask[1] = False
+    got = attention_column_scores(q, k, query_mask, key_mask, causal=causal, backend="native")
+    assert torch.equal(got[1], torch.zeros_like(got[1]))
+    want = attention_column_scores_reference(q, k, query_mask, key_mask, causal)
+    assert_close("selected rows", got, want, TOLERANCES[torch.bfloat16])

@@ -56,15 +56,25 @@ def _kernels(op: str):
             if isinstance(obj, type) and issubclass(obj, tuple) and name.endswith("Kernel")]  # fmt: skip
 
 
+NATIVE_NAMES = {"Kernel": "_{op}_native", "ForwardKernel": "_{op}_forward_native", "BackwardKernel": "_{op}_backward_native"}
+
+
 @pytest.mark.parametrize("op", glimpse_ops.OPS)
 def test_native_op_is_generated_from_the_kernel_convention(op):
+    """Each convention with a native kernel (Kernel, or ForwardKernel + BackwardKernel)
+    is that kernel's schema, argument for argument."""
     spec = REGISTRY[op]
+    natives = {name: NATIVE_NAMES[name].format(op=op) for name, _ in _kernels(op)}
     if not spec.native:
-        assert not hasattr(torch.ops.glimpse, f"_{op}_native")
+        assert not any(hasattr(torch.ops.glimpse, native) for native in natives.values())
         return
-    (kernel,) = [k for name, k in _kernels(op) if name == "Kernel"]
-    native = [a.name for a in getattr(torch.ops.glimpse, f"_{op}_native").default._schema.arguments]
-    assert native == list(kernel._fields)
+    checked = 0
+    for name, kernel in _kernels(op):
+        if hasattr(torch.ops.glimpse, natives[name]):
+            native = [a.name for a in getattr(torch.ops.glimpse, natives[name]).default._schema.arguments]
+            assert native == list(kernel._fields), natives[name]
+            checked += 1
+    assert checked, f"{op} declares a native kernel but no native op follows its conventions"
 
 
 @pytest.mark.parametrize("op", glimpse_ops.OPS)

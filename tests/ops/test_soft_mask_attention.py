@@ -1,14 +1,21 @@
 """soft_mask_attention: the reference against softmax(s + log w) in fp64 and gradcheck, the
 explicit backward against autograd, every backend's outputs and gradients against the
-reference, hard weights against attention over only the kept keys, all-zero rows."""
+reference, hard weights against attention over only the kept keys, all-zero rows; the
+native CPU kernel at 4099 keys, on non-contiguous inputs and without BLAS."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
-from helpers import assert_close, attention_qkv, backend_device_params, dtypes_for
+from helpers import assert_close, attention_qkv, backend_device_params, dtypes_for, non_contiguous
 
 from glimpse_ops import compact_kv, gather_tokens, keep_index, soft_mask_attention
+from glimpse_ops._backend import REGISTRY
 from glimpse_ops.reference import soft_mask_attention_backward_reference, soft_mask_attention_reference
 
 SOFT = backend_device_params("soft_mask_attention")
@@ -143,3 +150,66 @@ def test_soft_mask_zero_rows_give_zero_and_zero_gradients(bd):
     dq, dk, dv, dw = torch.autograd.grad(out, inputs, torch.randn_like(out))
     assert torch.equal(dq[0, :, :5], torch.zeros_like(dq[0, :, :5]))
     assert bool(torch.isfinite(dw).all())
+
+
+native_cpu = pytest.mark.skipif(
+    "native" not in REGISTRY["soft_mask_attention"].available("cpu"), reason="the native extension is not built"
+)
+
+
+@native_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_soft_mask_native_cpu_long_odd_non_contiguous(seed, dtype):
+    """4099 keys (tiles of 64 and 128 with ragged ends), non-contiguous q and v, a padded
+    batch, and weights with exact zeros: outputs and all four gradients against the fp32
+    reference."""
+    seq = 4099
+    q, k, v = attention_qkv(2, 2, 1, seq, 32, dtype, "cpu")
+    w = torch.rand(2, seq)
+    w[:, ::4] = 0.0
+    key_mask = torch.ones(2, seq, dtype=torch.bool)
+    key_mask[1, 1000:1700] = False
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v, w)]
+    out = soft_mask_attention(
+        non_contiguous(leaves[0]), leaves[1], non_contiguous(leaves[2]), leaves[3], key_mask, backend="native"
+    )
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, leaves, grad)
+    fp32 = [t.float() for t in (q, k, v)] + [w]
+    assert_close("out", out.float(), soft_mask_attention_reference(*fp32, key_mask, True), TOLERANCES[dtype])
+    want = soft_mask_attention_backward_reference(grad.float(), *fp32, key_mask, True, None)
+    for name, a, b in zip(("dq", "dk", "dv", "dw"), got, want):
+        norm = b.abs().max().clamp_min(1.0)
+        assert_close(f"{name} {dtype}", a.float() / norm, b / norm, GRAD_TOLERANCES[dtype])
+
+
+@native_cpu
+def test_soft_mask_native_cpu_without_blas_matches_reference():
+    """GLIMPSE_CPU_GEMM=aten: the tiles' products through at::mm instead of sgemm (what
+    runs on a torch without an exported BLAS) give the same results."""
+    script = textwrap.dedent(
+        """
+        import torch
+        from glimpse_ops import attention_column_scores, soft_mask_attention
+        from glimpse_ops.reference import attention_column_scores_reference, soft_mask_attention_backward_reference
+        from glimpse_ops.reference import soft_mask_attention_reference
+        torch.manual_seed(0)
+        q, k, v = torch.randn(2, 6, 150, 32), torch.randn(2, 2, 150, 32), torch.randn(2, 2, 150, 32)
+        w = torch.rand(2, 150)
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v, w)]
+        out = soft_mask_attention(*leaves, None, backend="native")
+        grad = torch.randn_like(out)
+        got = (out,) + torch.autograd.grad(out, leaves, grad)
+        want = (soft_mask_attention_reference(q, k, v, w),) + soft_mask_attention_backward_reference(
+            grad, q, k, v, w, None, True, None)
+        errors = [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, want)]
+        query_mask = torch.rand(2, 150) < 0.5
+        columns = attention_column_scores(q, k, query_mask, backend="native")
+        errors.append((columns - attention_column_scores_reference(q, k, query_mask)).abs().max().item())
+        print(max(errors))
+        """
+    )
+    env = {**os.environ, "GLIMPSE_CPU_GEMM": "aten"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.split()[-1]) < 1e-4

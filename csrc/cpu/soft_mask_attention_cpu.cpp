@@ -1,0 +1,279 @@
+// soft_mask_attention on CPU: FlashAttention-style tiles, no N x N buffer.
+//
+// P[i, j] = w_j exp(s_ij) / sum_l w_l exp(s_il) over the keys row i sees is the softmax of
+// s + log w, so the forward is an online softmax with the per-key bias log w (-inf for a
+// padding key or w = 0). It returns the output and L_i = log sum_l w_l exp(s_il) (+inf for a
+// row whose weights sum to 0), which the backward uses to recompute each tile:
+//   E = exp(s - L) (0 where not seen), P = w E, dP = dO V^T, delta_i = dO_i . O_i,
+//   G = E (dP - delta), dS = w G, dw_j = sum_{h, i} G_ij,
+//   dq = scale dS K, dk = scale dS^T Q, dv = P^T dO.
+// Tiles are fp32 (fp16/bf16 inputs are widened once, O(N D) memory); products go through
+// sgemm, the row operations through AVX2 (attention_tiles.h).
+//
+// Work split: the forward runs one task per (batch, head, query tile), longest (causal)
+// first. The backward runs one task per (batch, KV head, chunk of key tiles): a task owns its
+// key tiles' dk, dv and per-KV-head dw rows, and adds dq for the query heads of its KV head
+// into its chunk's own fp32 buffer; chunks > 1 only when there are fewer (batch, KV head)
+// pairs than threads.
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../common/checks.h"
+#include "attention_tiles.h"
+
+namespace glimpse {
+namespace {
+
+constexpr int64_t kQueryTile = 64;
+constexpr int64_t kForwardKeyTile = 128;
+constexpr int64_t kBackwardKeyTile = 64;
+constexpr const char* kOp = "soft_mask_attention";
+
+struct Geometry {
+  int64_t batch, heads, kv_heads, seq, dim;
+  int64_t group() const { return heads / kv_heads; }
+};
+
+Geometry check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                      const at::Tensor& key_weight, const std::optional<at::Tensor>& key_mask) {
+  GLIMPSE_CHECK_VALUE(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() &&
+                          q.size(0) == k.size(0) && q.size(2) == k.size(2) &&
+                          q.size(3) == k.size(3) && k.size(1) > 0 && q.size(1) % k.size(1) == 0,
+                      kOp, "q must be [B, H, N, D] and k, v [B, Hkv, N, D] with H % Hkv == 0, got ",
+                      q.sizes(), ", ", k.sizes(), " and ", v.sizes());
+  const auto t = q.scalar_type();
+  GLIMPSE_CHECK_TYPE(t == at::kFloat || t == at::kHalf || t == at::kBFloat16, kOp,
+                     "the native CPU kernel takes fp32/fp16/bf16 q, got ", t,
+                     " (fp64 runs on backend='reference')");
+  GLIMPSE_CHECK_TYPE(k.scalar_type() == t && v.scalar_type() == t, kOp,
+                     "k and v must have the dtype of q (", t, "), got ", k.scalar_type(), " and ",
+                     v.scalar_type());
+  GLIMPSE_CHECK_VALUE(key_weight.dim() == 2 && key_weight.size(0) == q.size(0) &&
+                          key_weight.size(1) == q.size(2) && key_weight.is_floating_point(),
+                      kOp, "key_weight must be float [B, N], got ", key_weight.sizes());
+  if (key_mask.has_value()) {
+    GLIMPSE_CHECK_VALUE(key_mask->scalar_type() == at::kBool && key_mask->sizes() == key_weight.sizes(),
+                        kOp, "key_mask must be bool [B, N], got ", key_mask->sizes());
+  }
+  return {q.size(0), q.size(1), k.size(1), q.size(2), q.size(3)};
+}
+
+// fp32 [B, N]: `seen` on keys the mask keeps, -inf on padding keys.
+at::Tensor key_bias(const at::Tensor& seen, const std::optional<at::Tensor>& key_mask) {
+  at::Tensor bias = seen.to(at::kFloat).contiguous().clone();
+  if (key_mask.has_value()) bias.masked_fill_(key_mask->logical_not(), tiles::kNegInf);
+  return bias;
+}
+
+at::Tensor widened(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+// How many keys of the tile starting at key k0 (n keys) query position i sees.
+inline int64_t seen_keys(bool causal, int64_t i, int64_t k0, int64_t n) {
+  return causal ? std::clamp<int64_t>(i - k0 + 1, 0, n) : n;
+}
+
+struct ForwardScratch {
+  std::vector<float> scores, acc, row_max, row_sum;
+};
+
+// Backward of one score row: e = exp(s + bias - L) on the seen keys, g = e (dp - delta);
+// dw += g, s <- w e (P), dp <- w g (dS); both 0 past `limit`.
+inline void grad_row_scalar(float* s, float* dp, const float* bias, const float* w, int64_t n,
+                            int64_t limit, float lse, float delta, float* dw) {
+  for (int64_t j = 0; j < limit; ++j) {
+    const float e = tiles::exp_or_zero(s[j] + bias[j] - lse);
+    const float g = e * (dp[j] - delta);
+    dw[j] += g;
+    s[j] = w[j] * e;
+    dp[j] = w[j] * g;
+  }
+  for (int64_t j = limit; j < n; ++j) s[j] = dp[j] = 0.f;
+}
+
+#ifdef GLIMPSE_TILES_AVX2
+__attribute__((target("avx2,fma"))) void grad_row_avx2(float* s, float* dp, const float* bias,
+                                                       const float* w, int64_t n, int64_t limit,
+                                                       float lse, float delta, float* dw) {
+  const __m256 lse8 = _mm256_set1_ps(lse), delta8 = _mm256_set1_ps(delta);
+  int64_t j = 0;
+  for (; j + 8 <= limit; j += 8) {
+    const __m256 e = tiles::exp8(_mm256_sub_ps(_mm256_add_ps(_mm256_loadu_ps(s + j), _mm256_loadu_ps(bias + j)), lse8));
+    const __m256 g = _mm256_mul_ps(e, _mm256_sub_ps(_mm256_loadu_ps(dp + j), delta8));
+    const __m256 w8 = _mm256_loadu_ps(w + j);
+    _mm256_storeu_ps(dw + j, _mm256_add_ps(_mm256_loadu_ps(dw + j), g));
+    _mm256_storeu_ps(s + j, _mm256_mul_ps(w8, e));
+    _mm256_storeu_ps(dp + j, _mm256_mul_ps(w8, g));
+  }
+  grad_row_scalar(s + j, dp + j, bias + j, w + j, n - j, limit - j, lse, delta, dw + j);
+}
+#endif
+
+inline void grad_row(float* s, float* dp, const float* bias, const float* w, int64_t n,
+                     int64_t limit, float lse, float delta, float* dw) {
+#ifdef GLIMPSE_TILES_AVX2
+  if (tiles::avx2()) return grad_row_avx2(s, dp, bias, w, n, limit, lse, delta, dw);
+#endif
+  grad_row_scalar(s, dp, bias, w, n, limit, lse, delta, dw);
+}
+
+struct BackwardScratch {
+  std::vector<float> scores, d_scores, dk, dv, dw;
+};
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> soft_mask_attention_forward_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& key_weight,
+    const std::optional<at::Tensor>& key_mask, bool causal, double scale) {
+  const Geometry g = check_inputs(q, k, v, key_weight, key_mask);
+  const int64_t N = g.seq, D = g.dim;
+  const at::Tensor q32 = widened(q), k32 = widened(k), v32 = widened(v);
+  const at::Tensor log_weight = key_bias(key_weight.to(at::kFloat).log(), key_mask);
+  at::Tensor out = at::empty({g.batch, g.heads, N, D}, q32.options());
+  at::Tensor lse = at::empty({g.batch, g.heads, N}, q32.options());
+  const float* qp = q32.const_data_ptr<float>();
+  const float* kp = k32.const_data_ptr<float>();
+  const float* vp = v32.const_data_ptr<float>();
+  const float* bias = log_weight.const_data_ptr<float>();
+  float* outp = out.data_ptr<float>();
+  float* lsep = lse.data_ptr<float>();
+  const int64_t query_tiles = (N + kQueryTile - 1) / kQueryTile, pairs = g.batch * g.heads;
+  const float alpha = static_cast<float>(scale);
+
+  tiles::run_tasks<ForwardScratch>(
+      pairs * query_tiles,
+      [&] {
+        return ForwardScratch{std::vector<float>(kQueryTile * kForwardKeyTile),
+                              std::vector<float>(kQueryTile * D), std::vector<float>(kQueryTile),
+                              std::vector<float>(kQueryTile)};
+      },
+      [&](int64_t task, ForwardScratch& sc) {
+        const int64_t tile = query_tiles - 1 - task / pairs, bh = task % pairs;  // last tiles first
+        const int64_t b = bh / g.heads, kvh = (bh % g.heads) / g.group();
+        const int64_t q0 = tile * kQueryTile, nq = std::min(kQueryTile, N - q0);
+        const float* qt = qp + (bh * N + q0) * D;
+        const float* kb = kp + (b * g.kv_heads + kvh) * N * D;
+        const float* vb = vp + (b * g.kv_heads + kvh) * N * D;
+        std::fill(sc.acc.begin(), sc.acc.end(), 0.f);
+        std::fill(sc.row_max.begin(), sc.row_max.end(), tiles::kNegInf);
+        std::fill(sc.row_sum.begin(), sc.row_sum.end(), 0.f);
+        const int64_t key_end = causal ? q0 + nq : N;
+        for (int64_t k0 = 0; k0 < key_end; k0 += kForwardKeyTile) {
+          const int64_t nk = std::min(kForwardKeyTile, key_end - k0);
+          float* s = sc.scores.data();
+          tiles::gemm(false, true, nq, nk, D, alpha, qt, D, kb + k0 * D, D, 0.f, s, kForwardKeyTile);
+          for (int64_t i = 0; i < nq; ++i) {
+            const float rescale = tiles::online_softmax_row(
+                s + i * kForwardKeyTile, bias + b * N + k0, nk, seen_keys(causal, q0 + i, k0, nk),
+                sc.row_max[i], sc.row_sum[i]);
+            if (rescale != 1.f) tiles::scale_row(sc.acc.data() + i * D, D, rescale);
+          }
+          tiles::gemm(false, false, nq, D, nk, 1.f, s, kForwardKeyTile, vb + k0 * D, D, 1.f,
+                      sc.acc.data(), D);
+        }
+        for (int64_t i = 0; i < nq; ++i) {
+          const float l = sc.row_sum[i];
+          float* o = outp + (bh * N + q0 + i) * D;
+          const float* a = sc.acc.data() + i * D;
+          if (l > 0.f) {
+            const float inv = 1.f / l;
+            for (int64_t d = 0; d < D; ++d) o[d] = a[d] * inv;
+            lsep[bh * N + q0 + i] = sc.row_max[i] + std::log(l);
+          } else {
+            std::fill(o, o + D, 0.f);
+            lsep[bh * N + q0 + i] = std::numeric_limits<float>::infinity();
+          }
+        }
+      });
+  return {out.to(q.scalar_type()), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_mask_attention_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& key_weight, const std::optional<at::Tensor>& key_mask, bool causal,
+    double scale, const at::Tensor& out, const at::Tensor& lse) {
+  const Geometry g = check_inputs(q, k, v, key_weight, key_mask);
+  GLIMPSE_CHECK_VALUE(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), kOp,
+                      "grad_out and out must have q's shape ", q.sizes(), ", got ",
+                      grad_out.sizes(), " and ", out.sizes());
+  GLIMPSE_CHECK_VALUE(lse.dim() == 3 && lse.sizes() == q.sizes().slice(0, 3), kOp,
+                      "lse must be [B, H, N], got ", lse.sizes());
+  const int64_t N = g.seq, D = g.dim, G = g.group();
+  const at::Tensor q32 = widened(q), k32 = widened(k), v32 = widened(v), do32 = widened(grad_out);
+  const at::Tensor lse32 = widened(lse);
+  const at::Tensor delta = (do32 * out.to(at::kFloat)).sum(-1).contiguous();
+  const at::Tensor bias = key_bias(at::zeros_like(key_weight, at::kFloat), key_mask);
+  const at::Tensor weight = widened(key_weight);
+  const int64_t key_tiles = (N + kBackwardKeyTile - 1) / kBackwardKeyTile;
+  const int64_t pairs = g.batch * g.kv_heads;
+  const int64_t chunks =
+      std::clamp<int64_t>((at::get_num_threads() + pairs - 1) / pairs, 1, key_tiles);
+  at::Tensor dq = at::zeros({chunks, g.batch, g.heads, N, D}, q32.options());
+  at::Tensor dk = at::empty({g.batch, g.kv_heads, N, D}, q32.options());
+  at::Tensor dv = at::empty_like(dk);
+  at::Tensor dw = at::empty({g.batch, g.kv_heads, N}, q32.options());
+  const float *qp = q32.const_data_ptr<float>(), *kp = k32.const_data_ptr<float>();
+  const float *vp = v32.const_data_ptr<float>(), *dop = do32.const_data_ptr<float>();
+  const float *lp = lse32.const_data_ptr<float>(), *deltap = delta.const_data_ptr<float>();
+  const float *biasp = bias.const_data_ptr<float>(), *wp = weight.const_data_ptr<float>();
+  float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
+  float* dwp = dw.data_ptr<float>();
+  const float alpha = static_cast<float>(scale);
+  const int64_t tile = kQueryTile * kBackwardKeyTile;
+
+  tiles::run_tasks<BackwardScratch>(
+      pairs * chunks,
+      [&] {
+        return BackwardScratch{std::vector<float>(tile), std::vector<float>(tile),
+                               std::vector<float>(kBackwardKeyTile * D),
+                               std::vector<float>(kBackwardKeyTile * D),
+                               std::vector<float>(kBackwardKeyTile)};
+      },
+      [&](int64_t task, BackwardScratch& sc) {
+        const int64_t chunk = task / pairs, pair = task % pairs, b = pair / g.kv_heads;
+        const float* kb = kp + pair * N * D;
+        const float* vb = vp + pair * N * D;
+        float* dq_chunk = dqp + chunk * g.batch * g.heads * N * D;
+        float *s = sc.scores.data(), *ds = sc.d_scores.data();
+        for (int64_t kt = chunk; kt < key_tiles; kt += chunks) {
+          const int64_t k0 = kt * kBackwardKeyTile, nk = std::min(kBackwardKeyTile, N - k0);
+          std::fill(sc.dk.begin(), sc.dk.end(), 0.f);
+          std::fill(sc.dv.begin(), sc.dv.end(), 0.f);
+          std::fill(sc.dw.begin(), sc.dw.end(), 0.f);
+          for (int64_t hg = 0; hg < G; ++hg) {
+            const int64_t bh = b * g.heads + (pair % g.kv_heads) * G + hg;
+            for (int64_t q0 = causal ? k0 / kQueryTile * kQueryTile : 0; q0 < N; q0 += kQueryTile) {
+              const int64_t nq = std::min(kQueryTile, N - q0);
+              const float* qt = qp + (bh * N + q0) * D;
+              const float* dot = dop + (bh * N + q0) * D;
+              tiles::gemm(false, true, nq, nk, D, alpha, qt, D, kb + k0 * D, D, 0.f, s, kBackwardKeyTile);
+              tiles::gemm(false, true, nq, nk, D, 1.f, dot, D, vb + k0 * D, D, 0.f, ds, kBackwardKeyTile);
+              for (int64_t i = 0; i < nq; ++i) {
+                const int64_t row = bh * N + q0 + i;
+                grad_row(s + i * kBackwardKeyTile, ds + i * kBackwardKeyTile, biasp + b * N + k0,
+                         wp + b * N + k0, nk, seen_keys(causal, q0 + i, k0, nk), lp[row], deltap[row],
+                         sc.dw.data());
+              }
+              tiles::gemm(true, false, nk, D, nq, 1.f, s, kBackwardKeyTile, dot, D, 1.f, sc.dv.data(), D);
+              tiles::gemm(true, false, nk, D, nq, alpha, ds, kBackwardKeyTile, qt, D, 1.f, sc.dk.data(), D);
+              tiles::gemm(false, false, nq, D, nk, alpha, ds, kBackwardKeyTile, kb + k0 * D, D, 1.f,
+                          dq_chunk + (bh * N + q0) * D, D);
+            }
+          }
+          std::copy(sc.dk.begin(), sc.dk.begin() + nk * D, dkp + (pair * N + k0) * D);
+          std::copy(sc.dv.begin(), sc.dv.begin() + nk * D, dvp + (pair * N + k0) * D);
+          std::copy(sc.dw.begin(), sc.dw.begin() + nk, dwp + pair * N + k0);
+        }
+      });
+  const at::Tensor dq_total = chunks > 1 ? dq.sum(0) : dq.select(0, 0);
+  return {dq_total.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type()),
+          dw.sum(1).to(key_weight.scalar_type())};
+}
+
+}  // namespace glimpse
+
+TORCH_LIBRARY_IMPL(glimpse, CPU, m) {
+  m.impl("_soft_mask_attention_forward_native", &glimpse::soft_mask_attention_forward_cpu);
+  m.impl("_soft_mask_attention_backward_native", &glimpse::soft_mask_attention_backward_cpu);
+}

@@ -11,13 +11,14 @@ reported on GPU.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from timing import gate_failed, measure
+from timing import gate_failed, measure, peak_mib
 
 import glimpse_ops as g
 from glimpse_ops.reference import soft_mask_attention_reference
@@ -50,8 +51,9 @@ class AttentionCase:
 
 
 def attention_cases(smoke: bool, device: str) -> list[AttentionCase]:
-    if device != "cuda":  # the CPU run only exercises the machinery at a small size
-        return [AttentionCase(512, 1, mode, "fp32") for mode in ("fwd", "fwd+bwd")]
+    if device != "cuda":  # fp32, where CPU SDPA is fastest; 2k only outside --smoke (dense peers take seconds)
+        sizes = (512,) if smoke else (512, 2048)
+        return [AttentionCase(n, 1, mode, "fp32") for n in sizes for mode in ("fwd", "fwd+bwd")]
     sizes = (1024, 4096) if smoke else (1024, 4096, 8192, 16384)
     batches = (1,) if smoke else (1, 4)
     return [AttentionCase(n, b, mode) for n in sizes for b in batches for mode in ("fwd", "fwd+bwd")]
@@ -86,21 +88,30 @@ def attention_providers(device: str, n: int) -> dict[str, Callable[[dict], torch
     def sdpa_unmasked(x):
         return F.scaled_dot_product_attention(x["q"], x["k"], x["v"], is_causal=True, scale=scale, enable_gqa=True)
 
-    def sdpa_efficient_mask(x):
-        mask = _causal_log_weight(x["w"], x["q"].shape[2])
-        backends = (
-            [torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION]
-            if device == "cuda"
-            else [torch.nn.attention.SDPBackend.MATH]
-        )
-        with torch.nn.attention.sdpa_kernel(backends):
-            return F.scaled_dot_product_attention(x["q"], _repeat(x["k"]), _repeat(x["v"]), attn_mask=mask, scale=scale)
+    def sdpa_dense_mask(backends: list | None):
+        """None: the backend SDPA picks for these inputs."""
+
+        def run(x):
+            mask = _causal_log_weight(x["w"], x["q"].shape[2])
+            with contextlib.nullcontext() if backends is None else torch.nn.attention.sdpa_kernel(backends):
+                return F.scaled_dot_product_attention(
+                    x["q"], _repeat(x["k"]), _repeat(x["v"]), attn_mask=mask, scale=scale
+                )
+
+        return run
 
     def eager(x):
         s = x["q"] @ _repeat(x["k"]).transpose(-1, -2) * scale + _causal_log_weight(x["w"], x["q"].shape[2])
         return torch.softmax(s.float(), dim=-1).to(x["q"].dtype) @ _repeat(x["v"])
 
-    providers = {"sdpa_unmasked": sdpa_unmasked, "sdpa_efficient_mask": sdpa_efficient_mask, "eager": eager}
+    providers = {"sdpa_unmasked": sdpa_unmasked}
+    backend = torch.nn.attention.SDPBackend
+    if device == "cuda":
+        providers["sdpa_efficient_mask"] = sdpa_dense_mask([backend.EFFICIENT_ATTENTION])
+    else:
+        providers["sdpa_dense_mask"] = sdpa_dense_mask(None)
+        providers["sdpa_math_mask"] = sdpa_dense_mask([backend.MATH])
+    providers["eager"] = eager
     if device == "cuda":
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -126,9 +137,10 @@ def attention_providers(device: str, n: int) -> dict[str, Callable[[dict], torch
             return compiled(x["q"], x["k"], x["v"], x["w"], masks[size])
 
         providers["flex_captured_weight"] = flex_captured
-    if "triton" in g.available_backends("soft_mask_attention", device) and device == "cuda":
-        providers["triton"] = lambda x: g.soft_mask_attention(
-            x["q"], x["k"], x["v"], x["w"], None, causal=True, scale=scale, backend="triton"
+    ours = "triton" if device == "cuda" else "native"
+    if ours in g.available_backends("soft_mask_attention", device):
+        providers[ours] = lambda x: g.soft_mask_attention(
+            x["q"], x["k"], x["v"], x["w"], None, causal=True, scale=scale, backend=ours
         )
     if n <= 1024:
         providers["reference"] = lambda x: g.soft_mask_attention(
@@ -190,6 +202,8 @@ def run_attention_case(case: AttentionCase, device: str, budget_s: float, progre
 
             with torch.no_grad() if case.mode == "fwd" else torch.enable_grad():
                 row.update(measure(step, device, budget_s))
+                if device != "cuda":  # measure() reports the GPU's peak itself
+                    row["peak_extra_mib"] = peak_mib(step, device)
             row["tflops"] = case.flops() / (row["p50"] * 1e-3) / 1e12
         except Exception as exc:  # e.g. out of memory for the dense-mask peers at 16k
             row["error"] = f"{type(exc).__name__}: {exc}"[:300]

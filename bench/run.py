@@ -9,8 +9,10 @@
     python bench/run.py --vllm     # serving: stock vLLM vs the glimpse_ops.vllm plugin (bench/serving.py)
 
 soft_mask_attention (bench/attention.py) runs forward and forward+backward against SDPA
-without a mask (the ceiling), SDPA memory-efficient with a dense log-weight mask requiring
-grad, FlexAttention with a captured log-weight (GPU), and eager PyTorch.
+without a mask (the ceiling), SDPA with a dense log-weight mask requiring grad
+(memory-efficient on GPU; on CPU the backend SDPA picks and its math backend),
+FlexAttention with a captured log-weight (GPU), and eager PyTorch (CPU: N = 512 and 2048,
+fp32; --smoke: 512).
 
 Providers: ``eager`` (the GlimpsePrune/FastV/kvpress-style PyTorch pipeline, see peers.py),
 ``reference`` (glimpse_ops.reference), ``reference+compile`` (the same under torch.compile),
@@ -327,11 +329,11 @@ def print_table(rows: list[dict], device: str) -> None:
             print(f"{name:<40} {row['provider']:<18} {row.get('error', 'skipped')[:60]}")
             continue
         if "tflops" in row:
-            memory = f" {row['peak_extra_mib']:>9.0f} MiB" if "peak_extra_mib" in row else ""
+            memory = f" {row['peak_extra_mib']:>9.0f} MiB" if row.get("peak_extra_mib") is not None else ""
             print(
                 f"{name:<40} {row['provider']:<18} {row['p50']:>10.3f} {spread_text(row):>6} "
                 f"{row.get('time_vs_sdpa_unmasked', 0):>8.2f}t "
-                f"{row['tflops']:>8.1f} TFLOP/s{memory}"
+                f"{row['tflops']:>8.3f} TFLOP/s{memory}"
             )
             continue
         speed = f"{row['speedup_vs_eager']:.2f}x" if "speedup_vs_eager" in row else "-"

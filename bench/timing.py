@@ -7,6 +7,7 @@ import os
 import platform
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -176,10 +177,46 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """File descriptor 2 to /dev/null: the profiler prints a start and a stop line there."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _cpu_peak_mib(fn: Callable[[], object]) -> float:
+    """The peak of one call's CPU tensor memory above what was live before: the profiler's
+    memory timeline (every allocation and free, in order; what existed before is left out)."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
+
+    with (
+        _quiet_stderr(),
+        profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof,
+    ):
+        fn()
+    live = peak = 0
+    for _, action, _, size in sorted(prof._memory_profile().timeline, key=lambda item: item[0]):
+        if action == Action.CREATE:
+            live += size
+        elif action == Action.DESTROY:
+            live -= size
+        peak = max(peak, live)
+    return round(peak / 2**20, 1)
+
+
 def peak_mib(fn: Callable[[], object], device: str) -> float | None:
-    """Peak memory one call of ``fn`` allocates above what was live before (GPU; None on CPU)."""
+    """Peak memory one call of ``fn`` allocates above what was live before (GPU: the caching
+    allocator's peak; CPU: from the profiler's allocation records)."""
     if device != "cuda":
-        return None
+        return _cpu_peak_mib(fn)
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()

@@ -27,7 +27,7 @@ namespace {
 
 constexpr int64_t kQueryTile = 64;
 constexpr int64_t kForwardKeyTile = 128;
-constexpr int64_t kBackwardKeyTile = 64;
+constexpr int64_t kBackwardKeyTile = 128;
 constexpr const char* kOp = "soft_mask_attention";
 
 struct Geometry {

@@ -1,0 +1,91 @@
+"""Markdown tables of a ``bench/run.py`` JSON, for bench/RESULTS.md: figures are copied from
+the measurement, never typed by hand.
+
+    python bench/results_table.py bench/results/<device>/<file>.json
+
+Kernel rows: per case, native (or triton) against reference+compile and the eager peer, and
+% of the case's copy ceiling. Attention rows: each provider's time, its ratio to SDPA
+without a mask and to the best dense-mask SDPA, and its peak extra memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+DENSE_MASK = ("sdpa_dense_mask", "sdpa_math_mask", "sdpa_efficient_mask")
+
+
+def _by_case(rows: list[dict]) -> dict[str, dict[str, dict]]:
+    cases: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        if "p50" in row:
+            cases.setdefault(row["name"], {})[row["provider"]] = row
+    return cases
+
+
+def kernel_table(rows: list[dict], ours: str) -> str:
+    lines = [
+        f"| case | {ours} ms | reference+compile ms | {ours} vs compile | eager ms | {ours} % copy |",
+        "|---|---|---|---|---|---|",
+    ]
+    met = total = 0
+    for name, providers in _by_case([r for r in rows if "tflops" not in r]).items():
+        mine, compiled = providers.get(ours), providers.get("reference+compile")
+        if mine is None:
+            continue
+        eager = providers.get("eager")
+        ratio = compiled["p50"] / mine["p50"] if compiled else None
+        if ratio is not None:
+            total += 1
+            met += ratio >= 1.0
+        lines.append(
+            f"| {name} | {mine['p50']:.2f} | {compiled['p50']:.2f} | {ratio:.2f}x | "
+            if compiled
+            else f"| {name} | {mine['p50']:.2f} | - | - | "
+        )
+        lines[-1] += f"{eager['p50']:.2f} | " if eager else "- | "
+        lines[-1] += f"{mine['pct_copy_bw']:.0f}% |" if "pct_copy_bw" in mine else "- |"
+    lines.append("")
+    lines.append(f"{ours} at least as fast as reference+compile on {met} of {total} cases.")
+    return "\n".join(lines)
+
+
+def attention_table(rows: list[dict]) -> str:
+    lines = [
+        "| case | provider | ms | vs SDPA unmasked | vs best dense-mask SDPA | peak extra MiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, providers in _by_case([r for r in rows if "tflops" in r]).items():
+        dense = [providers[p]["p50"] for p in DENSE_MASK if p in providers]
+        best_dense = min(dense) if dense else None
+        for provider, row in providers.items():
+            versus = f"{row['p50'] / best_dense:.2f}x" if best_dense else "-"
+            peak = row.get("peak_extra_mib")
+            lines.append(
+                f"| {name} | {provider} | {row['p50']:.1f} | {row.get('time_vs_sdpa_unmasked', 0):.2f}x | "
+                f"{versus} | {'-' if peak is None else f'{peak:.0f}'} |"
+            )
+            name = ""
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("json", type=Path)
+    parser.add_argument("--ours", default=None, help="the provider to compare (default: native on CPU, else triton)")
+    args = parser.parse_args(argv)
+    data = json.loads(args.json.read_text())
+    machine, rows = data["machine"], data["results"]
+    ours = args.ours or ("triton" if machine.get("cuda") else "native")
+    print(f"{machine['device']}, torch {machine['torch']}, git {str(machine['git_sha'])[:10]}, {args.json.name}\n")
+    print(kernel_table(rows, ours))
+    if any("tflops" in r for r in rows):
+        print()
+        print(attention_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,63 @@
+"""bench/results_table.py (the tables of bench/RESULTS.md) and the CPU peak-memory figure
+of the benchmark, on made-up rows and a real allocation."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+from helpers import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "bench"))
+
+import results_table  # noqa: E402
+import timing  # noqa: E402
+
+
+def _kernel_row(name: str, provider: str, p50: float) -> dict:
+    return {"case": {"op": "compact_kv"}, "name": name, "provider": provider, "p50": p50, "pct_copy_bw": 40.0}
+
+
+def _attention_row(provider: str, p50: float, peak: float) -> dict:
+    name = "soft_mask_attention N=512 B=1 fwd+bwd"
+    return {"case": {"n": 512}, "name": name, "provider": provider, "p50": p50, "tflops": 0.1,
+            "time_vs_sdpa_unmasked": p50 / 100.0, "peak_extra_mib": peak}  # fmt: skip
+
+
+def test_tables_take_the_figures_from_the_rows(tmp_path, capsys):
+    rows = [
+        _kernel_row("a", "native", 2.0),
+        _kernel_row("a", "reference+compile", 3.0),
+        _kernel_row("a", "eager", 9.0),
+        _kernel_row("b", "native", 4.0),
+        _kernel_row("b", "reference+compile", 3.0),
+        {"name": "b", "provider": "triton", "error": "not timed"},
+        _attention_row("sdpa_unmasked", 100.0, 24),
+        _attention_row("sdpa_dense_mask", 200.0, 112),
+        _attention_row("sdpa_math_mask", 180.0, 112),
+        _attention_row("native", 120.0, 16),
+    ]
+    path = tmp_path / "run.json"
+    machine = {"device": "test CPU", "torch": "x", "git_sha": "0123456789abc", "cuda": None}
+    path.write_text(json.dumps({"machine": machine, "results": rows}))
+    assert results_table.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "| a | 2.00 | 3.00 | 1.50x | 9.00 | 40% |" in out
+    assert "| b | 4.00 | 3.00 | 0.75x | - | 40% |" in out
+    assert "native at least as fast as reference+compile on 1 of 2 cases." in out
+    # the best dense-mask SDPA is the math one (180 ms): native 120 / 180
+    assert "|  | native | 120.0 | 1.20x | 0.67x | 16 |" in out
+
+
+def test_cpu_peak_memory_counts_what_one_call_allocates():
+    live = torch.ones(4 << 20)  # 16 MiB that exist before the call do not count
+
+    def call():
+        a = torch.empty(8 << 20)  # 32 MiB
+        b = torch.empty(2 << 20)  # + 8 MiB live together
+        del a, b
+        return torch.empty(1 << 20)  # 4 MiB after both were freed
+
+    assert timing.peak_mib(call, "cpu") == 40.0
+    assert live.numel() == 4 << 20

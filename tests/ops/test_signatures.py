@@ -56,7 +56,11 @@ def _kernels(op: str):
             if isinstance(obj, type) and issubclass(obj, tuple) and name.endswith("Kernel")]  # fmt: skip
 
 
-NATIVE_NAMES = {"Kernel": "_{op}_native", "ForwardKernel": "_{op}_forward_native", "BackwardKernel": "_{op}_backward_native"}
+NATIVE_NAMES = {
+    "Kernel": "_{op}_native",
+    "ForwardKernel": "_{op}_forward_native",
+    "BackwardKernel": "_{op}_backward_native",
+}
 
 
 @pytest.mark.parametrize("op", glimpse_ops.OPS)

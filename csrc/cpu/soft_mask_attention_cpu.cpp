@@ -25,8 +25,9 @@
 namespace glimpse {
 namespace {
 
-constexpr int64_t kQueryTile = 64;
-constexpr int64_t kForwardKeyTile = 128;
+constexpr int64_t kForwardQueryTile = 128;
+constexpr int64_t kForwardKeyTile = 256;
+constexpr int64_t kBackwardQueryTile = 128;
 constexpr int64_t kBackwardKeyTile = 128;
 constexpr const char* kOp = "soft_mask_attention";
 
@@ -138,20 +139,20 @@ std::tuple<at::Tensor, at::Tensor> soft_mask_attention_forward_cpu(
   const float* bias = log_weight.const_data_ptr<float>();
   float* outp = out.data_ptr<float>();
   float* lsep = lse.data_ptr<float>();
-  const int64_t query_tiles = (N + kQueryTile - 1) / kQueryTile, pairs = g.batch * g.heads;
+  const int64_t query_tiles = (N + kForwardQueryTile - 1) / kForwardQueryTile, pairs = g.batch * g.heads;
   const float alpha = static_cast<float>(scale);
 
   tiles::run_tasks<ForwardScratch>(
       pairs * query_tiles,
       [&] {
-        return ForwardScratch{std::vector<float>(kQueryTile * kForwardKeyTile),
-                              std::vector<float>(kQueryTile * D), std::vector<float>(kQueryTile),
-                              std::vector<float>(kQueryTile)};
+        return ForwardScratch{std::vector<float>(kForwardQueryTile * kForwardKeyTile),
+                              std::vector<float>(kForwardQueryTile * D), std::vector<float>(kForwardQueryTile),
+                              std::vector<float>(kForwardQueryTile)};
       },
       [&](int64_t task, ForwardScratch& sc) {
         const int64_t tile = query_tiles - 1 - task / pairs, bh = task % pairs;  // last tiles first
         const int64_t b = bh / g.heads, kvh = (bh % g.heads) / g.group();
-        const int64_t q0 = tile * kQueryTile, nq = std::min(kQueryTile, N - q0);
+        const int64_t q0 = tile * kForwardQueryTile, nq = std::min(kForwardQueryTile, N - q0);
         const float* qt = qp + (bh * N + q0) * D;
         const float* kb = kp + (b * g.kv_heads + kvh) * N * D;
         const float* vb = vp + (b * g.kv_heads + kvh) * N * D;
@@ -220,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_mask_attention_b
   float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
   float* dwp = dw.data_ptr<float>();
   const float alpha = static_cast<float>(scale);
-  const int64_t tile = kQueryTile * kBackwardKeyTile;
+  const int64_t tile = kBackwardQueryTile * kBackwardKeyTile;
 
   tiles::run_tasks<BackwardScratch>(
       pairs * chunks,
@@ -243,8 +244,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_mask_attention_b
           std::fill(sc.dw.begin(), sc.dw.end(), 0.f);
           for (int64_t hg = 0; hg < G; ++hg) {
             const int64_t bh = b * g.heads + (pair % g.kv_heads) * G + hg;
-            for (int64_t q0 = causal ? k0 / kQueryTile * kQueryTile : 0; q0 < N; q0 += kQueryTile) {
-              const int64_t nq = std::min(kQueryTile, N - q0);
+            for (int64_t q0 = causal ? k0 / kBackwardQueryTile * kBackwardQueryTile : 0; q0 < N; q0 += kBackwardQueryTile) {
+              const int64_t nq = std::min(kBackwardQueryTile, N - q0);
               const float* qt = qp + (bh * N + q0) * D;
               const float* dot = dop + (bh * N + q0) * D;
               tiles::gemm(false, true, nq, nk, D, alpha, qt, D, kb + k0 * D, D, 0.f, s, kBackwardKeyTile);

@@ -210,13 +210,11 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _no_sync(self, last: bool):
-        """Skip the gradient reduction on all but the last micro-batch of a step."""
-        if last or self.world == 1:
+        """DDP: skip the gradient reduction on all but the last micro-batch of a step (FSDP2
+        is told per micro-batch in ``_micro_step``)."""
+        if last or self.world == 1 or self.config.strategy != "ddp":
             return contextlib.nullcontext()
-        if self.config.strategy == "ddp":
-            return self.wrapped.no_sync()
-        self.wrapped.set_requires_gradient_sync(False)
-        return contextlib.nullcontext()
+        return self.wrapped.no_sync()
 
     def _micro_step(self, batch: dict, last: bool) -> Tensor:
         """Forward and backward of one micro-batch; returns [global loss, CE, kept fraction]."""

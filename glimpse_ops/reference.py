@@ -352,13 +352,18 @@ def _soft_mask_terms(
     allowed = _allowed_keys(key_mask, causal, B, N, N, q.device)
     logits = scale * torch.einsum("bhid,bhjd->bhij", _acc(q), _repeat_kv(k, H))
     logits = logits.masked_fill(~allowed, float("-inf"))
-    row_max = logits.amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, 0.0).detach()
     w = _acc(key_weight)[:, None, None, :]
-    total = (w * torch.exp(logits - row_max)).sum(dim=-1, keepdim=True)
+    # The shift is the max over keys that carry weight: a dominant key with w = 0 must not set
+    # it (the others' exp(s - max) would underflow). Exponents are capped at the dtype's exp
+    # range, which only ever binds on such a key: its w exp(.) is then 0, not 0 * inf, and only
+    # its own dw saturates.
+    cap = math.log(torch.finfo(logits.dtype).max) - 1.0
+    row_max = logits.masked_fill(w == 0, float("-inf")).amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, 0.0).detach()
+    total = (w * torch.exp((logits - row_max).clamp_max(cap))).sum(dim=-1, keepdim=True)
     live = total > 0
     lse = row_max + torch.log(torch.where(live, total, 1.0))
-    unweighted = torch.where(live, torch.exp(logits - lse), 0.0)
+    unweighted = torch.where(live, torch.exp((logits - lse).clamp_max(cap)), 0.0)
     return unweighted, w, scale, torch.where(live, lse, float("inf")).squeeze(-1)
 
 
@@ -413,7 +418,7 @@ def soft_mask_attention_backward_reference(
 
     With L_i = log sum_l w_l exp(s_il), E_ij = exp(s_ij - L_i) (0 for a zero row),
     P_ij = w_j E_ij, dP = dO V^T and delta_i = sum_j P_ij dP_ij:
-    ``G_ij = E_ij (dP_ij - delta_i)``, ``dS = w_j G_ij``, ``dw_j = sum_{h, i} G_ij``,
+    ``G_ij = E_ij (dP_ij - delta_i)``, ``dS = w_j G_ij = P_ij (dP_ij - delta_i)``, ``dw_j = sum_{h, i} G_ij``,
     ``dq = scale dS K``, ``dk = scale dS^T Q``, ``dv = P^T dO``. Returns (dq, dk, dv, dw).
     """
     B, H, N, D = q.shape
@@ -424,7 +429,7 @@ def soft_mask_attention_backward_reference(
     d_probs = torch.einsum("bhid,bhjd->bhij", do, _repeat_kv(v, H))
     delta = (probs * d_probs).sum(-1, keepdim=True)
     g = unweighted * (d_probs - delta)
-    ds = w * g
+    ds = probs * (d_probs - delta)  # = w g, without 0 * inf where E saturated
     dq = scale * torch.einsum("bhij,bhjd->bhid", ds, _repeat_kv(k, H))
     group = (B, Hkv, H // Hkv, N, D)
     dk = (scale * torch.einsum("bhij,bhid->bhjd", ds, _acc(q))).view(group).sum(2)

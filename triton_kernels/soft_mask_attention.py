@@ -1,10 +1,13 @@
 """Triton soft_mask_attention, FlashAttention-2 style, forward and backward.
 
 P_ij = w_j exp(s_ij - L_i) with L_i = log sum_l w_l exp(s_il) over allowed l: the forward
-keeps an online max over the *unweighted* logits and a weighted running sum, and saves L
+is an online softmax of s + log w (a key with w = 0 never sets the running max, so a
+dominant zero-weight key cannot underflow the others' terms) and saves L
 (+inf for a row whose allowed weights sum to 0, which makes every later exp 0). Backward,
 with E_ij = exp(s_ij - L_i), delta_i = dO_i . O_i and G_ij = E_ij (dP_ij - delta_i):
-dS = w_j G_ij, dw_j = sum_{h, i} G_ij (never divided by w, so finite at w = 0).
+dS = w_j G_ij = P_ij (dP_ij - delta_i), dw_j = sum_{h, i} G_ij (never divided by w, so finite
+at w = 0). E is capped at exp(E_CAP): s - L exceeds fp32's exp range only on a key with w ~ 0
+whose logit dominates the row, where P = w E must be 0 and not 0 * inf (only its dw saturates).
 ``_bwd_dkdv_kernel``: one program per (b, KV head, key block) loops over the heads of its
 group and the query blocks, keeping dK, dV and the per-key weight gradient in registers
 (only the sum over KV heads of dw happens outside). ``_bwd_dq_kernel``: one program per
@@ -18,6 +21,8 @@ import triton
 import triton.language as tl
 
 from ._utils import device_guard, dot_precision, launch_options, next_pow2, target_arch, triton_interpreting
+
+E_CAP: tl.constexpr = tl.constexpr(88.0)
 
 
 @triton.jit
@@ -91,10 +96,11 @@ def _fwd_kernel(
         if CAUSAL:
             s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
         w = tl.load(w_ptr + b * sw_b + offs_n * sw_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        s += tl.log(w)[None, :]  # -inf where w = 0: such a key never sets the running max
         m_new = tl.maximum(m, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m - m_safe)
-        p = tl.exp(s - m_safe[:, None]) * w[None, :]
+        p = tl.exp(s - m_safe[:, None])
         v = _load_rows(v_ptr, b, kvh, offs_n, N, D, sv_b, sv_h, sv_n, BLOCK_D)
         total = total * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
@@ -185,12 +191,13 @@ def _bwd_dkdv_kernel(
             s_t = tl.dot(k, q_t, input_precision=PRECISION) * scale + bias[:, None]  # [BLOCK_N, BLOCK_M]
             if CAUSAL:
                 s_t = tl.where(offs_n[:, None] <= offs_m[None, :], s_t, float("-inf"))
-            e_t = tl.exp(s_t - lse[None, :])  # 0 where not allowed, and on rows with lse = +inf
-            dv += tl.dot((e_t * w[:, None]).to(do.dtype), do, input_precision=PRECISION)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            g_t = e_t * (dp_t - delta[None, :])
-            dk += tl.dot((g_t * w[:, None]).to(q_t.dtype), tl.trans(q_t), input_precision=PRECISION)
-            dw += tl.sum(g_t, axis=1)
+            # 0 where not allowed and on rows with lse = +inf; capped: see E_CAP
+            e_t = tl.exp(tl.minimum(s_t - lse[None, :], E_CAP))
+            p_t = e_t * w[:, None]
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+            diff_t = tl.dot(v, tl.trans(do), input_precision=PRECISION) - delta[None, :]
+            dk += tl.dot((p_t * diff_t).to(q_t.dtype), tl.trans(q_t), input_precision=PRECISION)
+            dw += tl.sum(e_t * diff_t, axis=1)
     out_rows = bk.to(tl.int64) * N + offs_n  # dk, dv contiguous [B, Hkv, N, D]; dw [B, Hkv, N]
     ok = n_ok[:, None] & (offs_d[None, :] < D)
     tl.store(dk_ptr + out_rows[:, None] * D + offs_d[None, :], (dk * scale).to(dk_ptr.dtype.element_ty), mask=ok)
@@ -257,9 +264,9 @@ def _bwd_dq_kernel(
         if CAUSAL:
             s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
         w = tl.load(w_ptr + b * sw_b + offs_n * sw_n, mask=offs_n < N, other=0.0).to(tl.float32)
-        e = tl.exp(s - lse[:, None])
-        g = e * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
-        dq += tl.dot((g * w[None, :]).to(k.dtype), k, input_precision=PRECISION)
+        p = tl.exp(tl.minimum(s - lse[:, None], E_CAP)) * w[None, :]
+        ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     tl.store(
         dq_ptr + row[:, None] * D + offs_d[None, :],
         (dq * scale).to(dq_ptr.dtype.element_ty),

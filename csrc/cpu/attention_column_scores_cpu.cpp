@@ -83,6 +83,9 @@ at::Tensor attention_column_scores_cpu(const at::Tensor& q, const at::Tensor& k,
                           q.size(1) % k.size(1) == 0,
                       kOp, "q must be [B, H, S, D] and k [B, Hkv, S, D] with H % Hkv == 0, got ",
                       q.sizes(), " and ", k.sizes());
+  GLIMPSE_CHECK_VALUE(q.numel() > 0 && k.numel() > 0, kOp,
+                      "q must be a non-empty [B, H, S, D] and k a non-empty [B, Hkv, S, D], got ",
+                      q.sizes(), " and ", k.sizes());
   const auto t = q.scalar_type();
   GLIMPSE_CHECK_TYPE((t == at::kFloat || t == at::kHalf || t == at::kBFloat16) && k.scalar_type() == t,
                      kOp, "the native CPU kernel takes fp32/fp16/bf16 q and k of one dtype, got ", t,

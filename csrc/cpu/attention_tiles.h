@@ -95,7 +95,8 @@ void run_tasks(int64_t count, MakeScratch make_scratch, Task task) {
 // exp, vectorized
 // ---------------------------------------------------------------------------------------
 
-inline float exp_or_zero(float x) { return x < -87.f ? 0.f : std::exp(x); }
+// exp(x), exactly 0 below -87 and capped at exp(88.3) (finite), as exp8 does.
+inline float exp_or_zero(float x) { return x < -87.f ? 0.f : std::exp(std::min(x, 88.3f)); }
 
 #ifdef GLIMPSE_TILES_AVX2
 inline bool avx2() {
@@ -104,7 +105,8 @@ inline bool avx2() {
 }
 
 // exp(x) to ~2 ulp (Cephes' polynomial on x - n ln2, n = round(x / ln2)); exactly 0 below
-// -87 (incl. -inf), so masked keys contribute nothing.
+// -87 (incl. -inf), so masked keys contribute nothing; x is capped at 88.3 (2^n stays a
+// finite fp32), so the result is never inf.
 __attribute__((target("avx2,fma"))) inline __m256 exp8(__m256 x) {
   const __m256 zero_below = _mm256_cmp_ps(x, _mm256_set1_ps(-87.f), _CMP_LT_OQ);
   x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.3f));

@@ -4,8 +4,8 @@
 // s + log w, so the forward is an online softmax with the per-key bias log w (-inf for a
 // padding key or w = 0). It returns the output and L_i = log sum_l w_l exp(s_il) (+inf for a
 // row whose weights sum to 0), which the backward uses to recompute each tile:
-//   E = exp(s - L) (0 where not seen), P = w E, dP = dO V^T, delta_i = dO_i . O_i,
-//   G = E (dP - delta), dS = w G, dw_j = sum_{h, i} G_ij,
+//   E = exp(s - L) (0 where not seen), P = w E = exp(s + log w - L), dP = dO V^T,
+//   delta_i = dO_i . O_i, G = E (dP - delta), dS = w G = P (dP - delta), dw_j = sum_{h, i} G_ij,
 //   dq = scale dS K, dk = scale dS^T Q, dv = P^T dO.
 // Tiles are fp32 (fp16/bf16 inputs are widened once, O(N D) memory); products go through
 // sgemm, the row operations through AVX2 (attention_tiles.h).
@@ -14,7 +14,7 @@
 // first. The backward runs one task per (batch, KV head, chunk of key tiles): a task owns its
 // key tiles' dk, dv and per-KV-head dw rows, and adds dq for the query heads of its KV head
 // into its chunk's own fp32 buffer; chunks > 1 only when there are fewer (batch, KV head)
-// pairs than threads.
+// pairs than threads (at most kMaxChunks: each is a full fp32 dq).
 #include <torch/library.h>
 
 #include <vector>
@@ -29,6 +29,7 @@ constexpr int64_t kForwardQueryTile = 128;
 constexpr int64_t kForwardKeyTile = 256;
 constexpr int64_t kBackwardQueryTile = 128;
 constexpr int64_t kBackwardKeyTile = 128;
+constexpr int64_t kMaxChunks = 4;
 constexpr const char* kOp = "soft_mask_attention";
 
 struct Geometry {
@@ -43,6 +44,9 @@ Geometry check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor
                           q.size(3) == k.size(3) && k.size(1) > 0 && q.size(1) % k.size(1) == 0,
                       kOp, "q must be [B, H, N, D] and k, v [B, Hkv, N, D] with H % Hkv == 0, got ",
                       q.sizes(), ", ", k.sizes(), " and ", v.sizes());
+  GLIMPSE_CHECK_VALUE(q.numel() > 0 && k.numel() > 0, kOp,
+                      "q must be a non-empty [B, H, N, D] and k a non-empty [B, Hkv, N, D], got ",
+                      q.sizes(), " and ", k.sizes());
   const auto t = q.scalar_type();
   GLIMPSE_CHECK_TYPE(t == at::kFloat || t == at::kHalf || t == at::kBFloat16, kOp,
                      "the native CPU kernel takes fp32/fp16/bf16 q, got ", t,
@@ -78,44 +82,49 @@ struct ForwardScratch {
   std::vector<float> scores, acc, row_max, row_sum;
 };
 
-// Backward of one score row: e = exp(s + bias - L) on the seen keys, g = e (dp - delta);
-// dw += g, s <- w e (P), dp <- w g (dS); both 0 past `limit`.
-inline void grad_row_scalar(float* s, float* dp, const float* bias, const float* w, int64_t n,
+// Backward of one score row, on the keys it sees (j < limit): e = exp(s + bias - L) (bias 0
+// or -inf for padding), p = exp(s + log w - L) = w e, g = e (dp - delta); dw += g,
+// s <- p (P), dp <- p (dp - delta) (dS = w g). P and dS come from log w, not from w * e: for a
+// key with w = 0 whose logit exceeds L by more than fp32's exp range, e overflows and w * e
+// would be 0 * inf; only dw, whose true value is that large, saturates. Both 0 past `limit`.
+inline void grad_row_scalar(float* s, float* dp, const float* bias, const float* log_w, int64_t n,
                             int64_t limit, float lse, float delta, float* dw) {
   for (int64_t j = 0; j < limit; ++j) {
     const float e = tiles::exp_or_zero(s[j] + bias[j] - lse);
-    const float g = e * (dp[j] - delta);
-    dw[j] += g;
-    s[j] = w[j] * e;
-    dp[j] = w[j] * g;
+    const float p = tiles::exp_or_zero(s[j] + log_w[j] - lse);
+    const float diff = dp[j] - delta;
+    dw[j] += e * diff;
+    s[j] = p;
+    dp[j] = p * diff;
   }
   for (int64_t j = limit; j < n; ++j) s[j] = dp[j] = 0.f;
 }
 
 #ifdef GLIMPSE_TILES_AVX2
 __attribute__((target("avx2,fma"))) void grad_row_avx2(float* s, float* dp, const float* bias,
-                                                       const float* w, int64_t n, int64_t limit,
+                                                       const float* log_w, int64_t n, int64_t limit,
                                                        float lse, float delta, float* dw) {
   const __m256 lse8 = _mm256_set1_ps(lse), delta8 = _mm256_set1_ps(delta);
   int64_t j = 0;
   for (; j + 8 <= limit; j += 8) {
-    const __m256 e = tiles::exp8(_mm256_sub_ps(_mm256_add_ps(_mm256_loadu_ps(s + j), _mm256_loadu_ps(bias + j)), lse8));
-    const __m256 g = _mm256_mul_ps(e, _mm256_sub_ps(_mm256_loadu_ps(dp + j), delta8));
-    const __m256 w8 = _mm256_loadu_ps(w + j);
-    _mm256_storeu_ps(dw + j, _mm256_add_ps(_mm256_loadu_ps(dw + j), g));
-    _mm256_storeu_ps(s + j, _mm256_mul_ps(w8, e));
-    _mm256_storeu_ps(dp + j, _mm256_mul_ps(w8, g));
+    const __m256 s8 = _mm256_sub_ps(_mm256_loadu_ps(s + j), lse8);
+    const __m256 e = tiles::exp8(_mm256_add_ps(s8, _mm256_loadu_ps(bias + j)));
+    const __m256 p = tiles::exp8(_mm256_add_ps(s8, _mm256_loadu_ps(log_w + j)));
+    const __m256 diff = _mm256_sub_ps(_mm256_loadu_ps(dp + j), delta8);
+    _mm256_storeu_ps(dw + j, _mm256_fmadd_ps(e, diff, _mm256_loadu_ps(dw + j)));
+    _mm256_storeu_ps(s + j, p);
+    _mm256_storeu_ps(dp + j, _mm256_mul_ps(p, diff));
   }
-  grad_row_scalar(s + j, dp + j, bias + j, w + j, n - j, limit - j, lse, delta, dw + j);
+  grad_row_scalar(s + j, dp + j, bias + j, log_w + j, n - j, limit - j, lse, delta, dw + j);
 }
 #endif
 
-inline void grad_row(float* s, float* dp, const float* bias, const float* w, int64_t n,
+inline void grad_row(float* s, float* dp, const float* bias, const float* log_w, int64_t n,
                      int64_t limit, float lse, float delta, float* dw) {
 #ifdef GLIMPSE_TILES_AVX2
-  if (tiles::avx2()) return grad_row_avx2(s, dp, bias, w, n, limit, lse, delta, dw);
+  if (tiles::avx2()) return grad_row_avx2(s, dp, bias, log_w, n, limit, lse, delta, dw);
 #endif
-  grad_row_scalar(s, dp, bias, w, n, limit, lse, delta, dw);
+  grad_row_scalar(s, dp, bias, log_w, n, limit, lse, delta, dw);
 }
 
 struct BackwardScratch {
@@ -205,11 +214,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_mask_attention_b
   const at::Tensor lse32 = widened(lse);
   const at::Tensor delta = (do32 * out.to(at::kFloat)).sum(-1).contiguous();
   const at::Tensor bias = key_bias(at::zeros_like(key_weight, at::kFloat), key_mask);
-  const at::Tensor weight = widened(key_weight);
+  const at::Tensor log_weight = key_bias(key_weight.to(at::kFloat).log(), key_mask);
   const int64_t key_tiles = (N + kBackwardKeyTile - 1) / kBackwardKeyTile;
   const int64_t pairs = g.batch * g.kv_heads;
-  const int64_t chunks =
-      std::clamp<int64_t>((at::get_num_threads() + pairs - 1) / pairs, 1, key_tiles);
+  // each chunk holds a full fp32 dq: at most kMaxChunks of them
+  const int64_t chunks = std::clamp<int64_t>((at::get_num_threads() + pairs - 1) / pairs, 1,
+                                             std::min(kMaxChunks, key_tiles));
   at::Tensor dq = at::zeros({chunks, g.batch, g.heads, N, D}, q32.options());
   at::Tensor dk = at::empty({g.batch, g.kv_heads, N, D}, q32.options());
   at::Tensor dv = at::empty_like(dk);
@@ -217,7 +227,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_mask_attention_b
   const float *qp = q32.const_data_ptr<float>(), *kp = k32.const_data_ptr<float>();
   const float *vp = v32.const_data_ptr<float>(), *dop = do32.const_data_ptr<float>();
   const float *lp = lse32.const_data_ptr<float>(), *deltap = delta.const_data_ptr<float>();
-  const float *biasp = bias.const_data_ptr<float>(), *wp = weight.const_data_ptr<float>();
+  const float *biasp = bias.const_data_ptr<float>(), *log_wp = log_weight.const_data_ptr<float>();
   float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
   float* dwp = dw.data_ptr<float>();
   const float alpha = static_cast<float>(scale);
@@ -253,7 +263,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_mask_attention_b
               for (int64_t i = 0; i < nq; ++i) {
                 const int64_t row = bh * N + q0 + i;
                 grad_row(s + i * kBackwardKeyTile, ds + i * kBackwardKeyTile, biasp + b * N + k0,
-                         wp + b * N + k0, nk, seen_keys(causal, q0 + i, k0, nk), lp[row], deltap[row],
+                         log_wp + b * N + k0, nk, seen_keys(causal, q0 + i, k0, nk), lp[row], deltap[row],
                          sc.dw.data());
               }
               tiles::gemm(true, false, nk, D, nq, 1.f, s, kBackwardKeyTile, dot, D, 1.f, sc.dv.data(), D);

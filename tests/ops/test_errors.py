@@ -8,7 +8,7 @@ import torch
 import glimpse_ops as g
 from glimpse_ops._backend import triton_interpreting
 
-f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
+f32, f16, bf16, f64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 
 
 def t(*shape, dtype=f32):
@@ -125,10 +125,22 @@ CASES = [
         r"glimpse.attention_column_scores: query_mask must be bool \[B, S\], got int64 \[2, 6\]",
     ),
     (
-        "columns native",
-        lambda: g.attention_column_scores(t(2, 4, 6, 8), t(2, 2, 6, 8), backend="native"),
-        RuntimeError,
-        r"glimpse.attention_column_scores: backend 'native' is not available on cpu",
+        "columns native fp64",
+        lambda: g.attention_column_scores(t(2, 4, 6, 8, dtype=f64), t(2, 2, 6, 8, dtype=f64), backend="native"),
+        TypeError,
+        r"glimpse.attention_column_scores: backend 'native' takes fp32/fp16/bf16 inputs, got fp64",
+    ),
+    (
+        "soft mask native fp64",
+        lambda: g.soft_mask_attention(
+            t(1, 2, 5, 8, dtype=f64),
+            t(1, 1, 5, 8, dtype=f64),
+            t(1, 1, 5, 8, dtype=f64),
+            t(1, 5).abs().clamp(0, 1),
+            backend="native",
+        ),
+        TypeError,
+        r"glimpse.soft_mask_attention: backend 'native' takes fp32/fp16/bf16 inputs, got fp64",
     ),
     # select_tokens
     (

@@ -213,3 +213,45 @@ def test_soft_mask_native_cpu_without_blas_matches_reference():
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert float(done.stdout.split()[-1]) < 1e-4
+
+
+@pytest.mark.parametrize("bd", SOFT)
+def test_soft_mask_zero_weight_on_a_dominant_key_keeps_gradients_finite(bd):
+    """A key with w = 0 whose logit exceeds the row's log-sum-exp by more than fp32's exp
+    range (here by 100): its P is 0, so out, dq, dk and dv are finite and equal the
+    reference (P = w E must not become 0 * inf); only that key's dw saturates."""
+    backend, device = bd
+    q = torch.zeros(1, 1, 9, 8, device=device)
+    q[..., 0] = 10.0
+    k = torch.zeros(1, 1, 9, 8, device=device)
+    k[0, 0, 1, 0] = 10.0 * 8**0.5  # s = scale q.k = 100 on key 1 from every row, 0 elsewhere
+    v = torch.randn(1, 1, 9, 8, device=device)
+    w = torch.ones(1, 9, device=device)
+    w[0, 1] = 0.0
+    inputs = [t.clone().requires_grad_(True) for t in (q, k, v, w)]
+    out = soft_mask_attention(*inputs, None, causal=False, backend=backend)
+    grad = torch.randn_like(out)
+    dq, dk, dv, dw = torch.autograd.grad(out, inputs, grad)
+    want = soft_mask_attention_reference(q, k, v, w, None, False)
+    want_grads = soft_mask_attention_backward_reference(grad, q, k, v, w, None, False, None)
+    assert bool(torch.isfinite(want).all()) and bool(torch.isfinite(out).all())
+    assert_close("out", out, want, TOLERANCES[torch.float32])
+    for name, a, b in zip(("dq", "dk", "dv"), (dq, dk, dv), want_grads[:3]):
+        assert bool(torch.isfinite(a).all()), f"{name} is not finite"
+        assert_close(name, a, b, GRAD_TOLERANCES[torch.float32])
+    keep = torch.arange(9, device=device) != 1
+    assert_close("dw of the other keys", dw[:, keep], want_grads[3][:, keep], GRAD_TOLERANCES[torch.float32])
+
+
+@native_cpu
+def test_soft_mask_native_cpu_private_ops_refuse_empty_inputs():
+    """The private native ops (reachable without the public op's validation) refuse a batch
+    of 0 with an error instead of dividing by it."""
+    q, k, v = attention_qkv(0, 2, 1, 5, 8, torch.float32, "cpu")
+    w = torch.rand(0, 5)
+    with pytest.raises(ValueError, match="non-empty"):
+        torch.ops.glimpse._soft_mask_attention_forward_native(q, k, v, w, None, True, 0.3)
+    with pytest.raises(ValueError, match="non-empty"):
+        torch.ops.glimpse._soft_mask_attention_backward_native(q, q, k, v, w, None, True, 0.3, q, q[..., 0])
+    with pytest.raises(ValueError, match="non-empty"):
+        torch.ops.glimpse._attention_column_scores_native(q, k, None, None, True, 0.3)

@@ -189,7 +189,7 @@ def stage_commands(stage: str, args: argparse.Namespace, out: Path) -> list[tupl
             )
         ]
     if stage == "attention":
-        sizes = [] if dry else ["--visual", "4096", "16384", "--batch", "1"]
+        sizes = ["--smoke"] if dry else ["--visual", "4096", "16384", "--batch", "1"]  # CPU --smoke: N = 512
         return [("run.py", bench + ["--ops", "soft_mask_attention"] + sizes + ["--json", str(out / "attention.json")])]
     if stage == "e2e":
         sizes = ["--smoke"] if dry else ["--visual", "16384"]

@@ -67,11 +67,6 @@ PackedRows pack_selected_rows(const at::Tensor& q, const std::optional<at::Tenso
   return packed;
 }
 
-// How many keys of the tile starting at k0 (n keys) the row at `position` sees.
-inline int64_t seen_keys(bool causal, int64_t position, int64_t k0, int64_t n) {
-  return causal ? std::clamp<int64_t>(position - k0 + 1, 0, n) : n;
-}
-
 }  // namespace
 
 at::Tensor attention_column_scores_cpu(const at::Tensor& q, const at::Tensor& k,
@@ -102,8 +97,7 @@ at::Tensor attention_column_scores_cpu(const at::Tensor& q, const at::Tensor& k,
   const PackedRows packed = pack_selected_rows(q, query_mask);
   const int64_t rows = packed.rows;
   const at::Tensor k32 = k.to(at::kFloat).contiguous();
-  at::Tensor bias = at::zeros({batch, seq}, k32.options());
-  if (key_mask.has_value()) bias.masked_fill_(key_mask->logical_not(), tiles::kNegInf);
+  const at::Tensor bias = tiles::key_bias(at::zeros({batch, seq}, k32.options()), key_mask);
   at::Tensor lse = at::empty({batch, heads, std::max<int64_t>(rows, 1)}, k32.options());
   at::Tensor out = at::empty({batch, heads, seq}, k32.options());
   const float *qp = packed.q.const_data_ptr<float>(), *kp = k32.const_data_ptr<float>();
@@ -131,7 +125,7 @@ at::Tensor attention_column_scores_cpu(const at::Tensor& q, const at::Tensor& k,
                   s.data(), kKeyTile);
       for (int64_t r = 0; r < nr; ++r)
         tiles::online_softmax_row(s.data() + r * kKeyTile, biasp + b * seq + k0, nk,
-                                  seen_keys(causal, pos[r], k0, nk), row_max[r], row_sum[r]);
+                                  tiles::seen_keys(causal, pos[r], k0, nk), row_max[r], row_sum[r]);
     }
     for (int64_t r = 0; r < nr; ++r)
       lsep[bh * rows + r0 + r] =
@@ -154,8 +148,7 @@ at::Tensor attention_column_scores_cpu(const at::Tensor& q, const at::Tensor& k,
                   kKeyTile);
       for (int64_t r = 0; r < nr; ++r) {
         float* row = s.data() + r * kKeyTile;
-        // exp(s + bias - L) = exp(s + bias - 0 - L): biased_exp with shift L
-        tiles::biased_exp(row, biasp + b * seq + k0, nk, seen_keys(causal, pos[r0 + r], k0, nk),
+        tiles::biased_exp(row, biasp + b * seq + k0, nk, tiles::seen_keys(causal, pos[r0 + r], k0, nk),
                           lsep[bh * rows + r0 + r]);
         for (int64_t j = 0; j < nk; ++j) col[j] += row[j];
       }

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
+#include <optional>
 #include <string>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -89,6 +90,18 @@ void run_tasks(int64_t count, MakeScratch make_scratch, Task task) {
       for (int64_t t = next.fetch_add(1); t < count; t = next.fetch_add(1)) task(t, scratch);
     }
   });
+}
+
+// How many keys of the tile starting at key k0 (n keys) the query at sequence position i sees.
+inline int64_t seen_keys(bool causal, int64_t i, int64_t k0, int64_t n) {
+  return causal ? std::clamp<int64_t>(i - k0 + 1, 0, n) : n;
+}
+
+// fp32 [B, N] per-key bias: `seen` (0, or log w) on keys the mask keeps, -inf on padding keys.
+inline at::Tensor key_bias(const at::Tensor& seen, const std::optional<at::Tensor>& key_mask) {
+  at::Tensor bias = seen.to(at::kFloat).contiguous().clone();
+  if (key_mask.has_value()) bias.masked_fill_(key_mask->logical_not(), kNegInf);
+  return bias;
 }
 
 // ---------------------------------------------------------------------------------------

@@ -64,19 +64,7 @@ Geometry check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   return {q.size(0), q.size(1), k.size(1), q.size(2), q.size(3)};
 }
 
-// fp32 [B, N]: `seen` on keys the mask keeps, -inf on padding keys.
-at::Tensor key_bias(const at::Tensor& seen, const std::optional<at::Tensor>& key_mask) {
-  at::Tensor bias = seen.to(at::kFloat).contiguous().clone();
-  if (key_mask.has_value()) bias.masked_fill_(key_mask->logical_not(), tiles::kNegInf);
-  return bias;
-}
-
 at::Tensor widened(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
-
-// How many keys of the tile starting at key k0 (n keys) query position i sees.
-inline int64_t seen_keys(bool causal, int64_t i, int64_t k0, int64_t n) {
-  return causal ? std::clamp<int64_t>(i - k0 + 1, 0, n) : n;
-}
 
 struct ForwardScratch {
   std::vector<float> scores, acc, row_max, row_sum;
@@ -139,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor> soft_mask_attention_forward_cpu(
   const Geometry g = check_inputs(q, k, v, key_weight, key_mask);
   const int64_t N = g.seq, D = g.dim;
   const at::Tensor q32 = widened(q), k32 = widened(k), v32 = widened(v);
-  const at::Tensor log_weight = key_bias(key_weight.to(at::kFloat).log(), key_mask);
+  const at::Tensor log_weight = tiles::key_bias(key_weight.to(at::kFloat).log(), key_mask);
   at::Tensor out = at::empty({g.batch, g.heads, N, D}, q32.options());
   at::Tensor lse = at::empty({g.batch, g.heads, N}, q32.options());
   const float* qp = q32.const_data_ptr<float>();
@@ -175,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor> soft_mask_attention_forward_cpu(
           tiles::gemm(false, true, nq, nk, D, alpha, qt, D, kb + k0 * D, D, 0.f, s, kForwardKeyTile);
           for (int64_t i = 0; i < nq; ++i) {
             const float rescale = tiles::online_softmax_row(
-                s + i * kForwardKeyTile, bias + b * N + k0, nk, seen_keys(causal, q0 + i, k0, nk),
+                s + i * kForwardKeyTile, bias + b * N + k0, nk, tiles::seen_keys(causal, q0 + i, k0, nk),
                 sc.row_max[i], sc.row_sum[i]);
             if (rescale != 1.f) tiles::scale_row(sc.acc.data() + i * D, D, rescale);
           }
@@ -213,8 +201,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_mask_attention_b
   const at::Tensor q32 = widened(q), k32 = widened(k), v32 = widened(v), do32 = widened(grad_out);
   const at::Tensor lse32 = widened(lse);
   const at::Tensor delta = (do32 * out.to(at::kFloat)).sum(-1).contiguous();
-  const at::Tensor bias = key_bias(at::zeros_like(key_weight, at::kFloat), key_mask);
-  const at::Tensor log_weight = key_bias(key_weight.to(at::kFloat).log(), key_mask);
+  const at::Tensor bias = tiles::key_bias(at::zeros_like(key_weight, at::kFloat), key_mask);
+  const at::Tensor log_weight = tiles::key_bias(key_weight.to(at::kFloat).log(), key_mask);
   const int64_t key_tiles = (N + kBackwardKeyTile - 1) / kBackwardKeyTile;
   const int64_t pairs = g.batch * g.kv_heads;
   // each chunk holds a full fp32 dq: at most kMaxChunks of them
@@ -263,7 +251,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_mask_attention_b
               for (int64_t i = 0; i < nq; ++i) {
                 const int64_t row = bh * N + q0 + i;
                 grad_row(s + i * kBackwardKeyTile, ds + i * kBackwardKeyTile, biasp + b * N + k0,
-                         log_wp + b * N + k0, nk, seen_keys(causal, q0 + i, k0, nk), lp[row], deltap[row],
+                         log_wp + b * N + k0, nk, tiles::seen_keys(causal, q0 + i, k0, nk), lp[row], deltap[row],
                          sc.dw.data());
               }
               tiles::gemm(true, false, nk, D, nq, 1.f, s, kBackwardKeyTile, dot, D, 1.f, sc.dv.data(), D);

@@ -101,9 +101,14 @@ def _extensions():
 
     debug = os.environ.get("DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx_flags = opt + ["-std=c++17"]
+    # at::parallel_for is a header template: without OpenMP in *this* build it runs every
+    # CPU kernel on one thread. Torch's own libgomp.so.1 is loaded first and serves it.
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cxx_flags = opt + ["-std=c++17"] + openmp
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cpu_only = [CppExtension("glimpse_ops._C", sources, extra_compile_args={"cxx": cxx_flags})]
+    cpu_only = [
+        CppExtension("glimpse_ops._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=openmp)
+    ]
     mode, gpu_sources = build_mode(), cuda_sources()
     if mode == "0":
         return cpu_only
@@ -139,7 +144,7 @@ def _extensions():
         sources + gpu_sources,
         define_macros=[("GLIMPSE_WITH_CUDA", "1")],
         library_dirs=library_dirs,
-        extra_link_args=link_args,
+        extra_link_args=link_args + openmp,
         extra_compile_args={"cxx": cxx_flags, "nvcc": opt + ["-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"]},
     )
     if link_args:  # a versioned runtime only (libcudart.so.13): link it by file name

@@ -3,11 +3,14 @@ torch.compile(fullgraph=True) through the public wrappers."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from helpers import DEVICES, backend_device_params
 
 import glimpse_ops as g
+from glimpse_ops._backend import HAS_NATIVE
 from glimpse_ops.reference import keep_index_reference
 
 
@@ -80,6 +83,21 @@ def test_opcheck(op, bd, seed):
     for requires_grad in [False, True] if op in DIFFERENTIABLE else [False]:
         for args, kwargs in samples(op, device, requires_grad):
             torch.library.opcheck(getattr(torch.ops.glimpse, op).default, args, {**kwargs, "backend": backend})
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the OpenMP build is Linux-only")
+@pytest.mark.skipif(not HAS_NATIVE, reason="no native extension")
+def test_native_kernels_run_on_every_intra_op_thread():
+    """at::parallel_for is a header template: an extension built without OpenMP runs every
+    native CPU kernel on one thread while torch.get_num_threads() says otherwise."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.ops.glimpse._native_parallel_threads() == 2
+        torch.set_num_threads(1)
+        assert torch.ops.glimpse._native_parallel_threads() == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_every_design_op_is_registered():

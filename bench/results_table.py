@@ -4,7 +4,8 @@ the measurement, never typed by hand.
     python bench/results_table.py bench/results/<device>/<file>.json
 
 Kernel rows: per case, native (or triton) against reference+compile and the eager peer, and
-% of the case's copy ceiling. Attention rows: each provider's time, its ratio to SDPA
+% of the case's copy ceiling (compact_kv also written into caches allocated once:
+``<ours>_into``). Attention rows: each provider's time, its ratio to SDPA
 without a mask and to the best dense-mask SDPA, and its peak extra memory.
 """
 
@@ -27,8 +28,8 @@ def _by_case(rows: list[dict]) -> dict[str, dict[str, dict]]:
 
 def kernel_table(rows: list[dict], ours: str) -> str:
     lines = [
-        f"| case | {ours} ms | reference+compile ms | {ours} vs compile | eager ms | {ours} % copy |",
-        "|---|---|---|---|---|---|",
+        f"| case | {ours} ms | reference+compile ms | {ours} vs compile | eager ms | {ours} % copy | into % copy |",
+        "|---|---|---|---|---|---|---|",
     ]
     met = total = 0
     for name, providers in _by_case([r for r in rows if "tflops" not in r]).items():
@@ -46,7 +47,9 @@ def kernel_table(rows: list[dict], ours: str) -> str:
             else f"| {name} | {mine['p50']:.2f} | - | - | "
         )
         lines[-1] += f"{eager['p50']:.2f} | " if eager else "- | "
-        lines[-1] += f"{mine['pct_copy_bw']:.0f}% |" if "pct_copy_bw" in mine else "- |"
+        lines[-1] += f"{mine['pct_copy_bw']:.0f}% | " if "pct_copy_bw" in mine else "- | "
+        into = providers.get(f"{ours}_into", {})
+        lines[-1] += f"{into['pct_copy_bw']:.0f}% |" if "pct_copy_bw" in into else "- |"
     lines.append("")
     lines.append(f"{ours} at least as fast as reference+compile on {met} of {total} cases.")
     return "\n".join(lines)

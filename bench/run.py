@@ -16,7 +16,9 @@ fp32; --smoke: 512).
 
 Providers: ``eager`` (the GlimpsePrune/FastV/kvpress-style PyTorch pipeline, see peers.py),
 ``reference`` (glimpse_ops.reference), ``reference+compile`` (the same under torch.compile),
-``native`` (C++/CUDA), ``triton`` and ``copy`` (a device-to-device copy of the same bytes:
+``native`` (C++/CUDA), ``triton``, ``native_into`` / ``triton_into`` (compact_kv cases:
+``compact_kv_into`` writing caches allocated once, as a serving engine's) and ``copy`` (a
+device-to-device copy of the same bytes into a buffer allocated once:
 the ceiling each row's "% copy" is measured against; every row is timed with the caches
 evicted before each call, as a prefill finds its K/V). Every provider's output is checked
 against the reference before it is timed; a provider that fails the check gets no time. Results are printed as a
@@ -48,7 +50,7 @@ import glimpse_ops as g  # noqa: E402
 from glimpse_ops import reference as ref  # noqa: E402
 from glimpse_ops.progress import Progress  # noqa: E402
 
-PROVIDERS = ("eager", "reference", "reference+compile", "native", "triton", "copy")
+PROVIDERS = ("eager", "reference", "reference+compile", "native", "triton", "native_into", "triton_into", "copy")
 REQUIRED_OP = {
     "glimpse_scores": "glimpse_scores",
     "select_index": "select_tokens",
@@ -203,6 +205,21 @@ def _eager_fn(case: Case) -> Callable[[dict], dict]:
     return glimpse
 
 
+def _into_fn(backend: str) -> Callable[[dict], dict]:
+    """compact_kv_into on one backend, into output caches allocated on the first call."""
+    outputs: list[torch.Tensor] = []
+
+    def into(x: dict) -> dict:
+        keys, values = x["keys"], x["values"]
+        if not outputs:
+            length = x["index"].shape[1]
+            outputs.extend(t.new_empty(t.shape[0], t.shape[1], length, t.shape[3]) for t in keys + values)
+        g.compact_kv_into(keys, values, x["index"], outputs[: len(keys)], outputs[len(keys) :], backend=backend)
+        return {"kv": outputs}
+
+    return into
+
+
 def _copy_fn(case: Case, device: str) -> Callable[[dict], dict]:
     """The case's ceiling: one copy of half the bytes the op must move (a copy reads and
     writes each), timed like the kernels (cold caches), so "% copy" means the same in every
@@ -260,6 +277,8 @@ def providers_for(case: Case, device: str, wanted: set[str]) -> dict[str, Callab
     for backend in ("native", "triton"):
         if backend in available:
             out[backend] = _library_fn(case, backend)
+            if case.op == "compact_kv":
+                out[f"{backend}_into"] = _into_fn(backend)
     out["copy"] = _copy_fn(case, device)
     return {name: fn for name, fn in out.items() if name in wanted}
 

@@ -1,5 +1,6 @@
 // compact_kv on CPU: every layer's K and V in one parallel loop over (tensor, b, head);
-// each kept token is one memcpy of D elements, pad slots are zeroed.
+// each kept token is one memcpy of D elements, pad slots are zeroed. compact_kv_into runs
+// the same loop into the caller's tensors (a preallocated cache): no allocation, no copy.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -10,50 +11,65 @@
 
 namespace glimpse {
 
+namespace {
+
 constexpr int64_t kPrefetchRows = 8;
 
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> compact_kv_cpu(
-    at::TensorList keys, at::TensorList values, const at::Tensor& index) {
-  const char* op = "compact_kv";
+// The checked call: keys then values (head dim contiguous), the index and its geometry.
+struct CompactCall {
+  std::vector<at::Tensor> sources;
+  at::Tensor index;  // contiguous int64 [B, Lmax], values in [-1, S)
+  int64_t batch = 0, heads = 0, seq = 0, out_len = 0;
+};
+
+CompactCall check_call(const char* op, at::TensorList keys, at::TensorList values,
+                       const at::Tensor& index) {
   GLIMPSE_CHECK_VALUE(keys.size() == values.size(), op,
                       "keys and values must have the same length, got ", keys.size(), " and ",
                       values.size());
   GLIMPSE_CHECK_TYPE(index.scalar_type() == at::kLong && index.dim() == 2, op,
                      "index must be int64 [B, Lmax], got ", index.scalar_type(), " ",
                      index.sizes());
-  const int64_t n_layers = static_cast<int64_t>(keys.size());
-  if (n_layers == 0) return {{}, {}};
+  CompactCall call;
+  call.index = index.contiguous();
+  call.out_len = index.size(1);
+  if (keys.empty()) return call;
   const at::Tensor& first = keys[0];
   GLIMPSE_CHECK_VALUE(first.dim() == 4 && index.size(0) == first.size(0), op,
                       "keys[0] must be [B, Hkv, S, D] with B = index.size(0), got ",
                       first.sizes());
-  const int64_t batch = first.size(0), heads = first.size(1), seq = first.size(2);
-  const int64_t out_len = index.size(1);
-  const at::Tensor idx = index.contiguous();
-  const int64_t* idx_ptr = idx.data_ptr<int64_t>();
-  for (int64_t i = 0; i < idx.numel(); ++i) {
-    GLIMPSE_CHECK_VALUE(idx_ptr[i] >= -1 && idx_ptr[i] < seq, op,
-                        "index values must be in [-1, S) = [-1, ", seq, "), got ", idx_ptr[i]);
+  call.batch = first.size(0);
+  call.heads = first.size(1);
+  call.seq = first.size(2);
+  const int64_t* idx = call.index.data_ptr<int64_t>();
+  for (int64_t i = 0; i < call.index.numel(); ++i) {
+    GLIMPSE_CHECK_VALUE(idx[i] >= -1 && idx[i] < call.seq, op,
+                        "index values must be in [-1, S) = [-1, ", call.seq, "), got ", idx[i]);
   }
-
   // Sources keep their strides over (B, Hkv, S); only the head dim must be contiguous.
-  std::vector<at::Tensor> sources, outputs;
+  const int64_t n_layers = static_cast<int64_t>(keys.size());
   for (int64_t t = 0; t < 2 * n_layers; ++t) {
     const at::Tensor& src = t < n_layers ? keys[t] : values[t - n_layers];
-    GLIMPSE_CHECK_VALUE(src.dim() == 4 && src.size(0) == batch && src.size(1) == heads &&
-                            src.size(2) == seq && src.scalar_type() == first.scalar_type(),
+    GLIMPSE_CHECK_VALUE(src.dim() == 4 && src.size(0) == call.batch && src.size(1) == call.heads &&
+                            src.size(2) == call.seq && src.scalar_type() == first.scalar_type(),
                         op, "every key and value must be [B, Hkv, S, D] like keys[0] ",
                         first.sizes(), ", got ", src.sizes());
-    sources.push_back(src.stride(3) == 1 ? src : src.contiguous());
-    outputs.push_back(at::empty({batch, heads, out_len, src.size(3)}, src.options()));
+    call.sources.push_back(src.stride(3) == 1 ? src : src.contiguous());
   }
-  const int64_t elem = first.element_size();
-  at::parallel_for(0, 2 * n_layers * batch * heads, kRowGrain, [&](int64_t begin, int64_t end) {
+  return call;
+}
+
+// outputs[t] (contiguous [B, Hkv, Lmax, D_t]) = sources[t] gathered along S by the index.
+void gather_rows(const CompactCall& call, const std::vector<at::Tensor>& outputs) {
+  const int64_t batch = call.batch, heads = call.heads, out_len = call.out_len;
+  const int64_t* idx_ptr = call.index.const_data_ptr<int64_t>();
+  const int64_t tasks = static_cast<int64_t>(call.sources.size()) * batch * heads;
+  at::parallel_for(0, tasks, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
       const int64_t t = w / (batch * heads), b = (w / heads) % batch, h = w % heads;
-      const at::Tensor& src = sources[t];
-      const int64_t dim = src.size(3);
-      const size_t row_bytes = static_cast<size_t>(dim * elem);
+      const at::Tensor& src = call.sources[t];
+      const int64_t elem = src.element_size();
+      const size_t row_bytes = static_cast<size_t>(src.size(3) * elem);
       const char* base = static_cast<const char*>(src.const_data_ptr()) +
                          (b * src.stride(0) + h * src.stride(1)) * elem;
       const int64_t seq_stride = src.stride(2) * elem;
@@ -74,13 +90,51 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> compact_kv_cpu(
       }
     }
   });
-  std::vector<at::Tensor> new_keys(outputs.begin(), outputs.begin() + n_layers);
-  std::vector<at::Tensor> new_values(outputs.begin() + n_layers, outputs.end());
-  return {new_keys, new_values};
+}
+
+}  // namespace
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> compact_kv_cpu(
+    at::TensorList keys, at::TensorList values, const at::Tensor& index) {
+  const CompactCall call = check_call("compact_kv", keys, values, index);
+  std::vector<at::Tensor> outputs;
+  for (const at::Tensor& src : call.sources) {
+    outputs.push_back(at::empty({call.batch, call.heads, call.out_len, src.size(3)}, src.options()));
+  }
+  gather_rows(call, outputs);
+  const auto n_layers = static_cast<std::ptrdiff_t>(keys.size());
+  return {std::vector<at::Tensor>(outputs.begin(), outputs.begin() + n_layers),
+          std::vector<at::Tensor>(outputs.begin() + n_layers, outputs.end())};
+}
+
+void compact_kv_into_cpu(at::TensorList keys, at::TensorList values, const at::Tensor& index,
+                         at::TensorList out_keys, at::TensorList out_values) {
+  const char* op = "compact_kv_into";
+  const CompactCall call = check_call(op, keys, values, index);
+  GLIMPSE_CHECK_VALUE(out_keys.size() == keys.size() && out_values.size() == values.size(), op,
+                      "out_keys and out_values must hold one tensor per layer (", keys.size(),
+                      "), got ", out_keys.size(), " and ", out_values.size());
+  std::vector<at::Tensor> outputs;
+  const int64_t n_layers = static_cast<int64_t>(keys.size());
+  for (int64_t t = 0; t < 2 * n_layers; ++t) {
+    const at::Tensor& out = t < n_layers ? out_keys[t] : out_values[t - n_layers];
+    const at::Tensor& src = call.sources[t];
+    GLIMPSE_CHECK_VALUE(out.dim() == 4 && out.size(0) == call.batch && out.size(1) == call.heads &&
+                            out.size(2) == call.out_len && out.size(3) == src.size(3) &&
+                            out.scalar_type() == src.scalar_type() && out.is_contiguous() &&
+                            out.device().is_cpu(),
+                        op, t < n_layers ? "out_keys[" : "out_values[", t % n_layers,
+                        "] must be a contiguous CPU tensor of the inputs' dtype, [",
+                        call.batch, ", ", call.heads, ", ", call.out_len, ", ", src.size(3),
+                        "], got ", out.scalar_type(), " ", out.sizes());
+    outputs.push_back(out);
+  }
+  gather_rows(call, outputs);
 }
 
 }  // namespace glimpse
 
 TORCH_LIBRARY_IMPL(glimpse, CPU, m) {
   m.impl("_compact_kv_native", &glimpse::compact_kv_cpu);
+  m.impl("_compact_kv_into_native", &glimpse::compact_kv_into_cpu);
 }

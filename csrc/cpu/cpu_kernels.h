@@ -24,6 +24,9 @@ at::Tensor gather_tokens_cpu(const at::Tensor& x, const at::Tensor& index,
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> compact_kv_cpu(
     at::TensorList keys, at::TensorList values, const at::Tensor& index);
 
+void compact_kv_into_cpu(at::TensorList keys, at::TensorList values, const at::Tensor& index,
+                         at::TensorList out_keys, at::TensorList out_values);
+
 // normalize: 0 logits, 1 probs, 2 log_probs.
 at::Tensor glimpse_scores_cpu(const at::Tensor& q, const at::Tensor& k,
                               const std::optional<at::Tensor>& key_mask, double scale,

@@ -75,24 +75,31 @@ _SCHEMA_TYPES = {
 }
 
 
-def kernel_schema(convention: type, returns: str) -> str:
-    """The schema of a native op taking ``convention``'s fields in order. The convention's
-    module uses ``from __future__ import annotations``, so its annotations are the strings
-    mapped here."""
+def kernel_schema(convention: type, returns: str, mutated: tuple[str, ...] = ()) -> str:
+    """The schema of a native op taking ``convention``'s fields in order; the ``mutated``
+    fields (tensors or tensor lists) are written in place, each its own alias set. The
+    convention's module uses ``from __future__ import annotations``, so its annotations are
+    the strings mapped here."""
     fields = []
     for field in convention._fields:
         annotation = convention.__annotations__[field]
         annotation = getattr(annotation, "__forward_arg__", annotation)  # NamedTuple may wrap it in a ForwardRef
         if annotation not in _SCHEMA_TYPES:
             raise TypeError(f"{convention.__name__}.{field}: no schema type for the annotation {annotation!r}")
-        fields.append(f"{_SCHEMA_TYPES[annotation]} {field}")
+        kind = _SCHEMA_TYPES[annotation]
+        if field in mutated:
+            if not kind.startswith("Tensor"):
+                raise TypeError(f"{convention.__name__}.{field}: only tensors can be mutated, not {kind}")
+            kind = kind.replace("Tensor", f"Tensor({chr(ord('a') + mutated.index(field))}!)", 1)
+        fields.append(f"{kind} {field}")
     return f"({', '.join(fields)}) -> {returns}"
 
 
-def define_native(op: str, convention: type, returns: str) -> None:
+def define_native(op: str, convention: type, returns: str, mutated: tuple[str, ...] = ()) -> None:
     """Declare ``glimpse::_<op>_native`` (implemented in csrc/) with the op's convention; a
-    private op's leading underscore is dropped (``_soft_mask_attention_forward_native``)."""
-    torch.library.define(f"glimpse::_{op.lstrip('_')}_native", kernel_schema(convention, returns))
+    private op's leading underscore is dropped (``_soft_mask_attention_forward_native``).
+    ``mutated``: the fields the kernel writes in place (``compact_kv_into``'s outputs)."""
+    torch.library.define(f"glimpse::_{op.lstrip('_')}_native", kernel_schema(convention, returns, mutated))
 
 
 def run_kernel(spec, backend: str, call: tuple):

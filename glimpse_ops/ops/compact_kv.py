@@ -91,6 +91,17 @@ INTO_SCHEMA = (
 )
 
 
+class IntoKernel(NamedTuple):
+    """What ``compact_kv_into``'s native and Triton kernels take: ``Kernel`` and the
+    caller's output tensors, written directly."""
+
+    keys: list[Tensor]
+    values: list[Tensor]
+    index: Tensor
+    out_keys: list[Tensor]
+    out_values: list[Tensor]
+
+
 def validate_into(c: Call) -> None:
     validate(c, INTO_OP)
     for kind, outs, ins in (("out_keys", c.out_keys, c.keys), ("out_values", c.out_values, c.values)):
@@ -119,15 +130,19 @@ def _into_fake(c: Call) -> None:
 def _into_router(c: Call) -> None:
     validate_into(c)
     chosen = SPEC.resolve(c.backend, c.index.device)
-    if chosen == "triton":  # writes the outputs directly
-        SPEC.triton_module().compact_kv_triton(*Kernel(c.keys, c.values, c.index), c.out_keys, c.out_values)
-        return
-    new_keys, new_values = _compact(c, chosen)
-    for out, new in zip(list(c.out_keys) + list(c.out_values), new_keys + new_values):
-        out.copy_(new)
+    call = IntoKernel(c.keys, c.values, c.index, c.out_keys, c.out_values)
+    if chosen == "triton":
+        SPEC.triton_module().compact_kv_triton(*call)
+    elif chosen == "native":
+        torch.ops.glimpse._compact_kv_into_native(*call)
+    else:  # the reference computes, then copies
+        new_keys, new_values = compact_kv_reference(c.keys, c.values, c.index)
+        for out, new in zip(list(c.out_keys) + list(c.out_values), new_keys + new_values):
+            out.copy_(new)
 
 
 define_op(INTO_OP, INTO_SCHEMA, _into_router, _into_fake)
+define_native(INTO_OP, IntoKernel, "()", mutated=("out_keys", "out_values"))
 
 
 def compact_kv_into(
@@ -144,8 +159,9 @@ def compact_kv_into(
     Args:
         keys, values, index, backend: as in ``compact_kv``.
         out_keys, out_values: one contiguous [B, Hkv, Lmax, D] tensor per layer, of the
-            inputs' dtype and device; overwritten (pad slots with zeros). The Triton
-            backend writes them directly; the others compute and copy.
+            inputs' dtype and device, not overlapping the inputs; overwritten (pad
+            slots with zeros). The native and Triton backends write them directly; the
+            reference computes, then copies.
     """
     require_tensors(INTO_OP, keys=keys, values=values, index=index)
     torch.ops.glimpse.compact_kv_into(keys, values, index, out_keys, out_values, backend)

@@ -30,6 +30,7 @@ def test_tables_take_the_figures_from_the_rows(tmp_path, capsys):
         _kernel_row("a", "native", 2.0),
         _kernel_row("a", "reference+compile", 3.0),
         _kernel_row("a", "eager", 9.0),
+        {**_kernel_row("a", "native_into", 1.5), "pct_copy_bw": 55.0},
         _kernel_row("b", "native", 4.0),
         _kernel_row("b", "reference+compile", 3.0),
         {"name": "b", "provider": "triton", "error": "not timed"},
@@ -43,8 +44,8 @@ def test_tables_take_the_figures_from_the_rows(tmp_path, capsys):
     path.write_text(json.dumps({"machine": machine, "results": rows}))
     assert results_table.main([str(path)]) == 0
     out = capsys.readouterr().out
-    assert "| a | 2.00 | 3.00 | 1.50x | 9.00 | 40% |" in out
-    assert "| b | 4.00 | 3.00 | 0.75x | - | 40% |" in out
+    assert "| a | 2.00 | 3.00 | 1.50x | 9.00 | 40% | 55% |" in out
+    assert "| b | 4.00 | 3.00 | 0.75x | - | 40% | - |" in out
     assert "native at least as fast as reference+compile on 1 of 2 cases." in out
     # the best dense-mask SDPA is the math one (180 ms): native 120 / 180
     assert "|  | native | 120.0 | 1.20x | 0.67x | 16 |" in out

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from glimpse_ops import compact_kv, compact_kv_into
+from glimpse_ops._backend import HAS_NATIVE
 from glimpse_ops.reference import compact_kv_reference, keep_index_reference
 
 COMPACT = backend_device_params("compact_kv")
@@ -95,3 +96,45 @@ def test_compact_kv_into_caller_outputs(bd, seed):
     assert [t.data_ptr() for t in out_keys + out_values] == targets
     with pytest.raises(ValueError, match=r"glimpse.compact_kv_into: out_keys\[0\] must be a contiguous"):
         compact_kv_into(keys, values, index, [t[:, :, :10] for t in out_keys], out_values, backend=backend)
+
+
+@pytest.mark.skipif(not HAS_NATIVE, reason="no native extension")
+def test_compact_kv_into_native_writes_strided_sources_directly(seed):
+    """The native kernel gathers into the caller's tensors (no temporary): strided and
+    non-contiguous sources, fp32/fp16/bf16, and a batch of zero layers."""
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        big = torch.randn(2, 4, 700, 128).to(dtype)
+        keys = [big[:, :, :577], big[:, :, 100:677]]
+        values = [non_contiguous(torch.randn(2, 4, 577, 128).to(dtype)) for _ in range(2)]
+        before = [t.clone() for t in keys + values]
+        index = ragged_index(2, 577, "cpu", "right", max_len=590)
+        outs = [torch.full((2, 4, 590, 128), float("nan"), dtype=dtype) for _ in range(4)]
+        torch.ops.glimpse._compact_kv_into_native(keys, values, index, outs[:2], outs[2:])
+        want_k, want_v = compact_kv_reference(keys, values, index)
+        for got, want in zip(outs, want_k + want_v):
+            assert_equal(f"into {dtype}", got, want)
+        assert all(torch.equal(a, b) for a, b in zip(keys + values, before))
+    torch.ops.glimpse._compact_kv_into_native([], [], index, [], [])
+
+
+@pytest.mark.skipif(not HAS_NATIVE, reason="no native extension")
+def test_compact_kv_into_native_refuses_bad_outputs():
+    """Called directly (past the Python checks), the native op still names what is wrong
+    and writes nothing out of bounds."""
+    keys, values = kv_layers(2, 2, 2, 33, 16, torch.float32, "cpu")
+    index = ragged_index(2, 33, "cpu")[:, :20]
+    good = [torch.empty(2, 2, 20, 16) for _ in range(2)]
+    native = torch.ops.glimpse._compact_kv_into_native
+    bad = {
+        r"out_keys\[1\] must be a contiguous CPU tensor of the inputs' dtype, \[2, 2, 20, 16\], got Float \[2, 2, 19, 16\]": (
+            [good[0], torch.empty(2, 2, 19, 16)], good
+        ),
+        r"out_values\[0\] must be .* got Half": (good, [torch.empty(2, 2, 20, 16, dtype=torch.half), good[1]]),
+        r"out_values\[1\] must be a contiguous": (good, [good[0], torch.empty(2, 2, 16, 20).transpose(2, 3)]),
+        r"out_keys and out_values must hold one tensor per layer \(2\), got 1 and 2": (good[:1], good),
+    }
+    for message, (out_keys, out_values) in bad.items():
+        with pytest.raises(ValueError, match=r"glimpse.compact_kv_into: " + message):
+            native(keys, values, index, out_keys, out_values)
+    with pytest.raises(ValueError, match=r"glimpse.compact_kv_into: index values must be in \[-1, S\)"):
+        native(keys, values, index + 40, good, good)

@@ -60,6 +60,7 @@ NATIVE_NAMES = {
     "Kernel": "_{op}_native",
     "ForwardKernel": "_{op}_forward_native",
     "BackwardKernel": "_{op}_backward_native",
+    "IntoKernel": "_{op}_into_native",
 }
 
 
@@ -86,7 +87,7 @@ def test_triton_launchers_take_the_kernel_convention(op):
     spec = REGISTRY[op]
     pytest.importorskip("triton")
     launchers = importlib.import_module(f"glimpse_ops.triton_kernels.{spec.triton}")
-    names = {"Kernel": op, "BackwardKernel": f"{op}_backward", "ForwardKernel": f"{op}_forward"}
+    names = {"Kernel": op, "BackwardKernel": f"{op}_backward", "ForwardKernel": f"{op}_forward", "IntoKernel": op}
     found = _kernels(op)
     assert found, f"{op} has no kernel convention"
     for name, kernel in found:

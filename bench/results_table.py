@@ -83,10 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     machine, rows = data["machine"], data["results"]
     ours = args.ours or ("triton" if machine.get("cuda") else "native")
     print(f"{machine['device']}, torch {machine['torch']}, git {str(machine['git_sha'])[:10]}, {args.json.name}\n")
-    print(kernel_table(rows, ours))
+    tables = []
+    if any("p50" in r and "tflops" not in r for r in rows):
+        tables.append(kernel_table(rows, ours))
     if any("tflops" in r for r in rows):
-        print()
-        print(attention_table(rows))
+        tables.append(attention_table(rows))
+    print("\n\n".join(tables))
     return 0
 
 

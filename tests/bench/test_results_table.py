@@ -62,3 +62,13 @@ def test_cpu_peak_memory_counts_what_one_call_allocates():
 
     assert timing.peak_mib(call, "cpu") == 40.0
     assert live.numel() == 4 << 20
+
+
+def test_an_attention_only_run_prints_no_empty_kernel_table(tmp_path, capsys):
+    path = tmp_path / "run.json"
+    machine = {"device": "test CPU", "torch": "x", "git_sha": "0123456789abc", "cuda": None}
+    path.write_text(json.dumps({"machine": machine, "results": [_attention_row("native", 120.0, 16)]}))
+    assert results_table.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "reference+compile" not in out and "|  | native | 120.0 |" not in out
+    assert "| soft_mask_attention N=512 B=1 fwd+bwd | native | 120.0 |" in out

@@ -118,6 +118,24 @@ def test_compact_kv_into_native_writes_strided_sources_directly(seed):
 
 
 @pytest.mark.skipif(not HAS_NATIVE, reason="no native extension")
+@pytest.mark.parametrize("dim,offset", [(64, 0), (64, 4), (72, 0), (8, 0)])
+def test_compact_kv_into_native_row_widths_and_alignment(seed, dim, offset):
+    """Rows of a multiple of 64 bytes into 32-byte aligned outputs take the streaming-store
+    path; other widths (72 x 2 and 8 x 4 bytes) and an output 16 bytes off alignment take
+    the plain copy. Both must give the reference, pads included."""
+    keys, values = kv_layers(2, 3, 2, 577, dim, torch.bfloat16 if dim == 72 else torch.float32, "cpu")
+    index = ragged_index(3, 577, "cpu", "left", max_len=600)
+    outs = []
+    for t in keys + values:
+        flat = torch.full((t.shape[0] * t.shape[1] * 600 * dim + offset,), float("nan"), dtype=t.dtype)
+        outs.append(flat[offset:].view(t.shape[0], t.shape[1], 600, dim))
+    torch.ops.glimpse._compact_kv_into_native(keys, values, index, outs[:2], outs[2:])
+    want_k, want_v = compact_kv_reference(keys, values, index)
+    for got, want in zip(outs, want_k + want_v):
+        assert_equal(f"into dim={dim} offset={offset}", got, want)
+
+
+@pytest.mark.skipif(not HAS_NATIVE, reason="no native extension")
 def test_compact_kv_into_native_refuses_bad_outputs():
     """Called directly (past the Python checks), the native op still names what is wrong
     and writes nothing out of bounds."""

@@ -106,9 +106,7 @@ def _extensions():
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     cxx_flags = opt + ["-std=c++17"] + openmp
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cpu_only = [
-        CppExtension("glimpse_ops._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=openmp)
-    ]
+    cpu_only = [CppExtension("glimpse_ops._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=openmp)]
     mode, gpu_sources = build_mode(), cuda_sources()
     if mode == "0":
         return cpu_only

@@ -144,9 +144,8 @@ def test_compact_kv_into_native_refuses_bad_outputs():
     good = [torch.empty(2, 2, 20, 16) for _ in range(2)]
     native = torch.ops.glimpse._compact_kv_into_native
     bad = {
-        r"out_keys\[1\] must be a contiguous CPU tensor of the inputs' dtype, \[2, 2, 20, 16\], got Float \[2, 2, 19, 16\]": (
-            [good[0], torch.empty(2, 2, 19, 16)], good
-        ),
+        r"out_keys\[1\] must be a contiguous CPU tensor of the inputs' dtype, \[2, 2, 20, 16\], "
+        r"got Float \[2, 2, 19, 16\]": ([good[0], torch.empty(2, 2, 19, 16)], good),
         r"out_values\[0\] must be .* got Half": (good, [torch.empty(2, 2, 20, 16, dtype=torch.half), good[1]]),
         r"out_values\[1\] must be a contiguous": (good, [good[0], torch.empty(2, 2, 16, 20).transpose(2, 3)]),
         r"out_keys and out_values must hold one tensor per layer \(2\), got 1 and 2": (good[:1], good),

@@ -6,7 +6,8 @@ the measurement, never typed by hand.
 Kernel rows: per case, native (or triton) against reference+compile and the eager peer, and
 % of the case's copy ceiling (compact_kv also written into caches allocated once:
 ``<ours>_into``). Attention rows: each provider's time, its ratio to SDPA
-without a mask and to the best dense-mask SDPA, and its peak extra memory.
+without a mask and to the best dense-mask SDPA, and its peak extra memory. A
+``bench/gather_floor.py`` JSON: the kept-row read against the copy and compact_kv_into.
 """
 
 from __future__ import annotations
@@ -74,13 +75,34 @@ def attention_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def gather_floor_table(rows: list[dict]) -> str:
+    """bench/gather_floor.py's rows: reading the kept rows alone against the copy ceiling."""
+    lines = [
+        "| case | read kept rows ms | read as many contiguous rows ms | copy ms | native_into ms "
+        "| read kept / copy | native_into / read kept |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['case']} | {row['read kept']:.2f} | {row['read contiguous']:.2f} | {row['copy']:.2f} | "
+            f"{row['native_into']:.2f} | {row['read kept'] / row['copy']:.2f}x | "
+            f"{row['native_into'] / row['read kept']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json", type=Path)
     parser.add_argument("--ours", default=None, help="the provider to compare (default: native on CPU, else triton)")
     args = parser.parse_args(argv)
     data = json.loads(args.json.read_text())
-    machine, rows = data["machine"], data["results"]
+    machine = data["machine"]
+    if "rows" in data:  # bench/gather_floor.py
+        print(f"{machine['device']}, torch {machine['torch']}, git {str(machine['git_sha'])[:10]}, {args.json.name}\n")
+        print(gather_floor_table(data["rows"]))
+        return 0
+    rows = data["results"]
     ours = args.ours or ("triton" if machine.get("cuda") else "native")
     print(f"{machine['device']}, torch {machine['torch']}, git {str(machine['git_sha'])[:10]}, {args.json.name}\n")
     tables = []

@@ -72,3 +72,13 @@ def test_an_attention_only_run_prints_no_empty_kernel_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "reference+compile" not in out and "|  | native | 120.0 |" not in out
     assert "| soft_mask_attention N=512 B=1 fwd+bwd | native | 120.0 |" in out
+
+
+def test_gather_floor_table(tmp_path, capsys):
+    path = tmp_path / "floor.json"
+    machine = {"device": "test CPU", "torch": "x", "git_sha": "0123456789abc", "cuda": None}
+    row = {"case": "compact_kv Nv=4k B=1 keep=7.4%", "kept_bytes": 1, "read kept": 3.0, "read contiguous": 1.5,
+           "copy": 2.0, "native_into": 3.3}  # fmt: skip
+    path.write_text(json.dumps({"machine": machine, "rows": [row]}))
+    assert results_table.main([str(path)]) == 0
+    assert "| compact_kv Nv=4k B=1 keep=7.4% | 3.00 | 1.50 | 2.00 | 3.30 | 1.50x | 1.10x |" in capsys.readouterr().out

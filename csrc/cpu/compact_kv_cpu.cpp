@@ -6,6 +6,8 @@
 
 #include <cstdint>
 #include <cstring>
+#include <string>
+#include <utility>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -94,17 +96,23 @@ void gather_rows(const CompactCall& call, const std::vector<at::Tensor>& outputs
   const int64_t batch = call.batch, heads = call.heads, out_len = call.out_len;
   const int64_t* idx_ptr = call.index.const_data_ptr<int64_t>();
   const int64_t tasks = static_cast<int64_t>(call.sources.size()) * batch * heads;
+  // Base pointers once, on this thread: data_ptr() of a caller's lazily cloned (copy on
+  // write) tensor materializes it, which must not happen from several threads at once.
+  std::vector<const char*> src_ptrs;
+  std::vector<char*> dst_ptrs;
+  for (size_t t = 0; t < call.sources.size(); ++t) {
+    src_ptrs.push_back(static_cast<const char*>(call.sources[t].const_data_ptr()));
+    dst_ptrs.push_back(static_cast<char*>(outputs[t].data_ptr()));
+  }
   at::parallel_for(0, tasks, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
       const int64_t t = w / (batch * heads), b = (w / heads) % batch, h = w % heads;
       const at::Tensor& src = call.sources[t];
       const int64_t elem = src.element_size();
       const size_t row_bytes = static_cast<size_t>(src.size(3) * elem);
-      const char* base = static_cast<const char*>(src.const_data_ptr()) +
-                         (b * src.stride(0) + h * src.stride(1)) * elem;
+      const char* base = src_ptrs[t] + (b * src.stride(0) + h * src.stride(1)) * elem;
       const int64_t seq_stride = src.stride(2) * elem;
-      char* dst = static_cast<char*>(outputs[t].data_ptr()) +
-                  ((b * heads + h) * out_len) * row_bytes;
+      char* dst = dst_ptrs[t] + ((b * heads + h) * out_len) * row_bytes;
       const int64_t* row_idx = idx_ptr + b * out_len;
 #ifdef GLIMPSE_COMPACT_STREAM
       const bool stream = has_avx2() && row_bytes % 64 == 0 &&
@@ -140,6 +148,25 @@ void gather_rows(const CompactCall& call, const std::vector<at::Tensor>& outputs
   });
 }
 
+// Whether two tensors may share bytes: the same storage and intersecting byte extents
+// (conservative for interleaved strided views, exact for contiguous ones).
+bool may_overlap(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || !a.storage().is_alias_of(b.storage())) return false;
+  auto extent = [](const at::Tensor& t) {
+    const char* first = static_cast<const char*>(t.const_data_ptr());
+    int64_t last = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+    return std::make_pair(first, first + (last + 1) * t.element_size());
+  };
+  const auto [a_begin, a_end] = extent(a);
+  const auto [b_begin, b_end] = extent(b);
+  return a_begin < b_end && b_begin < a_end;
+}
+
+std::string output_name(int64_t t, int64_t n_layers) {
+  return (t < n_layers ? "out_keys[" : "out_values[") + std::to_string(t % n_layers) + "]";
+}
+
 }  // namespace
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> compact_kv_cpu(
@@ -167,15 +194,28 @@ void compact_kv_into_cpu(at::TensorList keys, at::TensorList values, const at::T
   for (int64_t t = 0; t < 2 * n_layers; ++t) {
     const at::Tensor& out = t < n_layers ? out_keys[t] : out_values[t - n_layers];
     const at::Tensor& src = call.sources[t];
+    GLIMPSE_CHECK_TYPE(out.scalar_type() == src.scalar_type(), op, output_name(t, n_layers),
+                       " must have the inputs' dtype ", src.scalar_type(), ", got ",
+                       out.scalar_type());
     GLIMPSE_CHECK_VALUE(out.dim() == 4 && out.size(0) == call.batch && out.size(1) == call.heads &&
                             out.size(2) == call.out_len && out.size(3) == src.size(3) &&
-                            out.scalar_type() == src.scalar_type() && out.is_contiguous() &&
-                            out.device().is_cpu(),
-                        op, t < n_layers ? "out_keys[" : "out_values[", t % n_layers,
-                        "] must be a contiguous CPU tensor of the inputs' dtype, [",
+                            out.is_contiguous() && out.device().is_cpu(),
+                        op, output_name(t, n_layers), " must be a contiguous CPU tensor [",
                         call.batch, ", ", call.heads, ", ", call.out_len, ", ", src.size(3),
-                        "], got ", out.scalar_type(), " ", out.sizes());
+                        "], got ", out.sizes(), " on ", out.device(),
+                        out.is_contiguous() ? "" : ", not contiguous");
     outputs.push_back(out);
+  }
+  // The rows are written in place while others are still to be read, by several threads.
+  for (int64_t t = 0; t < 2 * n_layers; ++t) {
+    for (int64_t u = 0; u < 2 * n_layers; ++u) {
+      GLIMPSE_CHECK_VALUE(!may_overlap(outputs[t], call.sources[u]), op, output_name(t, n_layers),
+                          " overlaps the input ", u < n_layers ? "keys[" : "values[",
+                          u % n_layers, "]: outputs must not share memory with the inputs");
+      GLIMPSE_CHECK_VALUE(u <= t || !may_overlap(outputs[t], outputs[u]), op,
+                          output_name(t, n_layers), " and ", output_name(u, n_layers),
+                          " share memory: every output needs its own");
+    }
   }
   gather_rows(call, outputs);
 }

@@ -80,6 +80,9 @@ def kernel_schema(convention: type, returns: str, mutated: tuple[str, ...] = ())
     fields (tensors or tensor lists) are written in place, each its own alias set. The
     convention's module uses ``from __future__ import annotations``, so its annotations are
     the strings mapped here."""
+    unknown = sorted(set(mutated) - set(convention._fields))
+    if unknown:
+        raise TypeError(f"{convention.__name__}: mutated names {unknown}, which are not its fields")
     fields = []
     for field in convention._fields:
         annotation = convention.__annotations__[field]

@@ -110,17 +110,47 @@ def validate_into(c: Call) -> None:
         for i, (out, src) in enumerate(zip(outs, ins)):
             want = (src.shape[0], src.shape[1], c.index.shape[1], src.shape[3])
             v.check_tensor(INTO_OP, f"{kind}[{i}]", out)
-            if (
-                tuple(out.shape) != want
-                or out.dtype != src.dtype
-                or out.device != src.device
-                or not out.is_contiguous()
-            ):
+            if out.dtype != src.dtype:
+                v.fail_type(
+                    INTO_OP, f"{kind}[{i}] must have the inputs' dtype {v.dtype_name(src.dtype)}, got {v.describe(out)}"
+                )
+            if tuple(out.shape) != want or out.device != src.device or not out.is_contiguous():
                 v.fail_value(
                     INTO_OP,
                     f"{kind}[{i}] must be a contiguous {v.dtype_name(src.dtype)} [{', '.join(map(str, want))}] "
                     f"on {src.device}, got {v.describe(out)}",
                 )
+
+
+def check_outputs_apart(c: Call) -> None:
+    """The kernels write rows in place while others are still to be read (by several
+    threads or programs): no output may share memory with an input or another output.
+    Same storage and intersecting byte extents count (conservative for interleaved views);
+    one sweep over the extents of each storage, sorted by start."""
+    by_storage: dict[tuple[torch.device, int], list[tuple[int, int, str, bool]]] = {}
+    named = [(f"out_keys[{i}]", True, t) for i, t in enumerate(c.out_keys)]
+    named += [(f"out_values[{i}]", True, t) for i, t in enumerate(c.out_values)]
+    named += [(f"keys[{i}]", False, t) for i, t in enumerate(c.keys)]
+    named += [(f"values[{i}]", False, t) for i, t in enumerate(c.values)]
+    for name, is_output, t in named:
+        if t.numel() == 0:
+            continue
+        last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+        begin = t.data_ptr()
+        key = (t.device, t.untyped_storage().data_ptr())
+        by_storage.setdefault(key, []).append((begin, begin + (last + 1) * t.element_size(), name, is_output))
+    for extents in by_storage.values():
+        reach = None  # the extent reaching furthest so far: anything overlapping a later one overlaps it
+        for begin, end, name, is_output in sorted(extents):
+            if reach is not None and begin < reach[1] and (is_output or reach[3]):
+                if is_output and reach[3]:
+                    v.fail_value(INTO_OP, f"{reach[2]} and {name} share memory: every output needs its own")
+                output, other = (name, reach[2]) if is_output else (reach[2], name)
+                v.fail_value(
+                    INTO_OP, f"{output} overlaps the input {other}: outputs must not share memory with the inputs"
+                )
+            if reach is None or end > reach[1]:
+                reach = (begin, end, name, is_output)
 
 
 def _into_fake(c: Call) -> None:
@@ -129,6 +159,7 @@ def _into_fake(c: Call) -> None:
 
 def _into_router(c: Call) -> None:
     validate_into(c)
+    check_outputs_apart(c)
     chosen = SPEC.resolve(c.backend, c.index.device)
     call = IntoKernel(c.keys, c.values, c.index, c.out_keys, c.out_values)
     if chosen == "triton":
@@ -159,9 +190,9 @@ def compact_kv_into(
     Args:
         keys, values, index, backend: as in ``compact_kv``.
         out_keys, out_values: one contiguous [B, Hkv, Lmax, D] tensor per layer, of the
-            inputs' dtype and device, not overlapping the inputs; overwritten (pad
-            slots with zeros). The native and Triton backends write them directly; the
-            reference computes, then copies.
+            inputs' dtype and device, sharing no memory with the inputs or each other
+            (a ValueError otherwise); overwritten (pad slots with zeros). The native and
+            Triton backends write them directly; the reference computes, then copies.
     """
     require_tensors(INTO_OP, keys=keys, values=values, index=index)
     torch.ops.glimpse.compact_kv_into(keys, values, index, out_keys, out_values, backend)

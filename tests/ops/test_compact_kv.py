@@ -3,6 +3,8 @@ strided cache views, caller-provided outputs, and a property test over random ke
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from helpers import assert_equal, backend_device_params, dtypes_for, kv_layers, non_contiguous, ragged_index
@@ -144,14 +146,62 @@ def test_compact_kv_into_native_refuses_bad_outputs():
     good = [torch.empty(2, 2, 20, 16) for _ in range(2)]
     native = torch.ops.glimpse._compact_kv_into_native
     bad = {
-        r"out_keys\[1\] must be a contiguous CPU tensor of the inputs' dtype, \[2, 2, 20, 16\], "
-        r"got Float \[2, 2, 19, 16\]": ([good[0], torch.empty(2, 2, 19, 16)], good),
-        r"out_values\[0\] must be .* got Half": (good, [torch.empty(2, 2, 20, 16, dtype=torch.half), good[1]]),
-        r"out_values\[1\] must be a contiguous": (good, [good[0], torch.empty(2, 2, 16, 20).transpose(2, 3)]),
+        r"out_keys\[1\] must be a contiguous CPU tensor \[2, 2, 20, 16\], got \[2, 2, 19, 16\] on cpu": (
+            [good[0], torch.empty(2, 2, 19, 16)],
+            good,
+        ),
+        r"out_values\[1\] must be a contiguous CPU tensor .* on cpu, not contiguous": (
+            good,
+            [good[0], torch.empty(2, 2, 16, 20).transpose(2, 3)],
+        ),
         r"out_keys and out_values must hold one tensor per layer \(2\), got 1 and 2": (good[:1], good),
     }
     for message, (out_keys, out_values) in bad.items():
         with pytest.raises(ValueError, match=r"glimpse.compact_kv_into: " + message):
             native(keys, values, index, out_keys, out_values)
+    with pytest.raises(
+        TypeError, match=r"glimpse.compact_kv_into: out_values\[0\] must have the inputs' dtype Float, got Half"
+    ):
+        native(keys, values, index, good, [torch.empty(2, 2, 20, 16, dtype=torch.half), good[1]])
     with pytest.raises(ValueError, match=r"glimpse.compact_kv_into: index values must be in \[-1, S\)"):
         native(keys, values, index + 40, good, good)
+
+
+@pytest.mark.parametrize("bd", COMPACT)
+def test_compact_kv_into_refuses_outputs_sharing_memory(bd, seed):
+    """The kernels write rows in place while others are still to be read: an output that
+    overlaps an input (left padding moves row 0 to a later slot after zeroing slot 0) or
+    another output is an error on every backend, not a wrong result or a race."""
+    backend, device = bd
+    dtype = dtypes_for(backend, device)[-1]
+    cache = torch.randn(1, 1, 20, 16, device=device).to(dtype)
+    keys, values = [cache[:, :, :8]], [torch.randn(1, 1, 8, 16, device=device).to(dtype)]
+    keep = torch.zeros(1, 8, dtype=torch.bool, device=device)
+    keep[0, [0, 2]] = True
+    index = keep_index_reference(keep, 8, "left")[0]
+    fresh = torch.empty(1, 1, 8, 16, device=device, dtype=dtype)
+    into = {
+        "out_keys[0] overlaps the input keys[0]": ([cache[:, :, 2:10]], [fresh]),
+        "out_values[0] overlaps the input values[0]": ([fresh], [values[0]]),
+        "out_keys[0] and out_values[0] share memory": ([fresh], [fresh]),
+    }
+    for message, (out_keys, out_values) in into.items():
+        with pytest.raises(ValueError, match=rf"glimpse.compact_kv_into: {re.escape(message)}"):
+            compact_kv_into(keys, values, index, out_keys, out_values, backend=backend)
+    apart = cache[:, :, 8:16]  # the same storage, other bytes: fine
+    compact_kv_into(keys, values, index, [apart], [fresh], backend=backend)
+    want_k, want_v = compact_kv_reference(keys, values, index)
+    assert_equal("apart", apart, want_k[0])
+    assert_equal("fresh", fresh, want_v[0])
+
+
+@pytest.mark.skipif(not HAS_NATIVE, reason="no native extension")
+def test_compact_kv_into_native_refuses_outputs_sharing_memory():
+    keys, values = kv_layers(2, 1, 1, 8, 16, torch.float32, "cpu")
+    index = ragged_index(1, 8, "cpu", max_len=8)
+    out = torch.empty(1, 1, 8, 16)
+    native = torch.ops.glimpse._compact_kv_into_native
+    with pytest.raises(ValueError, match=r"glimpse.compact_kv_into: out_keys\[1\] overlaps the input keys\[1\]"):
+        native(keys, values, index, [out, keys[1]], [torch.empty_like(out), torch.empty_like(out)])
+    with pytest.raises(ValueError, match=r"glimpse.compact_kv_into: out_keys\[0\] and out_values\[1\] share memory"):
+        native(keys, values, index, [out, torch.empty_like(out)], [torch.empty_like(out), out])

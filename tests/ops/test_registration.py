@@ -3,6 +3,8 @@ torch.compile(fullgraph=True) through the public wrappers."""
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 
 import pytest
@@ -87,17 +89,26 @@ def test_opcheck(op, bd, seed):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the OpenMP build is Linux-only")
 @pytest.mark.skipif(not HAS_NATIVE, reason="no native extension")
+@pytest.mark.skipif(
+    os.environ.get("OMP_DYNAMIC", "").lower() == "true" or int(os.environ.get("OMP_THREAD_LIMIT", "64")) < 3,
+    reason="OpenMP may give a region fewer threads than asked",
+)
 def test_native_kernels_run_on_every_intra_op_thread():
     """at::parallel_for is a header template: an extension built without OpenMP runs every
-    native CPU kernel on one thread while torch.get_num_threads() says otherwise."""
+    native CPU kernel on one thread while torch.get_num_threads() says otherwise; one built
+    against a second OpenMP runtime ignores torch.set_num_threads (it would use its own
+    default, the core count: asking for more threads than cores tells the two apart)."""
+    wanted = (os.cpu_count() or 1) + 1
     before = torch.get_num_threads()
     try:
-        torch.set_num_threads(2)
-        assert torch.ops.glimpse._native_parallel_threads() == 2
+        torch.set_num_threads(wanted)
+        assert torch.ops.glimpse._native_parallel_threads() == wanted
         torch.set_num_threads(1)
         assert torch.ops.glimpse._native_parallel_threads() == 1
     finally:
         torch.set_num_threads(before)
+    runtimes = {line.split()[-1] for line in open("/proc/self/maps") if re.search(r"lib(gomp|omp|iomp5)[-.]", line)}
+    assert len(runtimes) <= 1, f"more than one OpenMP runtime loaded: {sorted(runtimes)}"
 
 
 def test_every_design_op_is_registered():

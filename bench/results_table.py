@@ -98,13 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     data = json.loads(args.json.read_text())
     machine = data["machine"]
+    print(f"{machine['device']}, torch {machine['torch']}, git {str(machine['git_sha'])[:10]}, {args.json.name}\n")
     if "rows" in data:  # bench/gather_floor.py
-        print(f"{machine['device']}, torch {machine['torch']}, git {str(machine['git_sha'])[:10]}, {args.json.name}\n")
         print(gather_floor_table(data["rows"]))
         return 0
     rows = data["results"]
     ours = args.ours or ("triton" if machine.get("cuda") else "native")
-    print(f"{machine['device']}, torch {machine['torch']}, git {str(machine['git_sha'])[:10]}, {args.json.name}\n")
     tables = []
     if any("p50" in r and "tflops" not in r for r in rows):
         tables.append(kernel_table(rows, ours))

@@ -24,7 +24,7 @@ namespace {
 constexpr int64_t kPrefetchRows = 8;
 
 #ifdef GLIMPSE_COMPACT_STREAM
-bool has_avx2() {
+bool can_stream() {
   static const bool has = __builtin_cpu_supports("avx2");
   return has;
 }
@@ -45,6 +45,10 @@ __attribute__((target("avx2"))) void stream_row(char* dst, const char* src, size
 }
 
 __attribute__((target("avx2"))) void store_fence() { _mm_sfence(); }
+#else
+bool can_stream() { return false; }
+void stream_row(char*, const char*, size_t) {}  // never called: can_stream() is false
+void store_fence() {}
 #endif
 
 // The checked call: keys then values (head dim contiguous), the index and its geometry.
@@ -114,12 +118,8 @@ void gather_rows(const CompactCall& call, const std::vector<at::Tensor>& outputs
       const int64_t seq_stride = src.stride(2) * elem;
       char* dst = dst_ptrs[t] + ((b * heads + h) * out_len) * row_bytes;
       const int64_t* row_idx = idx_ptr + b * out_len;
-#ifdef GLIMPSE_COMPACT_STREAM
-      const bool stream = has_avx2() && row_bytes % 64 == 0 &&
+      const bool stream = can_stream() && row_bytes % 64 == 0 &&
                           reinterpret_cast<std::uintptr_t>(dst) % 32 == 0;
-#else
-      const bool stream = false;
-#endif
       for (int64_t i = 0; i < out_len; ++i) {
         // Kept rows are scattered: prefetch a few rows ahead to hide memory latency.
         if (i + kPrefetchRows < out_len && row_idx[i + kPrefetchRows] >= 0) {
@@ -127,24 +127,17 @@ void gather_rows(const CompactCall& call, const std::vector<at::Tensor>& outputs
           for (size_t line = 0; line < row_bytes; line += 64) __builtin_prefetch(ahead + line);
         }
         const char* row = row_idx[i] < 0 ? nullptr : base + row_idx[i] * seq_stride;
-#ifdef GLIMPSE_COMPACT_STREAM
         if (stream) {
           stream_row(dst + i * row_bytes, row, row_bytes);
-          continue;
-        }
-#endif
-        if (row == nullptr) {
+        } else if (row == nullptr) {
           std::memset(dst + i * row_bytes, 0, row_bytes);
         } else {
           std::memcpy(dst + i * row_bytes, row, row_bytes);
         }
       }
-      (void)stream;
     }
-#ifdef GLIMPSE_COMPACT_STREAM
     // Streaming stores are weakly ordered: make them visible before the threads join.
-    if (has_avx2()) store_fence();
-#endif
+    if (can_stream()) store_fence();
   });
 }
 

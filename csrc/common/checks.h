@@ -2,7 +2,7 @@
 // the same wording; these checks guard direct calls of the private `_..._native` ops.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 #define GLIMPSE_CHECK_VALUE(cond, op, ...) \

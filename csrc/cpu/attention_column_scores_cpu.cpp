@@ -8,6 +8,8 @@
 //      (online max and sum; +inf for a row that sees no key, so it adds nothing);
 //   2. per (batch, head, key tile): exp(s - L) summed over the rows, each task owning
 //      its columns (no atomics).
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <vector>

@@ -2,6 +2,7 @@
 // each kept token is one row copy of D elements, pad slots are zeroed. compact_kv_into runs
 // the same loop into the caller's tensors (a preallocated cache): no allocation, no copy.
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <cstdint>

@@ -1,7 +1,7 @@
 // Host functions of the C++ CPU kernels, one per op file, shared by the fused ops.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <optional>
 #include <tuple>

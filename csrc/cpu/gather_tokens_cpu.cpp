@@ -1,5 +1,7 @@
 // gather_tokens on CPU: one memcpy per output token (any dtype: rows are copied as bytes).
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
 #include <torch/library.h>
 
 #include <cstring>

@@ -1,6 +1,7 @@
 // glimpse_prune on CPU: glimpse probabilities of one layer averaged over heads and glimpse
 // rows, then select (padding never kept), index and compact, in one native call.
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include "../common/checks.h"

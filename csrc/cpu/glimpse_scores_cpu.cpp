@@ -7,6 +7,12 @@
 // fp32 copy of K: that copy, a fresh buffer twice K's size, cost more than the products).
 // Elsewhere one fp32 GEMM per group, [H/Hkv * G, D] x [D, S].
 #include <ATen/Parallel.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/constant_pad_nd.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/log_softmax.h>
+#include <ATen/ops/matmul.h>
+#include <ATen/ops/softmax.h>
 #include <torch/library.h>
 
 #include <cmath>

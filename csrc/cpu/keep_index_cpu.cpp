@@ -1,5 +1,7 @@
 // keep_index on CPU: row lengths, an overflow check against max_len, then the positions.
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
 #include <torch/library.h>
 
 #include <algorithm>

@@ -1,6 +1,7 @@
 // select_tokens on CPU: per row, threshold count, cap and minimum, then an nth_element
 // over the candidates only when the kept set is not already fixed by the threshold.
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>

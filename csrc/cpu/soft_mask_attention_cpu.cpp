@@ -15,6 +15,11 @@
 // key tiles' dk, dv and per-KV-head dw rows, and adds dq for the query heads of its KV head
 // into its chunk's own fp32 buffer; chunks > 1 only when there are fewer (batch, KV head)
 // pairs than threads (at most kMaxChunks: each is a full fp32 dq).
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
 #include <vector>

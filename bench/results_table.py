@@ -8,6 +8,8 @@ Kernel rows: per case, native (or triton) against reference+compile and the eage
 ``<ours>_into``). Attention rows: each provider's time, its ratio to SDPA
 without a mask and to the best dense-mask SDPA, and its peak extra memory. A
 ``bench/gather_floor.py`` JSON: the kept-row read against the copy and compact_kv_into.
+End-to-end rows (``--e2e``, ``--e2e --hf``): prefill, pruning overhead, KV share and decode
+against the unpruned model, and the ATP training step against the unmasked one.
 """
 
 from __future__ import annotations
@@ -91,6 +93,54 @@ def gather_floor_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _groups(rows: list[dict], key: str) -> dict[str, list[dict]]:
+    """Rows carrying ``key``, by case name, in run order."""
+    cases: dict[str, list[dict]] = {}
+    for row in rows:
+        if key in row:
+            cases.setdefault(row["name"], []).append(row)
+    return cases
+
+
+def _peak(row: dict) -> str:
+    return "-" if row.get("peak_mib") is None else f"{row['peak_mib']:.0f}"
+
+
+def e2e_table(rows: list[dict]) -> str:
+    """``--e2e`` (and ``--e2e --hf``) inference rows: each provider against the case's first
+    row (the model without pruning), ratios computed from the medians in the rows."""
+    lines = [
+        "| case | provider | prefill ms | prefill speed-up | pruning overhead (% of prefill) | KV share "
+        "| decode tok/s | decode speed-up | peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, group in _groups(rows, "prefill_ms").items():
+        base = group[0]
+        for row in group:
+            overhead = f"{row['overhead_share']:.1%}" if "overhead_share" in row else "-"
+            lines.append(
+                f"| {name} | {row['provider']} | {row['prefill_ms']:.1f} | "
+                f"{base['prefill_ms'] / row['prefill_ms']:.2f}x | {overhead} | {row['kv_cache_share']:.1%} | "
+                f"{row['decode_tok_s']:.1f} | {row['decode_tok_s'] / base['decode_tok_s']:.2f}x | {_peak(row)} |"
+            )
+            name = ""
+    return "\n".join(lines)
+
+
+def train_step_table(rows: list[dict]) -> str:
+    """``--e2e`` training-step rows: each provider's step against the case's first (unmasked)."""
+    lines = ["| case | provider | step ms | x unmasked | peak MiB |", "|---|---|---|---|---|"]
+    for name, group in _groups(rows, "step_ms").items():
+        base = group[0]
+        for row in group:
+            lines.append(
+                f"| {name} | {row['provider']} | {row['step_ms']:.1f} | {row['step_ms'] / base['step_ms']:.2f}x "
+                f"| {_peak(row)} |"
+            )
+            name = ""
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json", type=Path)
@@ -109,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         tables.append(kernel_table(rows, ours))
     if any("tflops" in r for r in rows):
         tables.append(attention_table(rows))
+    if any("prefill_ms" in r for r in rows):
+        tables.append(e2e_table(rows))
+    if any("step_ms" in r for r in rows):
+        tables.append(train_step_table(rows))
     print("\n\n".join(tables))
     return 0
 

@@ -82,3 +82,31 @@ def test_gather_floor_table(tmp_path, capsys):
     path.write_text(json.dumps({"machine": machine, "rows": [row]}))
     assert results_table.main([str(path)]) == 0
     assert "| compact_kv Nv=4k B=1 keep=7.4% | 3.00 | 1.50 | 2.00 | 3.30 | 1.50x | 1.10x |" in capsys.readouterr().out
+
+
+def test_e2e_tables_compare_each_provider_with_the_cases_first_row(tmp_path, capsys):
+    def inference(provider: str, prefill: float, decode: float, kv: float, **extra) -> dict:
+        return {"name": "e2e small 1k B=4", "provider": provider, "prefill_ms": prefill, "decode_tok_s": decode,
+                "kv_cache_share": kv, "peak_mib": 99.0, **extra}  # fmt: skip
+
+    def step(provider: str, ms: float) -> dict:
+        return {"name": "train small 1k B=1", "provider": provider, "step_ms": ms, "peak_mib": None}
+
+    rows = [
+        inference("unpruned", 2000.0, 100.0, 1.0),
+        inference("glimpse_ops", 1600.0, 150.0, 0.129, overhead_share=0.0312),
+        {"name": "e2e small 1k B=4", "provider": "eager", "error": "failed the correctness gate"},
+        step("unmasked", 1600.0),
+        step("atp_soft_mask", 1200.0),
+    ]
+    path = tmp_path / "e2e.json"
+    machine = {"device": "test CPU", "torch": "x", "git_sha": "0123456789abc", "cuda": None}
+    path.write_text(json.dumps({"machine": machine, "results": rows}))
+    assert results_table.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "| e2e small 1k B=4 | unpruned | 2000.0 | 1.00x | - | 100.0% | 100.0 | 1.00x | 99 |" in out
+    assert "|  | glimpse_ops | 1600.0 | 1.25x | 3.1% | 12.9% | 150.0 | 1.50x | 99 |" in out
+    assert "eager" not in out  # a row without figures is left out, not printed as zeros
+    assert "| train small 1k B=1 | unmasked | 1600.0 | 1.00x | - |" in out
+    assert "|  | atp_soft_mask | 1200.0 | 0.75x | - |" in out
+    assert "reference+compile" not in out and "vs SDPA unmasked" not in out

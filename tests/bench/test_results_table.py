@@ -25,6 +25,15 @@ def _attention_row(provider: str, p50: float, peak: float) -> dict:
             "time_vs_sdpa_unmasked": p50 / 100.0, "peak_extra_mib": peak}  # fmt: skip
 
 
+def _print_tables(tmp_path, capsys, **payload) -> str:
+    """Write a run JSON (a test machine and ``payload``), print its tables, return them."""
+    path = tmp_path / "run.json"
+    machine = {"device": "test CPU", "torch": "x", "git_sha": "0123456789abc", "cuda": None}
+    path.write_text(json.dumps({"machine": machine, **payload}))
+    assert results_table.main([str(path)]) == 0
+    return capsys.readouterr().out
+
+
 def test_tables_take_the_figures_from_the_rows(tmp_path, capsys):
     rows = [
         _kernel_row("a", "native", 2.0),
@@ -39,11 +48,7 @@ def test_tables_take_the_figures_from_the_rows(tmp_path, capsys):
         _attention_row("sdpa_math_mask", 180.0, 112),
         _attention_row("native", 120.0, 16),
     ]
-    path = tmp_path / "run.json"
-    machine = {"device": "test CPU", "torch": "x", "git_sha": "0123456789abc", "cuda": None}
-    path.write_text(json.dumps({"machine": machine, "results": rows}))
-    assert results_table.main([str(path)]) == 0
-    out = capsys.readouterr().out
+    out = _print_tables(tmp_path, capsys, results=rows)
     assert "| a | 2.00 | 3.00 | 1.50x | 9.00 | 40% | 55% |" in out
     assert "| b | 4.00 | 3.00 | 0.75x | - | 40% | - |" in out
     assert "native at least as fast as reference+compile on 1 of 2 cases." in out
@@ -65,23 +70,16 @@ def test_cpu_peak_memory_counts_what_one_call_allocates():
 
 
 def test_an_attention_only_run_prints_no_empty_kernel_table(tmp_path, capsys):
-    path = tmp_path / "run.json"
-    machine = {"device": "test CPU", "torch": "x", "git_sha": "0123456789abc", "cuda": None}
-    path.write_text(json.dumps({"machine": machine, "results": [_attention_row("native", 120.0, 16)]}))
-    assert results_table.main([str(path)]) == 0
-    out = capsys.readouterr().out
+    out = _print_tables(tmp_path, capsys, results=[_attention_row("native", 120.0, 16)])
     assert "reference+compile" not in out and "|  | native | 120.0 |" not in out
     assert "| soft_mask_attention N=512 B=1 fwd+bwd | native | 120.0 |" in out
 
 
 def test_gather_floor_table(tmp_path, capsys):
-    path = tmp_path / "floor.json"
-    machine = {"device": "test CPU", "torch": "x", "git_sha": "0123456789abc", "cuda": None}
     row = {"case": "compact_kv Nv=4k B=1 keep=7.4%", "kept_bytes": 1, "read kept": 3.0, "read contiguous": 1.5,
            "copy": 2.0, "native_into": 3.3}  # fmt: skip
-    path.write_text(json.dumps({"machine": machine, "rows": [row]}))
-    assert results_table.main([str(path)]) == 0
-    assert "| compact_kv Nv=4k B=1 keep=7.4% | 3.00 | 1.50 | 2.00 | 3.30 | 1.50x | 1.10x |" in capsys.readouterr().out
+    out = _print_tables(tmp_path, capsys, rows=[row])  # bench/gather_floor.py's JSON has rows, not results
+    assert "| compact_kv Nv=4k B=1 keep=7.4% | 3.00 | 1.50 | 2.00 | 3.30 | 1.50x | 1.10x |" in out
 
 
 def test_e2e_tables_compare_each_provider_with_the_cases_first_row(tmp_path, capsys):
@@ -99,11 +97,7 @@ def test_e2e_tables_compare_each_provider_with_the_cases_first_row(tmp_path, cap
         step("unmasked", 1600.0),
         step("atp_soft_mask", 1200.0),
     ]
-    path = tmp_path / "e2e.json"
-    machine = {"device": "test CPU", "torch": "x", "git_sha": "0123456789abc", "cuda": None}
-    path.write_text(json.dumps({"machine": machine, "results": rows}))
-    assert results_table.main([str(path)]) == 0
-    out = capsys.readouterr().out
+    out = _print_tables(tmp_path, capsys, results=rows)
     assert "| e2e small 1k B=4 | unpruned | 2000.0 | 1.00x | - | 100.0% | 100.0 | 1.00x | 99 |" in out
     assert "|  | glimpse_ops | 1600.0 | 1.25x | 3.1% | 12.9% | 150.0 | 1.50x | 99 |" in out
     assert "eager" not in out  # a row without figures is left out, not printed as zeros

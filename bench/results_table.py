@@ -21,10 +21,11 @@ from pathlib import Path
 DENSE_MASK = ("sdpa_dense_mask", "sdpa_math_mask", "sdpa_efficient_mask")
 
 
-def _by_case(rows: list[dict]) -> dict[str, dict[str, dict]]:
+def _by_case(rows: list[dict], key: str = "p50") -> dict[str, dict[str, dict]]:
+    """Rows carrying the figure ``key``, by case name then provider, in run order."""
     cases: dict[str, dict[str, dict]] = {}
     for row in rows:
-        if "p50" in row:
+        if key in row:
             cases.setdefault(row["name"], {})[row["provider"]] = row
     return cases
 
@@ -93,15 +94,6 @@ def gather_floor_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _groups(rows: list[dict], key: str) -> dict[str, list[dict]]:
-    """Rows carrying ``key``, by case name, in run order."""
-    cases: dict[str, list[dict]] = {}
-    for row in rows:
-        if key in row:
-            cases.setdefault(row["name"], []).append(row)
-    return cases
-
-
 def _peak(row: dict) -> str:
     return "-" if row.get("peak_mib") is None else f"{row['peak_mib']:.0f}"
 
@@ -114,9 +106,9 @@ def e2e_table(rows: list[dict]) -> str:
         "| decode tok/s | decode speed-up | peak MiB |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, group in _groups(rows, "prefill_ms").items():
-        base = group[0]
-        for row in group:
+    for name, providers in _by_case(rows, "prefill_ms").items():
+        base = next(iter(providers.values()))
+        for row in providers.values():
             overhead = f"{row['overhead_share']:.1%}" if "overhead_share" in row else "-"
             lines.append(
                 f"| {name} | {row['provider']} | {row['prefill_ms']:.1f} | "
@@ -130,9 +122,9 @@ def e2e_table(rows: list[dict]) -> str:
 def train_step_table(rows: list[dict]) -> str:
     """``--e2e`` training-step rows: each provider's step against the case's first (unmasked)."""
     lines = ["| case | provider | step ms | x unmasked | peak MiB |", "|---|---|---|---|---|"]
-    for name, group in _groups(rows, "step_ms").items():
-        base = group[0]
-        for row in group:
+    for name, providers in _by_case(rows, "step_ms").items():
+        base = next(iter(providers.values()))
+        for row in providers.values():
             lines.append(
                 f"| {name} | {row['provider']} | {row['step_ms']:.1f} | {row['step_ms'] / base['step_ms']:.2f}x "
                 f"| {_peak(row)} |"

@@ -3,8 +3,11 @@
 * ``backend_device_params(op)`` yields one pytest param per (backend, device) that can run
   the op here, with ids like ``native-cpu`` and marks ``cuda`` / ``triton_interpreter``.
 * ``assert_close(name, actual, expected, tolerance)`` compares with an ``(atol, rtol)`` pair
-  taken from the calling file's own tolerance table and prints a diff that says where;
-  ``assert_equal`` is exact (indices, masks, copied values).
+  taken from the calling file's own tolerance table (``tolerance_for`` looks it up by
+  backend, device and dtype) and prints a diff that says where; ``scale=`` makes atol
+  relative to the magnitude of the terms each entry sums (``soft_mask_term_scales``);
+  ``assert_equal`` is exact (indices, masks, copied values). ``tests/error_survey.py``
+  measures the errors the tables are set from.
 * Input builders: tie-free keep scores, ragged keep indices, KV layers, q/k/v, padding masks
   and non-contiguous copies.
 """
@@ -44,25 +47,81 @@ def dtypes_for(backend: str, device: str) -> list[torch.dtype]:
     return [torch.float32, torch.float16, torch.bfloat16]
 
 
-def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, tolerance: Tolerance) -> None:
-    """|actual - expected| <= atol + rtol * |expected| elementwise (same-signed infinities and
-    NaNs in the same places count as equal), with a diff that says where."""
+def tolerance_for(table: dict[str, dict[torch.dtype, Tolerance]], bd: tuple[str, str], dtype: torch.dtype) -> Tolerance:
+    """``table[f"{backend}-{device}"][dtype]``: a test file's tolerance table keyed like the
+    (backend, device) param ids. A missing entry is an error, never a default: measure the
+    new backend with tests/error_survey.py and add it."""
+    key = f"{bd[0]}-{bd[1]}"
+    if dtype not in table.get(key, {}):
+        raise KeyError(f"no tolerance for {key} {dtype}: measure it with tests/error_survey.py and add it")
+    return table[key][dtype]
+
+
+def assert_close(
+    name: str,
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    tolerance: Tolerance,
+    *,
+    scale: torch.Tensor | float | None = None,
+) -> None:
+    """|actual - expected| <= atol * scale + rtol * |expected| elementwise (same-signed
+    infinities and NaNs in the same places count as equal), with a diff that says where.
+    ``scale`` (default 1): a number, or a tensor broadcastable to ``expected`` holding the
+    magnitude of the terms each entry sums (``soft_mask_term_scales``): an entry that is small
+    by cancellation still carries the rounding error of its terms."""
     atol, rtol = tolerance
     actual = actual.detach().cpu().double()
     expected = expected.detach().cpu().double()
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    if scale is not None:
+        atol = atol * (scale.detach().cpu().double() if isinstance(scale, torch.Tensor) else float(scale))
     both_inf = torch.isinf(actual) & torch.isinf(expected) & (torch.sign(actual) == torch.sign(expected))
     nan_mismatch = torch.isnan(actual) != torch.isnan(expected)
     diff = torch.where(both_inf | (torch.isnan(actual) & torch.isnan(expected)), 0.0, (actual - expected).abs())
     bad = nan_mismatch | (diff > atol + rtol * expected.abs().nan_to_num(0, 0, 0)) | diff.isnan()
     if bad.any():
         where = bad.nonzero()[:5].tolist()
+        atol_text = f"{atol:g}" if not isinstance(atol, torch.Tensor) else f"{tolerance[0]:g} x scale"
         raise AssertionError(
-            f"{name}: {int(bad.sum())} of {bad.numel()} elements differ (atol={atol:g}, rtol={rtol:g}); "
+            f"{name}: {int(bad.sum())} of {bad.numel()} elements differ (atol={atol_text}, rtol={rtol:g}); "
             f"max abs diff {diff.nan_to_num(float('inf')).max().item():.3g}; NaN mismatches {int(nan_mismatch.sum())}; "
             f"first at {where}: got {[actual[tuple(i)].item() for i in where]}, "
             f"expected {[expected[tuple(i)].item() for i in where]}"
         )
+
+
+def soft_mask_term_scales(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_weight: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    causal: bool,
+) -> tuple[torch.Tensor, ...]:
+    """fp64 magnitudes of the terms that soft_mask_attention's out, dq, dk, dv and dw sum: the
+    same formulas as ``soft_mask_attention_backward_reference`` on absolute values (dP by
+    |dO| |V|^T, dP - delta by |dP| + |delta|). Rounding error of a sum is bounded by a multiple
+    of the sum of its terms' magnitudes, so ``assert_close(..., scale=T)`` holds every entry,
+    however small by cancellation, to its own bound: dw entries of keys with a tiny weight
+    (E = P / w is large) get theirs, and the other keys are not held to it."""
+    from glimpse_ops.reference import _repeat_kv, _soft_mask_terms
+
+    q, k, v, w, do = (t.detach().double() for t in (q, k, v, key_weight, grad_out))
+    B, H, N, D = q.shape
+    unweighted, weights, scale, _ = _soft_mask_terms(q, k, w, key_mask, causal, None)
+    probs = weights * unweighted
+    k_abs, v_abs = _repeat_kv(k, H).abs(), _repeat_kv(v, H).abs()
+    d_probs = do.abs() @ v_abs.transpose(-1, -2)
+    spread = d_probs + (probs * d_probs).sum(-1, keepdim=True)
+    group = (B, k.shape[1], H // k.shape[1], N, D)
+    out = probs @ v_abs
+    dq = scale * (probs * spread) @ k_abs
+    dk = (scale * (probs * spread).transpose(-1, -2) @ q.abs()).view(group).sum(2)
+    dv = (probs.transpose(-1, -2) @ do.abs()).view(group).sum(2)
+    dw = (unweighted * spread).sum(dim=(1, 2))
+    return out, dq, dk, dv, dw
 
 
 def assert_equal(name: str, actual: torch.Tensor, expected: torch.Tensor) -> None:

@@ -54,7 +54,7 @@ ROUNDING_RTOL = {
     torch.float32: 2.0**-23,
     torch.float16: 2.0**-10,
     torch.bfloat16: 2.0**-7,
-}  # quantities whose every nonzero entry must keep its relative error
+}
 
 
 def _double(*tensors: torch.Tensor) -> list[torch.Tensor]:

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from timing import gate_failed, measure, peak_mib
+from timing import gate_failed, measure, peak_mib, record_error
 
 import glimpse_ops as g
 from glimpse_ops.reference import soft_mask_attention_reference
@@ -206,7 +206,7 @@ def run_attention_case(case: AttentionCase, device: str, budget_s: float, progre
                     row["peak_extra_mib"] = peak_mib(step, device)
             row["tflops"] = case.flops() / (row["p50"] * 1e-3) / 1e12
         except Exception as exc:  # e.g. out of memory for the dense-mask peers at 16k
-            row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            record_error(row, exc)
         rows.append(row)
         progress.step(f"{case.name()} {name}")
     unmasked = next((r["p50"] for r in rows if r["provider"] == "sdpa_unmasked" and "p50" in r), None)

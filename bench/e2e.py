@@ -184,11 +184,29 @@ def _decode_rate(prefill: Callable[[], tuple], model: LVLM, steps: int, batch: i
         return quantiles([run() for _ in range(reps)])
 
 
-def _check(ours: Compacted, eager: Compacted, logits_ours: Tensor, logits_eager: Tensor) -> tuple[bool, str]:
+# max |logit diff| / max |logit| allowed between glimpse_ops and the eager pipeline, which keep
+# the same tokens (required) and so finish the prefill on the same copied rows: measured 0 in
+# fp32 on CPU (bench/results/cpu-x86-64-2cores/*-e2e.json); bf16 on a GPU is provisional
+PRUNE_LOGIT_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-3}
+# soft_mask_attention against dense-mask SDPA in the ATP training step, relative to max |logit|:
+# measured 3.3e-7 (6e-7 at scale 1.8) in fp32 on CPU, margin 30x; bf16 provisional (one bf16
+# rounding of P in each of the model's attention layers)
+ATP_LOGIT_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def _two_steps(model: LVLM, compacted: Compacted) -> Tensor:
+    """Logits [2, B, V] of the pruned prefill (from the kept hidden states) and of one greedy
+    decode step (from the compacted caches of layers 0..K)."""
+    logits, state, _ = compacted.finish(model)
+    return torch.stack([logits, model.decode_step(logits.argmax(-1), state)]).float()
+
+
+def _check(model: LVLM, ours: Compacted, eager: Compacted, dtype: torch.dtype) -> tuple[bool, str]:
     same = ours.index.shape == eager.index.shape and bool((ours.index == eager.index).all())
-    diff = (logits_ours.float() - logits_eager.float()).abs().max().item()
-    scale = logits_ours.float().abs().max().item() + 1e-6
-    ok = same and diff <= 2e-2 * scale
+    logits_ours, logits_eager = _two_steps(model, ours), _two_steps(model, eager)
+    diff = (logits_ours - logits_eager).abs().max().item()
+    scale = logits_ours.abs().max().item() + 1e-6
+    ok = same and diff <= PRUNE_LOGIT_TOLERANCE[dtype] * scale
     return ok, f"same kept positions: {same}; max |logit diff| {diff:.2e} (scale {scale:.2e})"
 
 
@@ -205,7 +223,7 @@ def run_e2e_case(case: E2ECase, device: str, budget_s: float, progress: Progress
     with torch.no_grad():
         prefix = pruner.glimpse_prefix(model, images, ids, mask)
         ours_c, eager_c = pruner.prune_prefix(model, prefix), eager.prune_prefix(model, prefix)
-        ok, note = _check(ours_c, eager_c, ours_c.finish(model)[0], eager_c.finish(model)[0])
+        ok, note = _check(model, ours_c, eager_c, case.dtype)
         del ours_c, eager_c
         prefills: dict[str, Callable[[], tuple]] = {
             "unpruned": lambda: model.prefill(images, ids, mask),
@@ -218,7 +236,7 @@ def run_e2e_case(case: E2ECase, device: str, budget_s: float, progress: Progress
         }
         for name, prefill in prefills.items():
             row = {**base, "provider": name, "check": note if name != "unpruned" else "-"}
-            if name == "eager" and not ok:
+            if name != "unpruned" and not ok:  # which of the two is wrong is unknown: both fail
                 row["error"] = f"failed the correctness gate: {note}"
                 rows.append(row)
                 progress.step(f"{case.name()} {name}: FAILED GATE")
@@ -336,7 +354,7 @@ def run_train_case(case: E2ECase, device: str, budget_s: float, progress: Progre
     rows = []
     for name, fn in steps.items():
         row = {**base, "provider": name, "check": note}
-        if name == "atp_sdpa_dense_mask" and diff > 2e-2 * scale:
+        if name in ("atp_soft_mask", "atp_sdpa_dense_mask") and diff > ATP_LOGIT_TOLERANCE[case.dtype] * scale:
             row["error"] = f"failed the correctness gate: {note}"
         else:
             try:

@@ -12,6 +12,8 @@ budget, whichever is less; a stage that would not get its minimum is skipped and
   env         python -m glimpse_ops.env
   tests       pytest -m cuda: every op x Triton/native on CUDA against the reference at odd
               sizes and every dtype, CUDA-graph capture and replay, torch.compile (Inductor)
+  survey      tests/error_survey.py --device cuda: the measured error of every backend and dtype,
+              which calibrates the provisional CUDA rows of the tests' tolerance tables
   sanitizer   compute-sanitizer memcheck and racecheck over bench/sanitizer_driver.py (one
               small call of every op); reported as unavailable where the tool cannot start
   kernels     bench/run.py: the kernel cases at 4k and 16k visual tokens, B = 1 and 8, 7.4% kept
@@ -63,6 +65,7 @@ STAGES = (
     Stage("build", 240, 20, "pip install --no-build-isolation --no-deps -e ."),
     Stage("env", 30, 5, "python -m glimpse_ops.env"),
     Stage("tests", 180, 30, "pytest -m cuda (ops x backends x dtypes on CUDA, graph replay, Inductor)"),
+    Stage("survey", 60, 20, "tests/error_survey.py: each backend's error on CUDA (calibrates the GPU tolerances)"),
     Stage("sanitizer", 120, 30, "compute-sanitizer memcheck + racecheck over bench/sanitizer_driver.py"),
     Stage("kernels", 180, 30, "bench/run.py kernel cases, 4k/16k, B=1/8, 7.4% kept"),
     Stage("attention", 90, 30, "bench/run.py soft-mask attention vs SDPA/Flex, 4k/16k, hd 128"),
@@ -170,10 +173,14 @@ def stage_commands(stage: str, args: argparse.Namespace, out: Path) -> list[tupl
                 ],
             )
         ]
+    if stage == "survey":
+        scope = ["--device", "cpu", "--ops", "glimpse_prune", "--seeds", "1"] if dry else ["--device", "cuda"]
+        return [("error_survey.py", [PY, "tests/error_survey.py", *scope, "--json", str(out / "error-survey.json")])]
     if stage == "sanitizer":
         return sanitizer_commands(dry, out)
     if stage == "kernels":
-        sizes = ["--visual", "1024"] if dry else ["--visual", "4096", "16384"]
+        # dry: the 1k cases of the full grid (the CPU default grid has none; an empty selection fails)
+        sizes = ["--full", "--visual", "1024"] if dry else ["--visual", "4096", "16384"]
         providers = ["--providers", "eager", "reference", "native", "copy"] if dry else []  # no compile in CI
         return [
             (

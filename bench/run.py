@@ -44,7 +44,15 @@ import peers  # noqa: E402
 from attention import attention_cases, attention_providers, run_attention_case  # noqa: E402
 from e2e import e2e_cases, print_e2e_table, print_train_table, run_e2e_case, run_train_case, train_cases  # noqa: E402
 from registry import COMPACTED_LAYERS, SCORE_LAYER, Case, all_cases, make_inputs  # noqa: E402
-from timing import copy_bandwidth_gbs, gate_failed, machine_info, measure, spread_text  # noqa: E402
+from timing import (  # noqa: E402
+    copy_bandwidth_gbs,
+    gate_failed,
+    machine_info,
+    measure,
+    record_error,
+    run_failures,
+    spread_text,
+)
 
 import glimpse_ops as g  # noqa: E402
 from glimpse_ops import reference as ref  # noqa: E402
@@ -321,8 +329,8 @@ def run_case(
                     rows.append(row)
                     continue
             row.update(measure(lambda fn=fn: fn(inputs), device, budget_s, cold=True))
-        except Exception as exc:  # a provider that crashes is reported, the run goes on
-            row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        except Exception as exc:  # a provider that crashes is reported, the run goes on (and fails at the end)
+            record_error(row, exc)
         rows.append(row)
         progress.step(f"{case.name()} {name}")
     eager = next((r["p50"] for r in rows if r["provider"] == "eager" and "p50" in r), None)
@@ -412,17 +420,13 @@ def run_each(
 
 
 def gate_exit_code(rows: list[dict]) -> int:
-    """1 (with a line on stderr) when a provider failed its correctness gate or compiled
-    inside a timed loop, else 0."""
-    failed = [r for r in rows if "failed the correctness gate" in r.get("error", "")]
-    if failed:
-        print(f"{len(failed)} provider(s) failed the correctness gate", file=sys.stderr)
-        return 1
-    recompiled = [r for r in rows if "RecompiledWhileTiming" in r.get("error", "")]
-    if recompiled:
-        print(f"{len(recompiled)} provider(s) compiled inside a timed loop: their times mean nothing", file=sys.stderr)
-        return 1
-    return 0
+    """1 (with a line per problem on stderr) when timing.run_failures finds any: a failed
+    correctness gate, a compilation inside a timed loop, a provider of any kind that raised,
+    or nothing measured; else 0."""
+    problems = run_failures(rows)
+    for line in problems:
+        print(line, file=sys.stderr)
+    return 1 if problems else 0
 
 
 def run_e2e_hf(args: argparse.Namespace, device: str, budget: float) -> int:

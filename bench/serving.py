@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from timing import quantiles, spread_text
+from timing import quantiles, record_error, spread_text
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the scheduler's block pool is read in-process
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -168,9 +168,10 @@ def run_serving_case(bench: _Bench, case: ServingCase, ratios: list[float], prog
     for ratio in [None, *ratios]:
         try:
             rows.append(base | _measure(bench, case, ratio))
-        except Exception as error:  # a failed provider is reported, not fatal to the run
-            rows.append(base | {"provider": "stock" if ratio is None else "glimpse_ops", "keep_ratio": ratio,
-                                "error": f"{type(error).__name__}: {error}"})  # fmt: skip
+        except Exception as error:  # a failed provider is reported; the run goes on and fails at the end
+            row = base | {"provider": "stock" if ratio is None else "glimpse_ops", "keep_ratio": ratio}
+            record_error(row, error)
+            rows.append(row)
         progress.step(f"{case.name()} {rows[-1]['provider']} {ratio or ''}")
     stock = rows[0]
     for row in rows[1:]:

@@ -232,6 +232,47 @@ def gate_failed(row: dict, note: str, progress: Progress) -> None:
     progress.step(f"{row['name']} {row['provider']}: FAILED GATE")
 
 
+# glimpse-ops' own providers across the benches: one of them running out of memory is a failure,
+# a peer doing so (the dense-mask SDPA at 16k, the eager pipeline) is a measured outcome
+OUR_PROVIDERS = frozenset({"native", "triton", "native_into", "triton_into", "glimpse_ops", "atp_soft_mask"})
+
+
+def record_error(row: dict, exc: BaseException) -> None:
+    """A provider that raised: the row says so ("out of memory: ..." for an OOM)."""
+    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+        row["error"] = f"out of memory: {exc}"[:300]
+    else:
+        row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+
+
+def run_failures(rows: list[dict]) -> list[str]:
+    """What makes a benchmark run fail (exit code 1): no row was measured at all (an empty
+    selection), or a row with an error that is not a planned skip (``skipped: ...``) nor a
+    peer running out of memory: a failed correctness gate, a compilation inside a timed loop,
+    a provider that raised. One line per kind, with the first rows' names."""
+    problems: dict[str, list[str]] = {}
+    for row in rows:
+        error = row.get("error", "")
+        if not error or error.startswith("skipped"):
+            continue
+        if error.startswith("out of memory") and row.get("provider") not in OUR_PROVIDERS:
+            continue
+        kind = (
+            "failed the correctness gate"
+            if "failed the correctness gate" in error
+            else "compiled inside a timed loop (their times mean nothing)"
+            if "RecompiledWhileTiming" in error
+            else "ran out of memory"
+            if error.startswith("out of memory")
+            else "raised"
+        )
+        problems.setdefault(kind, []).append(f"{row.get('name', '?')} {row.get('provider', '?')}: {error[:120]}")
+    lines = [f"{len(names)} provider(s) {kind}: " + "; ".join(names[:3]) for kind, names in problems.items()]
+    if all(row.get("error", "").startswith("skipped") for row in rows):
+        lines.append("nothing was measured: the selection (--visual/--batch/--keep/--ops) matched no case that ran")
+    return lines
+
+
 def copy_bandwidth_gbs(device: str) -> float:
     """Measured device-to-device copy bandwidth (read + write bytes per second), the floor
     every memory-bound kernel is compared with."""

@@ -32,7 +32,8 @@ def test_e2e_smoke_run_reports_every_provider(tmp_path):
     assert all(r["step"]["p20"] <= r["step"]["p50"] <= r["step"]["p80"] for r in train), "spreads kept"
     assert all(r[k]["p20"] <= r[k]["p50"] <= r[k]["p80"] for r in rows[:3] for k in ("prefill", "decode"))
     assert train[0]["step_vs_unmasked"] == 1.0
-    assert "same kept positions: True" in rows[1]["check"]
+    for row in rows[1:]:
+        assert "same kept positions: True; max |logit diff| 0.00e+00" in row["check"]
     case = e2e.e2e_cases("cpu", True)[0]
     seq = 1 + case.visual + case.text
     kept = math.ceil(e2e.KEEP_RATIO * case.visual)
@@ -41,6 +42,30 @@ def test_e2e_smoke_run_reports_every_provider(tmp_path):
         assert row["kv_cache_share"] == pytest.approx((seq - case.visual + kept) / seq, rel=1e-6)
         assert 0 < row["overhead_share"] < 1
         assert row["decode_tok_s"] > 0
+
+
+def test_e2e_gate_compares_the_decode_step_too(monkeypatch):
+    """The gate's logits include a decode step, which reads the compacted caches of layers
+    0..K: an eager pipeline that keeps the right positions but compacts the wrong values fails."""
+    import dataclasses
+
+    import e2e
+    import torch
+
+    case = dataclasses.replace(e2e.e2e_cases("cpu", True)[0], visual=64)
+    torch.manual_seed(0)
+    model = e2e._build_model(case.config(), "cpu", case.dtype).eval()
+    pruner = e2e.GlimpsePruner(model, threshold=None, max_keep_ratio=e2e.KEEP_RATIO, min_keep=1).eval()
+    images, ids, mask = e2e.make_prompt(case, "cpu")
+    with torch.no_grad():
+        prefix = pruner.glimpse_prefix(model, images, ids, mask)
+        ours = pruner.prune_prefix(model, prefix)
+        eager = e2e.EagerGlimpsePrune(pruner).prune_prefix(model, prefix)
+        ok, note = e2e._check(model, ours, eager, case.dtype)
+        assert ok and "max |logit diff| 0.00e+00" in note, note
+        wrong = dataclasses.replace(eager, caches=[(k, v.flip(2)) for k, v in eager.caches])
+        ok, note = e2e._check(model, ours, wrong, case.dtype)
+    assert not ok and "same kept positions: True" in note, note
 
 
 @pytest.mark.slow
@@ -56,7 +81,8 @@ def test_e2e_hf_smoke_run_reports_every_provider(tmp_path, model):
     assert {r["case"]["family"] for r in rows} == {model}
     assert [r["provider"] for r in rows] == ["unpatched", "glimpse_ops", "eager_patch"]
     assert all("error" not in r for r in rows), rows
-    assert rows[2]["check"].startswith("kept positions differing from glimpse_ops: 0.00%")
+    for row in rows[1:]:  # the two patches keep the same tokens and give the same logits
+        assert row["check"].startswith("kept positions differing between the patches: 0.00%; max |logit diff| 0.00e+00")
     visual, text = rows[0]["visual_tokens"], rows[0]["case"]["text"]
     candidates = visual
     if model.startswith("llava"):  # the tile grid nearest the case's count; its newline tokens are kept
@@ -76,3 +102,26 @@ def test_e2e_hf_smoke_run_reports_every_provider(tmp_path, model):
         for key in ("prefill", "layers_0_to_k", "decode"):
             assert row[key]["p20"] <= row[key]["p50"] <= row[key]["p80"], (row["provider"], key)
     assert rows[0]["decode_direct_tok_s"] > 0 and "decode_direct_tok_s" not in rows[1]
+
+
+@pytest.mark.slow
+def test_e2e_hf_gate_fails_when_the_patches_logits_differ(monkeypatch):
+    """The gate compares the two patches' logits where they keep the same tokens: an eager
+    patch that keeps the right positions but compacts the wrong values fails it."""
+    pytest.importorskip("transformers")
+    import e2e_hf
+
+    case = e2e_hf.hf_cases("cpu", smoke=True)[0]
+    model, inputs = e2e_hf.build_model(case, "cpu"), e2e_hf.make_inputs(case, "cpu")
+    layer = math.ceil(2 * len(model.model.language_model.layers) / 3) - 1
+    ok, note = e2e_hf._gate(model, inputs, layer, case.dtype)
+    assert ok, note
+    honest = e2e_hf.eager_selection
+
+    def wrong_values(x):
+        new_keys, new_values, index, scores = honest(x)
+        return new_keys, [v.flip(2) for v in new_values], index, scores
+
+    monkeypatch.setattr(e2e_hf, "eager_selection", wrong_values)
+    ok, note = e2e_hf._gate(model, inputs, layer, case.dtype)
+    assert not ok and "differing between the patches: 0.00%" in note, note

@@ -17,8 +17,13 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 B, H, HKV, S, D, LAYERS = 3, 8, 2, 577, 128, 4
 VISUAL = slice(40, 540)
 
-# (atol, rtol) by the compared tensor's dtype
+# (atol, rtol) by the compared tensor's dtype: torch.compile against eager of the same kernels
+# (provisional until a GPU run measures the difference; the kernels are the same, so it
+# should be rounding of the surrounding Inductor code only)
 TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (2e-2, 2e-2)}
+# glimpse_prune's scores (head-averaged fp32 probabilities) against the reference's: relative
+# (see tests/ops/test_glimpse_prune.py's triton-cuda row, provisional)
+SCORES_TOLERANCE = (0.0, 3e-5)
 
 
 def _inputs(dtype: torch.dtype) -> dict:
@@ -131,12 +136,16 @@ def test_glimpse_prune_graph_replay(dtype, seed):
             max_len,
             "left",
         )
-        assert_close("scores", out[4], want[4], TOLERANCES[want[4].dtype])
-        assert_equal("lengths", out[3], want[3])
-        # Scores of near-equal tokens may rank differently in half precision: compare the kept
-        # rows through the kernel's own index.
+        assert_close("scores", out[4], want[4], SCORES_TOLERANCE)
+        # Near-equal scores may rank differently from the reference's in half precision, so the
+        # selection is checked exactly against the contract applied to the scores this replay
+        # returned: a replay that keeps a stale selection (or stale scores) fails here.
+        keep = ref.select_tokens_reference(out[4], fresh["candidates"], None, max_keep, 1) & fresh["key_mask"]
+        want_index, want_lengths = ref.keep_index_reference(keep, max_len, "left")
+        assert_equal("index", out[2], want_index)
+        assert_equal("lengths", out[3], want_lengths)
         for got_t, source in zip(out[0] + out[1], fresh["keys"] + fresh["values"]):
-            assert_equal("compacted kv", got_t, ref.compact_kv_reference([source], [source], out[2])[0][0])
+            assert_equal("compacted kv", got_t, ref.compact_kv_reference([source], [source], want_index)[0][0])
 
 
 def test_inductor_compiles_static_prune_path(seed):

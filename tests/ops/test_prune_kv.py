@@ -7,8 +7,8 @@ import pytest
 import torch
 from helpers import assert_equal, backend_device_params, dtypes_for, kv_layers, random_keep_scores
 
-from glimpse_ops import keep_index, prune_kv
-from glimpse_ops.reference import prune_kv_reference, select_tokens_reference
+from glimpse_ops import compact_kv, keep_index, prune_kv, select_tokens
+from glimpse_ops.reference import prune_kv_reference
 
 PRUNE = backend_device_params("prune_kv")
 
@@ -44,8 +44,35 @@ def test_prune_kv_matches_reference(bd, seed, seq, max_len):
     assert len(set(got[3].tolist())) == 3, "the rows keep different counts"
 
 
-def test_keep_index_and_select_compose_like_prune_kv(seed):
-    scores = random_keep_scores(2, 100, "cpu")
-    keep = select_tokens_reference(scores, None, None, 10, 0)
-    index, lengths = keep_index(keep, max_len=None)
-    assert lengths.tolist() == [10, 10] and index.shape == (2, 10)
+@pytest.mark.parametrize("bd", PRUNE)
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_prune_kv_equals_select_index_compact_composed(bd, seed, padding_side):
+    """prune_kv is select_tokens + keep_index + compact_kv: on scores with ties (every value
+    drawn from 8), a threshold, per-row caps and min_keep, the fused op gives what the three
+    separate ops of the same backend give, entry for entry."""
+    backend, device = bd
+    dtype = dtypes_for(backend, device)[-1]
+    scores = torch.randint(0, 8, (3, 300), device=device).float() / 8
+    candidates = torch.rand(3, 300, device=device) < 0.7
+    keys, values = kv_layers(3, 3, 2, 300, 32, dtype, device)
+    caps = torch.tensor([12, 0, 40], device=device)
+    got = prune_kv(
+        scores,
+        candidates,
+        keys,
+        values,
+        threshold=0.5,
+        max_keep=caps,
+        min_keep=20,
+        max_len=300,
+        padding_side=padding_side,
+        backend=backend,
+    )
+    keep = select_tokens(scores, candidates, threshold=0.5, max_keep=caps, min_keep=20, backend=backend)
+    index, lengths = keep_index(keep, max_len=300, padding_side=padding_side, backend=backend)
+    new_keys, new_values = compact_kv(keys, values, index, backend=backend)
+    for name, a, b in zip(("index", "lengths", "keep"), got[2:], (index, lengths, keep)):
+        assert_equal(name, a, b)
+    for a, b in zip(got[0] + got[1], new_keys + new_values):
+        assert_equal("kv", a, b)
+    assert set(lengths.tolist()) != {lengths[0].item()}, "the rows keep different counts"

@@ -5,6 +5,7 @@
   outputs) is poisoned with NaN (floats) or the max value (ints), so an output slot a kernel
   forgets to write fails the comparison.
 * ``seed`` draws a fresh seed per test (recorded in the report), never a fixed one.
+* The hypothesis profile ``mutants`` (``--hypothesis-profile mutants``) skips shrinking.
 """
 
 from __future__ import annotations
@@ -13,6 +14,11 @@ import os
 
 import pytest
 import torch
+from hypothesis import Phase, settings
+
+# tests/mutants.py runs many suites that are meant to fail: it reports which tests fail, so
+# shrinking the failing examples (minutes under the Triton interpreter) is skipped there
+settings.register_profile("mutants", phases=[Phase.explicit, Phase.generate], database=None)
 
 
 @pytest.fixture(autouse=True)

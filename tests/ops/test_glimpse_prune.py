@@ -46,7 +46,7 @@ def test_glimpse_prune_consistent_with_reference(bd, seed, seq, max_len, padding
     backend, device = bd
     dtype = dtypes_for(backend, device)[-1]
     q, k = glimpse_qk(3, 8, 2, 1, seq, 64, dtype, device)
-    keys = [k] + [torch.randn_like(k) for _ in range(2)]
+    keys = [torch.randn_like(k), k, torch.randn_like(k)]  # scored at layer 1: not the first, not the last
     values = [torch.randn_like(k) for _ in range(3)]
     mask = left_padding_mask(3, seq, device)
     cand = torch.rand(3, seq, device=device) < 0.9
@@ -57,7 +57,7 @@ def test_glimpse_prune_consistent_with_reference(bd, seed, seq, max_len, padding
         values,
         mask,
         cand,
-        0,
+        1,
         scale=None,
         threshold=1.0 / seq if seq > 1 else None,
         max_keep=caps,
@@ -67,7 +67,7 @@ def test_glimpse_prune_consistent_with_reference(bd, seed, seq, max_len, padding
         backend=backend,
     )
     want = glimpse_prune_reference(
-        q, keys, values, mask, cand, 0, None, 1.0 / seq if seq > 1 else None, caps, 1, max_len, padding_side
+        q, keys, values, mask, cand, 1, None, 1.0 / seq if seq > 1 else None, caps, 1, max_len, padding_side
     )
     exact = glimpse_scores_reference(q.double(), k.double(), mask, None, "probs").mean(dim=(1, 2))
     assert_close("scores", scores, exact, tolerance_for(TOLERANCES, bd, dtype))

@@ -238,7 +238,9 @@ def test_property_matches_oracle(bd, aim, data):
 
 
 @pytest.mark.parametrize("bd", PARAMS)
-@pytest.mark.parametrize("selection", CORNERS, ids=[c.regime[0].removeprefix("corner: ") for c in CORNERS])
+@pytest.mark.parametrize(
+    "selection", CORNERS, ids=[c.regime[0].removeprefix("corner: ").replace(" ", "-") for c in CORNERS]
+)
 def test_corners_match_oracle(bd, selection):
     _check_selection(bd, selection)
 

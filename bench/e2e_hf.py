@@ -20,7 +20,6 @@ family's ~7B shapes in bf16, 4k and 16k visual tokens, 7.4% kept; CPU: a small m
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import torch
 from hf_families import FAMILIES
 from timing import no_compiles, peak_mib, quantiles, settle, spread_text, sync, time_ms
 
+from glimpse_ops.glimpseprune import default_layer
 from glimpse_ops.hf import SelectionInputs, apply_glimpse_prune, glimpse_prune_selection
 from glimpse_ops.progress import Progress
 
@@ -163,7 +163,7 @@ def run_hf_case(case: HFCase, device: str, budget_s: float, progress: Progress) 
     model = build_model(case, device)
     inputs = make_inputs(case, device)
     n_layers = len(model.model.language_model.layers)
-    layer = max(0, math.ceil(2 * n_layers / 3) - 1)
+    layer = default_layer(n_layers)
     # the any-resolution families pack the tile grid nearest the case's count (hf_families.anyres_grid)
     visual_tokens = int((inputs["input_ids"][0] == FAMILIES[case.family].image_token_id).sum())
     label = case.name() + ("" if visual_tokens == case.visual else f" ({visual_tokens} visual tokens)")

@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hf_families import FAMILIES  # noqa: E402
 from timing import quantiles  # noqa: E402
 
+from glimpse_ops.glimpseprune import GlimpsePredictor, default_layer  # noqa: E402
 from glimpse_ops.hf.distributed import world  # noqa: E402
-from glimpse_ops.hf.predictor import GlimpsePredictor  # noqa: E402
 from glimpse_ops.hf.trainer import TrainConfig, Trainer  # noqa: E402
 
 
@@ -62,7 +62,7 @@ def main() -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = model.to(dtype).eval()
     n_layers = model.config.text_config.num_hidden_layers
-    K = round(2 * n_layers / 3) - 1
+    K = default_layer(n_layers)
     depth = model.config.vision_config.depth
     predictor = GlimpsePredictor.for_model(model, K, (depth - 1, 0)) if args.mode == "glimpse" else None
     config = TrainConfig(mode=args.mode, strategy=args.strategy, lr=1e-4, activation_checkpointing=args.checkpointing,

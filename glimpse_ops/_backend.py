@@ -17,6 +17,7 @@ from functools import cache
 
 import torch
 
+from ._env import triton_interpreting
 from ._triton_kernels_path import kernels_missing_reason
 from ._validation import check_backend
 
@@ -33,12 +34,6 @@ except ImportError as exc:  # the extension was not built; every op still works
 def native_error() -> str | None:
     """Why the native extension is missing, or None."""
     return _NATIVE_ERROR
-
-
-def triton_interpreting() -> bool:
-    """True under TRITON_INTERPRET=1: Triton kernels run on CPU tensors (slowly). The one
-    place that reads the variable."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @cache
@@ -144,6 +139,7 @@ MAX_TRITON_HEAD_DIM = 256
 REGISTRY: dict[str, OpBackends] = {}
 
 
-def register(spec: OpBackends) -> OpBackends:
+def declare_backends(spec: OpBackends) -> OpBackends:
+    """Enter what one op implements into ``REGISTRY`` (each op module does at import)."""
     REGISTRY[spec.op] = spec
     return spec

@@ -186,6 +186,14 @@ def check_kept_lengths(lengths: Tensor, max_len: int) -> None:
         fail_value("keep_index", f"every row must keep at most max_len={max_len} tokens, got {longest} in row {row}")
 
 
+def check_kernel_lengths(backend: str, lengths: Tensor, max_len: int | None) -> None:
+    """After a Triton kernel ran keep_index's rule (keep_index, prune_kv, glimpse_prune):
+    ``check_kept_lengths`` on CPU tensors, where it costs no device sync (the native kernels
+    check in C++; on a GPU a longer row keeps its first max_len tokens, never out of bounds)."""
+    if backend == "triton" and max_len is not None and lengths.device.type == "cpu":
+        check_kept_lengths(lengths, max_len)
+
+
 def check_index(op: str, index: Tensor, batch: int, seq: int) -> None:
     """index int64 [B, Lmax] with values in [-1, S) (values checked on CPU only)."""
     check_tensor(op, "index", index)

@@ -3,7 +3,9 @@
 Each function computes in fp32 (scores, softmax, accumulations) and favours clarity over
 speed. Kernels are tested against these functions; never change one to match a kernel.
 fp64 inputs are computed in fp64 (for gradient checks). Inputs are assumed to be validated
-already (the op routers do that); these functions do not check shapes or dtypes.
+already (the op routers do that); these functions check no shapes or dtypes. One value rule
+is part of the spec and raises here too: ``keep_index_reference`` refuses a row longer than
+``max_len`` (ValueError), as every backend reports it.
 
 Notation: B batch, S sequence positions, H query heads, Hkv KV heads (head h reads KV head
 ``h // (H // Hkv)``), G glimpse query rows, D head dim, Lmax compacted length.

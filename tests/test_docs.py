@@ -41,7 +41,8 @@ def test_readme_layout_matches_the_tree():
         if head:
             assert (ROOT / head.rstrip("/")).exists(), f"README layout names {head}, which does not exist"
     expected = {"csrc/", "triton_kernels/", "glimpse_ops/", "bench/", "tests/", "docs/DESIGN.md", "setup.py"}
-    for folder in ("glimpse_ops", "glimpse_ops/hf", "glimpse_ops/lvlm", "glimpse_ops/vllm", "bench", "tests"):
+    folders = ("glimpse_ops", "glimpse_ops/glimpseprune", "glimpse_ops/hf", "glimpse_ops/lvlm", "glimpse_ops/vllm")
+    for folder in (*folders, "bench", "tests"):
         for path in (ROOT / folder).iterdir():
             if path.name.startswith(("__", ".")) or path.suffix not in (".py", ".sh", ""):
                 continue
@@ -91,8 +92,8 @@ def test_readme_hf_example_runs_on_a_tiny_model(capsys):
 def test_readme_predictor_example_runs_on_a_tiny_model(tmp_path):
     """The trained-predictor lines, with the release folder swapped for a tiny saved predictor."""
     pytest.importorskip("transformers")
+    from glimpse_ops.glimpseprune import GlimpsePredictor
     from glimpse_ops.hf import testing
-    from glimpse_ops.hf.predictor import GlimpsePredictor
 
     model = testing.tiny_qwen2_5_vl()
     path = tmp_path / "predictor.safetensors"

@@ -229,3 +229,20 @@ def test_the_vllm_plugin_entry_point_is_declared_and_imports_without_vllm():
     module, function = target.split(":")
     assert callable(getattr(importlib.import_module(module), function))  # importing it needs no vLLM
     assert "vllm" in project["optional-dependencies"]
+
+
+def test_triton_kernels_import_nothing_of_the_package_but_its_leaf():
+    """The kernels sit below the routers that call them: of glimpse_ops they import only the
+    leaf ``glimpse_ops._env`` (no backend table, no validation, no extension)."""
+    for path in sorted((ROOT / "triton_kernels").glob("*.py")):
+        outside = {m for m in _imports_of(path, "glimpse_ops.triton_kernels") if not m.startswith("glimpse_ops.triton")}
+        assert outside <= {"glimpse_ops._env", "glimpse_ops._env.triton_interpreting"}, (path.name, outside)
+
+
+def test_glimpseprune_and_vllm_import_no_hf_module():
+    """GlimpsePrune's rules live below both integrations: neither glimpse_ops.glimpseprune nor
+    the vLLM plugin imports glimpse_ops.hf."""
+    for folder in ("glimpseprune", "vllm"):
+        for path in sorted((ROOT / "glimpse_ops" / folder).glob("*.py")):
+            hf = {m for m in _imports_of(path, f"glimpse_ops.{folder}") if m.startswith("glimpse_ops.hf")}
+            assert not hf, (f"{folder}/{path.name}", hf)

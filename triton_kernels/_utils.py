@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-from glimpse_ops._backend import triton_interpreting
+from glimpse_ops._env import triton_interpreting
 
 NEG_INF = float("-inf")
 

@@ -1,4 +1,5 @@
-"""Visual-token pruning on Hugging Face transformers models (Qwen2.5-VL, Qwen2-VL, LLaVA).
+"""Visual-token pruning on Hugging Face transformers models (``SUPPORTED_MODEL_TYPES``: Qwen2-VL,
+Qwen2.5-VL, Qwen3-VL, InternVL, LLaVA, LLaVA-NeXT, LLaVA-OneVision).
 
 transformers is an optional extra (``pip install 'glimpse-ops[hf]'``, versions 5.17 to
 5.23); importing ``glimpse_ops`` never imports it, and this package imports it only when a
@@ -9,14 +10,12 @@ patch is applied or a tiny test model is built.
     handle.remove()
 """
 
+from ..glimpseprune import GlimpsePredictor, load_release
 from .adapters import SUPPORTED_MODEL_TYPES
 from .atp import ATPHandle, apply_atp
-from .predictor import GlimpsePredictor
 from .prune import apply_glimpse_prune, pruned
 from .prune_hooks import GlimpsePruneHandle, SelectionInputs, glimpse_prune_selection
-from .release import load_release
-from .train import train_glimpse
-from .trainer import TrainConfig, Trainer
+from .trainer import TrainConfig, Trainer, train_glimpse
 
 __all__ = [
     "ATPHandle",

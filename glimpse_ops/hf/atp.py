@@ -1,4 +1,5 @@
-"""ATP (adaptive token pruning) on HF Qwen2.5-VL / Qwen2-VL / LLaVA instances.
+"""ATP (adaptive token pruning) on HF Qwen2.5-VL / Qwen2-VL / Qwen3-VL / InternVL / LLaVA instances
+(the families its tests run; LLaVA-NeXT and OneVision are not tested with ATP).
 
 The stages are ``glimpse_ops.atp_stage.ATPStage`` (redundancy from ``attention_column_scores``,
 nested-grid spatial score, per-instance thresholds; see that module for the choices). The
@@ -8,7 +9,7 @@ text model's attention runs through a registered attention function, ``glimpse_a
 * ``mode="train"``: from the first stage layer on, attention is ``soft_mask_attention``
   with the running keep weights (a stage multiplies in sigmoid(tau z) for the visual
   tokens); gradients reach the threshold MLPs; ``handle.kept`` holds the soft kept counts
-  of the last forward and ``handle.budget_loss(target)`` the budget term.
+  of the last forward and ``handle.budget_loss(keep_ratio=r)`` the budget term.
 * ``mode="infer"``: at each stage ``prune_kv`` compacts that layer's cache and the layer's
   output hidden states are gathered; later layers run on the kept tokens with their
   original positions; each layer's cache keeps its own length and decoding masks each
@@ -18,6 +19,7 @@ text model's attention runs through a registered attention function, ``glimpse_a
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -28,7 +30,7 @@ from ..atp_stage import TAU, ATPStage, spatial_scores
 from ..layers import attention_mask
 from ._compat import require_transformers
 from .adapters import adapter_for
-from .hooks import PatchHandle, ensure_unpatched, gather_rope, prefill_masks, vit_grid
+from .patch import PatchHandle, ensure_unpatched, gather_rope, prefill_masks, vit_grid
 
 ATTENTION_NAME = "glimpse_atp"
 _ATTENTION_ATTR = "_glimpse_ops_atp_handle"  # on each attention module: the handle its attention asks
@@ -88,10 +90,22 @@ class ATPHandle(PatchHandle):
     def parameters(self):
         return self.stages.parameters()
 
-    def budget_loss(self, target: float) -> Tensor:
-        """|mean kept visual tokens - target| / Nv of the last training forward."""
+    def budget_loss(self, target: float | None = None, *, keep_ratio: float | None = None) -> Tensor:
+        """|mean kept fraction - keep_ratio| of the last training forward: the mean kept visual
+        tokens over the mean visual tokens per sample, against ``keep_ratio`` (a fraction, as
+        ``TrainConfig.keep_ratio``). ``target``, a token count (|mean kept - target| / Nv), is
+        the old form: it works for this release with a DeprecationWarning."""
         n_visual = self.state.visual.sum(dim=1).float().mean()
-        return (self.kept.float().mean() - target).abs() / n_visual
+        if (target is None) == (keep_ratio is None):
+            raise ValueError("glimpse_ops.hf.ATPHandle.budget_loss: pass keep_ratio= (a fraction of the visual tokens)")
+        if target is not None:
+            warnings.warn(
+                "glimpse_ops.hf.ATPHandle.budget_loss(target): a token count; pass keep_ratio= (a fraction) instead",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            return (self.kept.float().mean() - target).abs() / n_visual
+        return (self.kept.float().mean() / n_visual - keep_ratio).abs()
 
     def _restore(self) -> None:
         for layer in self.adapter.layers:

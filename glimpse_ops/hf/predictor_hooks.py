@@ -7,39 +7,37 @@ a 1 on the 2-D mask, position last + 1 on every M-RoPE axis); pre-hooks on layer
 the per-layer injections to it (the layers of its embedding rows). After layer K its
 scores over the visual keys (``glimpse_scores``: raw logits, or log-softmax over the valid
 keys, per head) and the ViT features (2x2 groups averaged, raster order) go through the VIP.
-The keep rule is the release's (``keep_rule.TrainedKeepRule``). ``prune_kv`` (per sample) or ``select_tokens`` +
+The keep rule is the release's (``glimpseprune.TrainedKeepRule``). ``prune_kv`` (per sample) or ``select_tokens`` +
 ``keep_index`` + ``compact_kv`` (per image) then compact the caches of layers 0..K, which
 drops the glimpse.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from .. import compact_kv, glimpse_scores, keep_index, prune_kv
-from .keep_rule import TrainedKeepRule
-from .predictor import GlimpsePredictor, PredictorConfig
+from ..glimpseprune import GlimpsePredictor
+from ..ops import compact_kv, keep_index, prune_kv
 from .prune_hooks import GlimpsePruneHandle, _Prefill
-from .release import load_release, predictor_config_from_release
 from .vit_taps import Layout, VitTaps
 
 
 @dataclass
 class PredictorPruneHandle(GlimpsePruneHandle):
+    """``settings.rule`` is the release's ``TrainedKeepRule``: per sample (the release commit)
+    or per image (later versions of the release)."""
+
     predictor: GlimpsePredictor | None = None
-    fixed_keep_ratio: float | None = None
-    caps_per: str = "sample"  # "sample" (the release commit) or "image" (later versions of the release)
     vit_outputs: dict = field(default_factory=dict)
     taps: VitTaps | None = None
     layout: Layout | None = None  # the images of the latest ViT call
     prompt_length: int = 0
 
-    def attach_predictor_hooks(self, model: nn.Module) -> None:
-        self.taps = VitTaps(model)
+    def _attach_inputs(self) -> None:
+        self.taps = VitTaps(self.model)
         # generate (5.2x) runs the ViT before the multimodal model and drops image_grid_thw
         # from its kwargs, so the layout and the features are taken at the ViT itself.
         self.hooks.append(self.taps.vision.register_forward_pre_hook(self._on_vit, with_kwargs=True))
@@ -112,11 +110,8 @@ class PredictorPruneHandle(GlimpsePruneHandle):
     def visual_logits(self, p: _Prefill, keys_k: Tensor) -> Tensor:
         """VIP logits [N] in the predictor's dtype for every visual token of the batch, in
         prompt order (images in order, raster order within each)."""
-        S = self.prompt_length
         valid = torch.cat([p.valid, torch.ones_like(p.valid[:, :1])], dim=1)
-        normalize = "logits" if self.predictor.config.use_attention_logits else "log_probs"
-        logits = glimpse_scores(p.glimpse_q, keys_k, valid, scale=None, normalize=normalize)  # [B, H, 1, S + 1]
-        head_scores = logits[:, :, 0, :S].transpose(1, 2)[p.visual]  # [N, H]
+        head_scores = self.predictor.head_scores(p.glimpse_q, keys_k, valid, p.visual)  # [N, H]
         encoded = 0 if self.layout is None else self.layout.tokens
         if encoded != head_scores.shape[0] or len(self.vit_outputs) != len(self.predictor.config.vit_layers):
             raise RuntimeError(
@@ -134,10 +129,6 @@ class PredictorPruneHandle(GlimpsePruneHandle):
         """Visual tokens per image (per tile on InternVL) of the latest prefill, in order."""
         return [h * w for h, w in self.layout.grids]
 
-    @property
-    def rule(self) -> TrainedKeepRule:
-        return TrainedKeepRule(self.threshold, self.max_keep_ratio, self.min_keep, self.fixed_keep_ratio, self.caps_per)
-
     def _select_and_compact(self, p: _Prefill, keys: list[Tensor], values: list[Tensor]):
         S = self.prompt_length
         probs = self.predictor.keep_probs(self.visual_logits(p, keys[self.layer]))  # fp32 [N]
@@ -145,51 +136,15 @@ class PredictorPruneHandle(GlimpsePruneHandle):
         scores[p.visual] = probs
         keys, values = [k[:, :, :S] for k in keys], [v[:, :, :S] for v in values]
         dtype = next(self.predictor.parameters()).dtype
-        if self.caps_per == "sample":  # one fused op
-            threshold, caps, min_keep = self.rule.limits(p.visual.sum(dim=1), dtype)
+        rule = self.settings.rule
+        if rule.caps_per == "sample":  # one fused op
+            threshold, caps, min_keep = rule.limits(p.visual.sum(dim=1), dtype)
             new_keys, new_values, index, _, _ = prune_kv(
                 scores, p.visual, keys, values, threshold=threshold, max_keep=caps, min_keep=min_keep,
                 max_len=None, padding_side="left",
             )  # fmt: skip
             return new_keys, new_values, index, scores
-        keep = self.rule.keep(probs, p.visual, self.image_sizes(), dtype)
+        keep = rule.keep(probs, p.visual, self.image_sizes(), dtype)
         index, _ = keep_index(keep, max_len=None, padding_side="left")
         new_keys, new_values = compact_kv(keys, values, index)
         return new_keys, new_values, index, scores
-
-
-def _predictor_path(predictor, where: str):
-    from pathlib import Path
-
-    path = Path(predictor)
-    if path.is_dir() or (path.suffix == ".safetensors" and path.exists()):
-        return path
-    raise ValueError(
-        f"{where}: predictor must be a GlimpsePredictor, a .safetensors file or a release folder, got {predictor!r}"
-    )
-
-
-def load_predictor(predictor, model: nn.Module, where: str = "glimpse_ops.hf.apply_glimpse_prune") -> GlimpsePredictor:
-    """A GlimpsePredictor from itself, a .safetensors file (``GlimpsePredictor.save``) or a
-    folder of the GlimpsePrune release (``model``: anything with the model's ``config``)."""
-    if isinstance(predictor, GlimpsePredictor):
-        return predictor
-    path = _predictor_path(predictor, where)
-    # built in fp32 whatever the default dtype (vLLM builds models under the model's dtype):
-    # weights loaded into bf16 parameters would be rounded before any later cast
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    try:
-        return load_release(path, model) if path.is_dir() else GlimpsePredictor.load(path)
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def predictor_config(predictor, model: nn.Module, where: str) -> PredictorConfig:
-    """The config of the predictor ``load_predictor`` would load, without reading its weights."""
-    if isinstance(predictor, GlimpsePredictor):
-        return predictor.config
-    path = _predictor_path(predictor, where)
-    if path.is_dir():
-        return predictor_config_from_release(json.loads((path / "config.json").read_text()), model)
-    return GlimpsePredictor.read_config(path)

@@ -28,9 +28,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..glimpseprune.settings import PruneSettings
 from ..ops import gather_tokens
 from ..ops import glimpse_prune as glimpse_prune_op
-from .hooks import PatchHandle, gather_rope, layer_mask, prefill_masks
+from .patch import PatchHandle, gather_rope, layer_mask, prefill_masks
 
 
 @dataclass
@@ -66,15 +67,6 @@ class SelectionInputs:
 Selection = Callable[[SelectionInputs], tuple[list[Tensor], list[Tensor], Tensor, Tensor]]
 
 
-def training_free_caps(n_visual: Tensor, max_keep_ratio: float | None, min_keep: int) -> Tensor | None:
-    """int64 [B]: the training-free cap, at most ceil(max_keep_ratio * Nv) visual tokens per
-    row (the cap rounds up) and at least min(1, min_keep); None without a ratio. Shared by the
-    HF hooks and the vLLM plugin so both keep the same tokens."""
-    if max_keep_ratio is None:
-        return None
-    return torch.ceil(n_visual.double() * max_keep_ratio).long().clamp(min=min(1, min_keep))
-
-
 def glimpse_prune_selection(x: SelectionInputs) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor]:
     """The default: one ``glimpse_prune`` call (head-averaged glimpse probabilities, top
     ``max_keep`` per sample, ``threshold`` on the probability, compaction of every layer)."""
@@ -87,12 +79,10 @@ def glimpse_prune_selection(x: SelectionInputs) -> tuple[list[Tensor], list[Tens
 
 @dataclass
 class GlimpsePruneHandle(PatchHandle):
-    """Returned by ``apply_glimpse_prune``; ``remove()`` restores the model exactly."""
+    """Returned by ``apply_glimpse_prune``; ``remove()`` restores the model exactly.
+    ``settings``: the layer and the keep rule (``glimpseprune.PruneSettings``)."""
 
-    layer: int
-    threshold: float | None
-    max_keep_ratio: float | None
-    min_keep: int
+    settings: PruneSettings
     selection: Selection = glimpse_prune_selection
     prefill: _Prefill | None = None
     last_kept_visual: Tensor | None = None  # [B] visual tokens kept by the latest prefill
@@ -100,6 +90,40 @@ class GlimpsePruneHandle(PatchHandle):
     last_scores: Tensor | None = None  # fp32 [B, S] head-averaged glimpse probabilities of the latest prefill
     last_visual: Tensor | None = None  # bool [B, S] the candidates of the latest prefill (image-newline tokens not)
     _compacted_valid: Tensor | None = None  # [B, L] bool, the latest compacted prompt's validity
+
+    @property
+    def layer(self) -> int:
+        """K: the decoder layer after which the prompt is pruned."""
+        return self.settings.layer
+
+    def attach(self, after_layer_k: Callable | None = None) -> None:
+        """Register every hook of the patch (the one place that does). ``after_layer_k``
+        replaces the prune after layer K with the caller's forward hook (training reads the
+        keep probabilities there and stops the forward): then nothing after layer K is hooked
+        and ``generate`` is not wrapped."""
+        a = self.adapter
+        target = a.layers[self.layer]
+        self.hooks += [
+            a.multimodal.register_forward_pre_hook(self._on_multimodal, with_kwargs=True),
+            target.register_forward_pre_hook(self._before_layer_k, with_kwargs=True),
+            target.self_attn.q_proj.register_forward_hook(self._on_q_proj),
+            target.register_forward_hook(after_layer_k or self._after_layer_k, with_kwargs=True),
+        ]
+        self._attach_inputs()
+        if after_layer_k is not None:
+            return
+        self.hooks += [
+            a.layers[i].register_forward_pre_hook(self._before_later_layer, with_kwargs=True)
+            for i in range(self.layer + 1, len(a.layers))
+        ]
+        if getattr(a.multimodal, "image_newline", None) is not None:
+            self.hooks.append(a.text_model.register_forward_pre_hook(self._keep_image_newlines, with_kwargs=True))
+        self._wrap_generate_kwargs()
+        self._wrap_deepstack()
+
+    def _attach_inputs(self) -> None:
+        """Hooks a subclass needs on the way to layer K (the trained predictor: ViT taps, the
+        glimpse token)."""
 
     def _restore(self) -> None:
         self.model.__dict__.pop("_update_model_kwargs_for_generation", None)
@@ -185,9 +209,9 @@ class GlimpsePruneHandle(PatchHandle):
 
     def _select_and_compact(self, p: _Prefill, keys: list[Tensor], values: list[Tensor]):
         """(compacted keys and values of layers 0..K, index [B, L], scores fp32 [B, S])."""
-        caps = training_free_caps(p.visual.sum(dim=1), self.max_keep_ratio, self.min_keep)
+        rule = self.settings.rule
         inputs = SelectionInputs(p.glimpse_q, keys, values, p.valid, p.visual, self.layer, self.adapter.head_dim,
-                                 self.threshold, caps, self.min_keep)  # fmt: skip
+                                 rule.threshold, rule.caps(p.visual.sum(dim=1)), rule.min_keep)  # fmt: skip
         return self.selection(inputs)
 
     def _before_later_layer(self, module: nn.Module, args: tuple, kwargs: dict):

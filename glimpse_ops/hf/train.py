@@ -1,251 +1,159 @@
-"""Training the glimpse token and the VIP on a user's (image, question, answer) batches.
+"""``python -m glimpse_ops.hf.train``: train the glimpse token + VIP or ATP stages of an HF
+model on a JSON-lines file, on one process or under ``torchrun`` (DDP or FSDP2).
 
-The LM stays frozen. Without boxes to supervise the VIP, the keep decision is learned from
-the answer itself: the VIP's keep probabilities w enter the frozen model as a soft key mask
-(log w added to the attention logits of the visual keys: renormalized, DynamicViT/ATP
-style), and the loss is the answer's cross entropy plus a budget term |mean w - ratio|.
-Each step runs two forwards:
+    torchrun --nproc-per-node 8 -m glimpse_ops.hf.train --model Qwen/Qwen2.5-VL-7B-Instruct \\
+        --data train.jsonl --mode glimpse --strategy fsdp --bf16 --steps 2000 --out runs/gp
 
-1. prompt + glimpse through layers 0..K (stopped there), giving w with gradients back to
-   the VIP and, through the glimpse's layer-K logits, to the glimpse token;
-2. prompt + answer through the whole model with the soft mask where inference prunes:
-   every layer for the answer rows (they decode against compacted caches) and layers
-   K+1.. for the prompt rows. The glimpse is absent, as after pruning.
+Writes under --out: ``checkpoints/step-NNNNNN.pt`` (resumable on any number of processes with
+--resume), ``history.jsonl`` (one line per step) and the trained modules (``predictor.safetensors``
+for ``pruned(model, predictor=...)``, or ``atp_stages.pt``).
 
-A batch is a dict of the model's prompt inputs (``input_ids`` left padded,
-``attention_mask``, ``pixel_values``, ``image_grid_thw``, ``mm_token_type_ids``) plus
-``answer_ids`` [B, A] (pad with -100).
+The losses live in ``losses.py`` and the loop in ``trainer.py``; the names this module held
+before (``train_glimpse``, ``glimpse_training_loss``, ...) still resolve here for one release,
+with a DeprecationWarning.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+import argparse
+import itertools
+import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-
-from ..layers import attention_mask
-from .adapters import adapter_for
-from .hooks import layer_mask
-from .predictor import GlimpsePredictor
-from .predictor_hooks import PredictorPruneHandle
-from .vit_taps import FAMILIES as VIT_TAP_FAMILIES
 
 
-class _Stop(Exception):
-    pass
+def _layers(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v.strip())
 
 
-def _visual_keep_probs(model: nn.Module, predictor: GlimpsePredictor, prompt: dict) -> tuple[Tensor, Tensor]:
-    """Forward 1: (keep probabilities fp32 [N] over all visual tokens with gradients, visual mask [B, S])."""
-    adapter = adapter_for(model)
-    handle = PredictorPruneHandle(model, adapter, predictor.config.score_layer, None, None, 0, predictor=predictor)
-    K = predictor.config.score_layer
-    result: dict = {}
-
-    def after_k(module, args, kwargs, output):
-        p = handle.prefill
-        keys = kwargs["past_key_values"].layers[K].keys
-        result["probs"] = torch.sigmoid(handle.visual_logits(p, keys))
-        result["visual"] = p.visual
-        raise _Stop
-
-    handle.hooks = []
-    # No activation checkpointing here (HF checkpoints in training mode only, and drops the
-    # cache there): a recomputed layer K would run these hooks again during backward. Forward
-    # 2, over prompt + answer, is the large one and keeps it. The frozen model has no dropout.
-    training = model.training
-    model.eval()
-    try:
-        handle.hooks += [
-            adapter.multimodal.register_forward_pre_hook(handle._on_multimodal, with_kwargs=True),
-            adapter.layers[K].register_forward_pre_hook(handle._before_layer_k, with_kwargs=True),
-            adapter.layers[K].self_attn.q_proj.register_forward_hook(handle._on_q_proj),
-            adapter.layers[K].register_forward_hook(after_k, with_kwargs=True),
-        ]
-        handle.attach_predictor_hooks(model)
-        model(**prompt, use_cache=True)
-    except _Stop:
-        pass
-    finally:
-        for hook in handle.hooks:
-            hook.remove()
-        model.train(training)
-    if "probs" not in result:
-        raise ValueError("glimpse_ops.hf.train_glimpse: the batch has no image tokens")
-    return result["probs"], result["visual"]
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m glimpse_ops.hf.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="a local folder (or hub id) with the model and its processor")
+    p.add_argument("--data", required=True, help="JSON-lines file of {image, question, answer}")
+    p.add_argument("--mode", choices=("glimpse", "atp"), default="glimpse")
+    p.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp", help="under torchrun")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=1, help="samples per process per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--keep-ratio", type=float, default=0.1, help="the budget: the kept fraction of visual tokens")
+    p.add_argument("--budget-weight", type=float, default=1.0)
+    p.add_argument("--bf16", action="store_true", help="bf16 model and compute, fp32 trainable weights")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--score-layer", type=int, help="glimpse: the layer K (default: about 2/3 of the depth)")
+    p.add_argument("--vit-layers", type=_layers, help="glimpse: ViT blocks the VIP reads, e.g. 31,23,15,7")
+    p.add_argument("--atp-layers", type=_layers, help="atp: the stage layers, e.g. 4,14")
+    p.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: only the last)")
+    p.add_argument("--resume", help="a checkpoint written by an earlier run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    return p.parse_args(argv)
 
 
-def soft_masks(
-    valid: Tensor, visual: Tensor, prompt_len: int, weight: Tensor, dtype: torch.dtype
-) -> tuple[Tensor, Tensor]:
-    """Additive masks [B, 1, T, T] for layers 0..K and K+1.. over prompt + answer (T tokens):
-    causal, no padding keys (each row sees itself), plus log w on the visual keys for the
-    answer rows (both) and for every row (layers K+1..). ``weight`` fp32 [B, T] is 1 off
-    the visual tokens."""
-    T = valid.shape[1]
-    rows = torch.arange(T, device=valid.device)
-    allowed = attention_mask(valid, T)
-    base = layer_mask(valid, dtype, "eager")
-    log_w = torch.log(weight.clamp_min(1e-6)).to(dtype)[:, None, None, :]  # [B, 1, 1, T]
-    answer_rows = (rows >= prompt_len)[None, None, :, None]
-    early = base + torch.where(answer_rows & allowed, log_w, torch.zeros_like(log_w))
-    late = base + torch.where(allowed, log_w, torch.zeros_like(log_w))
-    return early, late
+def _micro_batches(
+    dataset, collator, batch_size: int, rank: int, world: int, seed: int, skip: int = 0
+) -> Iterator[dict]:
+    """This rank's micro-batches, epoch after epoch (a DistributedSampler reshuffles each),
+    after the first ``skip`` (dropped by index: their images are never loaded). The global
+    order does not depend on the world size: step k uses the same samples on any number of
+    processes that gives the same samples per step."""
+    from torch.utils.data import DistributedSampler
 
-
-@dataclass
-class LossTerms:
-    """The sums a training loss is made of, so ranks can combine them into global means:
-    cross entropy summed over the answer tokens (``answer_tokens`` of them), and the kept
-    weights summed over the visual tokens (``visual_tokens`` of them). Sums carry gradients,
-    counts do not."""
-
-    answer_ce_sum: Tensor
-    answer_tokens: Tensor
-    kept_sum: Tensor
-    visual_tokens: Tensor
-    logits: Tensor  # the answer rows' logits [B, A, V], detached
-
-    def loss(self, keep_ratio: float, budget_weight: float) -> tuple[Tensor, Tensor, Tensor]:
-        """(answer CE mean + budget_weight * |kept fraction - keep_ratio|, CE mean, kept fraction)."""
-        ce = self.answer_ce_sum / self.answer_tokens.clamp_min(1)
-        kept = self.kept_sum / self.visual_tokens.clamp_min(1)
-        return ce + budget_weight * (kept - keep_ratio).abs(), ce, kept
-
-
-def answer_ce_sum(logits: Tensor, prompt_len: int, answer: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(cross entropy summed over the answer tokens, their count, the answer rows' logits
-    [B, A, V]): position prompt_len - 1 + i predicts answer token i (-100: padding)."""
-    answer_logits = logits[:, prompt_len - 1 : prompt_len - 1 + answer.shape[1]]
-    ce = F.cross_entropy(
-        answer_logits.float().reshape(-1, logits.shape[-1]), answer.reshape(-1), ignore_index=-100, reduction="sum"
-    )
-    return ce, (answer != -100).sum(), answer_logits.detach()
-
-
-def prompt_and_answer(batch: dict) -> tuple[dict, Tensor, dict]:
-    """(the prompt inputs, answer_ids [B, A], the model inputs over prompt + answer)."""
-    prompt = {k: v for k, v in batch.items() if k != "answer_ids"}
-    answer = batch["answer_ids"]
-    ids = torch.cat([prompt["input_ids"], answer.clamp(min=0)], dim=1)
-    valid = torch.cat([prompt["attention_mask"].bool(), torch.ones_like(answer, dtype=torch.bool)], dim=1)
-    inputs = dict(prompt, input_ids=ids, attention_mask=valid.long())
-    if "mm_token_type_ids" in prompt:
-        inputs["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(answer)], dim=1)
-    return prompt, answer, inputs
-
-
-def glimpse_loss_terms(
-    model: nn.Module,
-    predictor: GlimpsePredictor,
-    batch: dict,
-    force_weight: float | None = None,
-    hold: list | None = None,
-) -> LossTerms:
-    """The two forwards of a training step (module docstring) -> ``LossTerms``. ``force_weight``
-    replaces w by a constant (a test hook: 1.0 must reproduce the stock model). ``hold``: a
-    list that receives the soft-mask hooks instead of removing them, for the caller to remove
-    after backward (activation checkpointing recomputes the layers there, hooks included)."""
-    prompt, answer, inputs = prompt_and_answer(batch)
-    probs, visual = _visual_keep_probs(model, predictor, prompt)
-    probs = probs.float()  # bf16 under autocast; the mask and the budget are fp32
-    B, S = visual.shape
-    if force_weight is not None:
-        probs = torch.full_like(probs, force_weight)
-    weight = torch.ones(B, S + answer.shape[1], device=probs.device)
-    weight[:, :S][visual] = probs
-    valid = inputs["attention_mask"].bool()
-    dtype = next(model.parameters()).dtype
-    early, late = soft_masks(
-        valid, torch.cat([visual, torch.zeros_like(answer, dtype=torch.bool)], dim=1), S, weight, dtype
-    )
-    K = predictor.config.score_layer
-    layers = adapter_for(model).layers
-
-    def set_mask(index: int):
-        def hook(module, args, kwargs):
-            kwargs["attention_mask"] = early if index <= K else late
-            return args, kwargs
-
-        return hook
-
-    hooks = [layer.register_forward_pre_hook(set_mask(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        logits = model(**inputs, use_cache=False).logits
-    finally:
-        if hold is None:
-            for hook in hooks:
-                hook.remove()
-        else:
-            hold.extend(hooks)
-    ce, n_answer, answer_logits = answer_ce_sum(logits, S, answer)
-    return LossTerms(ce, n_answer, probs.sum(), torch.tensor(probs.numel(), device=probs.device), answer_logits)
-
-
-def glimpse_training_loss(
-    model: nn.Module,
-    predictor: GlimpsePredictor,
-    batch: dict,
-    keep_ratio: float,
-    budget_weight: float = 1.0,
-    force_weight: float | None = None,
-) -> tuple[Tensor, dict]:
-    """(answer cross entropy + budget_weight * |mean w - keep_ratio|, info) on one process.
-    ``force_weight`` replaces w by a constant (a test hook: 1.0 must reproduce the stock model)."""
-    terms = glimpse_loss_terms(model, predictor, batch, force_weight)
-    loss, ce, kept = terms.loss(keep_ratio, budget_weight)
-    return loss, {"answer_ce": ce.detach(), "kept_fraction": kept.detach(), "logits": terms.logits}
-
-
-def train_glimpse(
-    model: nn.Module,
-    predictor: GlimpsePredictor,
-    batches: Iterable[dict],
-    keep_ratio: float = 0.1,
-    lr: float = 1e-4,
-    budget_weight: float = 1.0,
-    save_to: str | Path | None = None,
-    progress: Callable[[str], None] | None = print,
-) -> GlimpsePredictor:
-    """Train ``predictor`` (the glimpse token and the VIP) on ``batches`` with the LM frozen;
-    one optimizer step per batch; saves safetensors to ``save_to`` when given."""
-    if adapter_for(model).model_type not in VIT_TAP_FAMILIES:
-        raise TypeError(
-            "glimpse_ops.hf.train_glimpse: trained GlimpsePrune needs a Qwen2.5-VL, Qwen3-VL or InternVL model"
+    if len(dataset) < batch_size * world:
+        raise ValueError(
+            f"glimpse_ops.hf.train: {len(dataset)} records cannot fill a batch of {batch_size} on {world} processes"
         )
-    frozen = [p.requires_grad for p in model.parameters()]
-    model.requires_grad_(False)
-    device = next(model.parameters()).device
-    predictor.to(device).train()
-    opt = torch.optim.AdamW(predictor.parameters(), lr=lr, weight_decay=0.0)
-    try:
-        for step, batch in enumerate(batches):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss, info = glimpse_training_loss(model, predictor, batch, keep_ratio, budget_weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if progress is not None:
-                progress(
-                    f"train_glimpse step {step + 1}: loss {loss.item():.4f} answer CE {info['answer_ce'].item():.4f} "
-                    f"kept {info['kept_fraction'].item():.1%}"
-                )
-    finally:
-        for p, flag in zip(model.parameters(), frozen):
-            p.requires_grad_(flag)
-        predictor.eval()
-    if save_to is not None:
-        predictor.save(save_to)
-    return predictor
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    for epoch in itertools.count():
+        sampler.set_epoch(epoch)
+        indices = list(sampler)
+        for start in range(0, len(indices) - batch_size + 1, batch_size):
+            if skip > 0:
+                skip -= 1
+                continue
+            yield collator([dataset[i] for i in indices[start : start + batch_size]])
 
 
-if __name__ == "__main__":  # python -m glimpse_ops.hf.train: the training CLI
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from ..glimpseprune import GlimpsePredictor, default_layer
+    from .data import Collator, JsonlDataset
+    from .distributed import init_from_env, world
+    from .trainer import TrainConfig, Trainer
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    init_from_env(device)
+    rank, world_size = world()
+    torch.manual_seed(args.seed)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype).to(device)
+    processor = AutoProcessor.from_pretrained(args.model)
+    predictor = None
+    if args.mode == "glimpse":
+        n_layers = model.config.get_text_config().num_hidden_layers
+        depth = getattr(model.config.vision_config, "depth", None) or model.config.vision_config.num_hidden_layers
+        K = args.score_layer if args.score_layer is not None else default_layer(n_layers)
+        step = max(1, depth // 4)  # default: four blocks evenly spaced, ending at the last (7B: 31, 23, 15, 7)
+        vit = args.vit_layers or tuple(sorted({max(0, depth - 1 - i * step) for i in range(4)}, reverse=True))
+        predictor = GlimpsePredictor.for_model(model, K, vit)
+    config = TrainConfig(
+        mode=args.mode, strategy=args.strategy, keep_ratio=args.keep_ratio, budget_weight=args.budget_weight,
+        lr=args.lr, grad_accum=args.grad_accum, precision="bf16" if args.bf16 else "fp32",
+        activation_checkpointing=args.activation_checkpointing, save_every=args.save_every,
+    )  # fmt: skip
+    out = Path(args.out)
+    history_file = out / "history.jsonl"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        how = f"{world_size} processes ({args.strategy})" if world_size > 1 else "1 process"
+        print(f"glimpse_ops.hf.train: {args.mode} on {how}: {args.model}, {args.data}")
+    trainer = Trainer(model, config, predictor=predictor, atp_layers=args.atp_layers)
+    trainer.global_batch = args.batch_size * world_size * args.grad_accum
+    if args.resume:
+        trainer.resume(args.resume)
+    dataset = JsonlDataset(args.data)
+    done = trainer.step * args.grad_accum  # micro-batches per rank the resumed steps used
+    batches = _micro_batches(dataset, Collator(processor), args.batch_size, rank, world_size, args.seed, done)
+
+    def record(step: dict) -> None:  # one line per step, so a run cut short keeps its history
+        if rank == 0:
+            with history_file.open("a") as f:
+                f.write(json.dumps(step) + "\n")
+
+    trainer.fit(batches, args.steps, checkpoint_dir=out / "checkpoints", skip_done=False, on_step=record)
+    trainer.export(out / ("predictor.safetensors" if args.mode == "glimpse" else "atp_stages.pt"))
+    if rank == 0:
+        print(f"glimpse_ops.hf.train: wrote {out}")
+    trainer.close()
+    return 0
+
+
+# what ``glimpse_ops.hf.train`` held before the command took its name: name -> its module now
+_MOVED = {
+    "train_glimpse": "trainer",
+    **{name: "losses" for name in ("LossTerms", "answer_ce_sum", "glimpse_loss_terms", "glimpse_training_loss",
+                                   "prompt_and_answer", "soft_masks")},
+}  # fmt: skip
+
+
+def __getattr__(name: str):
+    if name not in _MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    from .._moved import warn_moved
+
+    warn_moved(f"{__name__}.{name}", f"glimpse_ops.hf.{_MOVED[name]}.{name}")
+    return getattr(importlib.import_module(f".{_MOVED[name]}", __package__), name)
+
+
+if __name__ == "__main__":
     import sys
-
-    from .train_cli import main
 
     sys.exit(main())

@@ -1,8 +1,9 @@
 """One training loop for both trainers, on one process or under ``torchrun`` (DDP or FSDP2).
 
 * ``mode="glimpse"``: the glimpse token and the VIP (``GlimpsePredictor``), loss of
-  ``train.glimpse_loss_terms`` (answer cross entropy under the VIP's soft key mask, budget
-  |kept fraction - keep_ratio|).
+  ``losses.glimpse_loss_terms`` (answer cross entropy under the VIP's soft key mask, budget
+  |kept fraction - keep_ratio|). ``train_glimpse`` is this loop on one process over a list of
+  batches.
 * ``mode="atp"``: ATP stages (``apply_atp(mode="train")``), loss of ``atp_loss_terms``
   (answer cross entropy under the stages' soft masks, the same budget on the soft kept
   fraction).
@@ -31,11 +32,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..glimpseprune import GlimpsePredictor
 from . import distributed
 from .adapters import adapter_for
 from .atp import ATPHandle, apply_atp
-from .predictor import GlimpsePredictor
-from .train import LossTerms, answer_ce_sum, glimpse_loss_terms, prompt_and_answer
+from .losses import LossTerms, answer_ce_sum, glimpse_loss_terms, prompt_and_answer
 from .vit_taps import FAMILIES as VIT_TAP_FAMILIES
 
 MODES = ("glimpse", "atp")
@@ -120,13 +121,13 @@ class Trainer:
         self.rank, self.world = distributed.world()
         self.log = log if self.rank == 0 else None
         adapter = adapter_for(model)
-        if config.mode == "glimpse" and predictor is None:
-            raise ValueError("glimpse_ops.hf.Trainer: mode='glimpse' needs predictor=")
         if config.mode == "glimpse" and adapter.model_type not in VIT_TAP_FAMILIES:
             raise TypeError(
-                f"glimpse_ops.hf.Trainer: trained GlimpsePrune needs a {', '.join(VIT_TAP_FAMILIES)} model, "
-                f"got {adapter.model_type}"
+                "glimpse_ops.hf.Trainer: trained GlimpsePrune needs a Qwen2.5-VL, Qwen3-VL or InternVL model "
+                f"({', '.join(VIT_TAP_FAMILIES)}), got {adapter.model_type}"
             )
+        if config.mode == "glimpse" and predictor is None:
+            raise ValueError("glimpse_ops.hf.Trainer: mode='glimpse' needs predictor=")
         if config.mode == "atp" and not atp_layers and atp_stages is None:
             raise ValueError("glimpse_ops.hf.Trainer: mode='atp' needs atp_layers= (or atp_stages=)")
         self.frozen = [p.requires_grad for p in model.parameters()]
@@ -225,33 +226,28 @@ class Trainer:
         with self._no_sync(last):
             with self._autocast():
                 terms = self.wrapped(batch)
-            sums = distributed.global_sum(
-                torch.stack([terms.answer_ce_sum, terms.answer_tokens, terms.kept_sum, terms.visual_tokens]).float()
-            )
-            ce_sum, n_answer, kept_sum, n_visual = sums
-            kept = kept_sum / n_visual.clamp_min(1)
-            ce = ce_sum / n_answer.clamp_min(1)
-            direction = torch.sign(kept - c.keep_ratio)
-            # this rank's share of d(global loss); DDP / FSDP2 average over ranks, hence the world size
-            share = terms.answer_ce_sum / n_answer.clamp_min(1)
-            share = share + c.budget_weight * direction * terms.kept_sum / n_visual.clamp_min(1)
-            (share * self.world / c.grad_accum).backward()
+            local = torch.stack([terms.answer_ce_sum, terms.answer_tokens, terms.kept_sum, terms.visual_tokens]).float()
+            totals = distributed.global_sum(local.detach())
+            loss, ce, kept = terms.global_view(totals).loss(c.keep_ratio, c.budget_weight)
+            # the global loss with this rank's gradients; DDP / FSDP2 average over ranks, hence the world size
+            (loss * self.world / c.grad_accum).backward()
             self.step_module.release()
-        return torch.stack([ce + c.budget_weight * (kept - c.keep_ratio).abs(), ce, kept]).detach()
+        return torch.stack([loss, ce, kept]).detach()
 
     def fit(
         self,
         batches: Iterable[dict],
-        steps: int,
+        steps: int | None = None,
         checkpoint_dir: str | Path | None = None,
         skip_done: bool = True,
         on_step: Callable[[dict], None] | None = None,
     ) -> list[dict]:
-        """Run optimizer steps ``self.step + 1 .. steps`` over ``batches``, first skipping the
-        micro-batches of the steps already done (``skip_done=False``: ``batches`` already starts
-        after them). Returns one record per step (global loss, answer CE, kept fraction,
-        seconds), also passed to ``on_step``; rank 0 logs each step and the checkpoints. A
-        non-finite loss stops the run at once (it is global: every rank stops)."""
+        """Run optimizer steps ``self.step + 1 .. steps`` over ``batches`` (``steps=None``: until
+        the batches end, one step per ``grad_accum`` of them), first skipping the micro-batches
+        of the steps already done (``skip_done=False``: ``batches`` already starts after them).
+        Returns one record per step (global loss, answer CE, kept fraction, seconds), also
+        passed to ``on_step``; rank 0 logs each step and the checkpoints. A non-finite loss
+        stops the run at once (it is global: every rank stops)."""
         c = self.config
         micro = iter(batches)
         if skip_done:
@@ -260,12 +256,14 @@ class Trainer:
                 raise ValueError(f"glimpse_ops.hf.Trainer.fit: the data ended before the resumed step {self.step}")
         history = []
         try:
-            while self.step < steps:
+            while steps is None or self.step < steps:
                 start = time.perf_counter()
                 group = list(itertools.islice(micro, c.grad_accum))
+                if steps is None and not group:
+                    break
                 if len(group) < c.grad_accum:
                     raise ValueError(
-                        f"glimpse_ops.hf.Trainer.fit: the data ended at step {self.step + 1} of {steps} "
+                        f"glimpse_ops.hf.Trainer.fit: the data ended at step {self.step + 1} of {steps or 'the run'} "
                         f"({c.grad_accum} micro-batches per step)"
                     )
                 self.optimizer.zero_grad(set_to_none=True)
@@ -282,12 +280,13 @@ class Trainer:
                     on_step(record)
                 if self.log is not None:
                     self.log(
-                        f"[{self.step}/{steps}] loss {loss:.4f} answer CE {ce:.4f} kept {kept:.1%} "
+                        f"[{self.step}{'' if steps is None else f'/{steps}'}] loss {loss:.4f} answer CE {ce:.4f} "
+                        f"kept {kept:.1%} "
                         f"{record['seconds']:.2f} s/step ({self.world} rank{'s' if self.world > 1 else ''})"
                     )
                 if checkpoint_dir is not None and (
                     self.step == steps or (c.save_every and self.step % c.save_every == 0)
-                ):
+                ):  # with steps=None only every save_every steps
                     path = Path(checkpoint_dir) / f"step-{self.step:06d}.pt"
                     self.save(path)
                     if self.log is not None:
@@ -307,3 +306,28 @@ class Trainer:
         self.model.train(self.was_training)
         for p, flag in zip(self.model.parameters(), self.frozen):
             p.requires_grad_(flag)
+
+
+def train_glimpse(
+    model: nn.Module,
+    predictor: GlimpsePredictor,
+    batches: Iterable[dict],
+    keep_ratio: float = 0.1,
+    lr: float = 1e-4,
+    budget_weight: float = 1.0,
+    save_to: str | Path | None = None,
+    progress: Callable[[str], None] | None = print,
+) -> GlimpsePredictor:
+    """Train ``predictor`` (the glimpse token and the VIP) on ``batches`` with the LM frozen, one
+    optimizer step per batch (``Trainer.fit`` on one process); ``progress`` gets a line per
+    step; saves safetensors to ``save_to`` when given. The model is given back as it was."""
+    config = TrainConfig(mode="glimpse", keep_ratio=keep_ratio, budget_weight=budget_weight, lr=lr)
+    trainer = Trainer(model, config, predictor=predictor, log=progress)
+    try:
+        trainer.fit(batches)
+    finally:
+        trainer.close()
+        predictor.eval()
+    if save_to is not None:
+        predictor.save(save_to)
+    return predictor

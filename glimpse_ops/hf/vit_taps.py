@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .hooks import vit_grid
-from .predictor import merged_raster, window_index
+from ..glimpseprune.predictor import merged_raster, window_index
+from .patch import vit_grid
 
 FAMILIES = ("qwen2_5_vl", "qwen3_vl", "internvl")
 

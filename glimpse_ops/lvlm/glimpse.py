@@ -26,13 +26,12 @@ Differences from the paper, chosen for a 16-token toy:
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import glimpse_prune, glimpse_scores, keep_index
+from ..glimpseprune.keep_rule import ceil_caps
 from ..layers import RMSNorm
 from .model import LVLM, Compacted, DecodeState, Prefix
 
@@ -69,7 +68,9 @@ class LVLMImportancePredictor(nn.Module):
 
 
 def _budget(n_visual: int, ratio: float | None) -> int:
-    return 0 if ratio is None else max(1, math.ceil(ratio * n_visual))
+    """The training-free cap of ``glimpseprune.ceil_caps`` (0: no cap), as a Python int."""
+    caps = ceil_caps(torch.tensor([n_visual]), ratio, min_keep=1)
+    return 0 if caps is None else int(caps[0])
 
 
 def _max_len(prefix_len: int, n_visual: int, max_keep: int) -> int | None:

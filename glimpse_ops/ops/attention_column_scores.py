@@ -9,12 +9,12 @@ import torch
 from torch import Tensor
 
 from .. import _validation as v
-from .._backend import OpBackends, register
+from .._backend import OpBackends, declare_backends
 from ..reference import attention_column_scores_reference, default_scale
-from ._register import Call, define_native, define_op, require_tensors, run_kernel, score_dtype
+from ._define import Call, define_native, define_op, require_tensors, run_kernel, score_dtype
 
 OP = "attention_column_scores"
-SPEC = register(OpBackends(OP, native=("cpu",), triton="attention_column_scores", fp64=("reference",)))
+SPEC = declare_backends(OpBackends(OP, native=("cpu",), triton="attention_column_scores", fp64=("reference",)))
 SCHEMA = (
     "(Tensor q, Tensor k, Tensor? query_mask=None, Tensor? key_mask=None, bool causal=True, "
     "float? scale=None, str backend='auto') -> Tensor"

@@ -8,12 +8,12 @@ import torch
 from torch import Tensor
 
 from .. import _validation as v
-from .._backend import OpBackends, register
+from .._backend import OpBackends, declare_backends
 from ..reference import compact_kv_reference
-from ._register import Call, define_native, define_op, require_tensors, run_kernel
+from ._define import Call, define_native, define_op, require_tensors, run_kernel
 
 OP = "compact_kv"
-SPEC = register(OpBackends(OP, native=("cpu",), triton="compact_kv"))
+SPEC = declare_backends(OpBackends(OP, native=("cpu",), triton="compact_kv"))
 SCHEMA = "(Tensor[] keys, Tensor[] values, Tensor index, str backend='auto') -> (Tensor[], Tensor[])"
 
 

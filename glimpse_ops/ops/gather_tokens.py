@@ -8,12 +8,12 @@ import torch
 from torch import Tensor
 
 from .. import _validation as v
-from .._backend import OpBackends, register
+from .._backend import OpBackends, declare_backends
 from ..reference import gather_tokens_reference
-from ._register import Call, define_native, define_op, require_tensors, run_kernel
+from ._define import Call, define_native, define_op, require_tensors, run_kernel
 
 OP = "gather_tokens"
-SPEC = register(OpBackends(OP, native=("cpu",), triton="gather_tokens"))
+SPEC = declare_backends(OpBackends(OP, native=("cpu",), triton="gather_tokens"))
 SCHEMA = "(Tensor x, Tensor index, Scalar pad_value=0, str backend='auto') -> Tensor"
 Scalar = float | int | bool
 

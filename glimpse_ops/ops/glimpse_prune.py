@@ -9,9 +9,9 @@ import torch
 from torch import Tensor
 
 from .. import _validation as v
-from .._backend import OpBackends, register
+from .._backend import OpBackends, declare_backends
 from ..reference import default_scale, glimpse_prune_reference
-from ._register import (
+from ._define import (
     Call,
     all_true,
     define_native,
@@ -27,7 +27,7 @@ from .glimpse_scores import validate as validate_scores
 from .keep_index import fake_index
 
 OP = "glimpse_prune"
-SPEC = register(OpBackends(OP, native=("cpu",), triton="glimpse_prune", fp64=("reference",)))
+SPEC = declare_backends(OpBackends(OP, native=("cpu",), triton="glimpse_prune", fp64=("reference",)))
 SCHEMA = (
     "(Tensor q, Tensor[] keys, Tensor[] values, Tensor? key_mask, Tensor? candidate_mask, "
     "int score_layer, float? scale=None, float? threshold=None, int max_keep=0, "
@@ -95,7 +95,9 @@ def _router(c: Call) -> tuple:
         c.score_layer, default_scale(c.q.shape[-1], c.scale), c.threshold, c.max_keep, c.min_keep,
         c.max_keep_per_row, c.max_len, c.padding_side == "left",
     )  # fmt: skip
-    return run_kernel(SPEC, chosen, kernel)
+    out = run_kernel(SPEC, chosen, kernel)
+    v.check_kernel_lengths(chosen, out[3], c.max_len)
+    return out
 
 
 define_op(OP, SCHEMA, _router, _fake)

@@ -8,18 +8,18 @@ import torch
 from torch import Tensor
 
 from .. import _validation as v
-from .._backend import OpBackends, register
+from .._backend import OpBackends, declare_backends
 from ..reference import (
     NORMALIZE_MODES,
     default_scale,
     glimpse_scores_backward_reference,
     glimpse_scores_reference,
 )
-from ._register import Call, define_native, define_op, require_tensors, run_kernel, score_dtype
+from ._define import Call, define_native, define_op, require_tensors, run_kernel, score_dtype
 
 OP = "glimpse_scores"
-SPEC = register(OpBackends(OP, native=("cpu",), triton="glimpse_scores", fp64=("reference",)))
-BACKWARD_SPEC = register(OpBackends("_glimpse_scores_backward", triton="glimpse_scores", fp64=("reference",)))
+SPEC = declare_backends(OpBackends(OP, native=("cpu",), triton="glimpse_scores", fp64=("reference",)))
+BACKWARD_SPEC = declare_backends(OpBackends("_glimpse_scores_backward", triton="glimpse_scores", fp64=("reference",)))
 SCHEMA = (
     "(Tensor q, Tensor k, Tensor? key_mask=None, float? scale=None, str normalize='probs', "
     "str backend='auto') -> Tensor"

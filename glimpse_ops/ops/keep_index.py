@@ -8,12 +8,12 @@ import torch
 from torch import Tensor
 
 from .. import _validation as v
-from .._backend import OpBackends, register
+from .._backend import OpBackends, declare_backends
 from ..reference import keep_index_reference
-from ._register import Call, define_native, define_op, require_tensors, run_kernel
+from ._define import Call, define_native, define_op, require_tensors, run_kernel
 
 OP = "keep_index"
-SPEC = register(OpBackends(OP, native=("cpu",), triton="keep_index"))
+SPEC = declare_backends(OpBackends(OP, native=("cpu",), triton="keep_index"))
 SCHEMA = "(Tensor keep, int? max_len=None, str padding_side='left', str backend='auto') -> (Tensor, Tensor)"
 
 
@@ -53,7 +53,9 @@ def _router(c: Call) -> tuple[Tensor, Tensor]:
     chosen = SPEC.resolve(c.backend, c.keep.device)
     if chosen == "reference":
         return keep_index_reference(c.keep, c.max_len, c.padding_side)
-    return run_kernel(SPEC, chosen, Kernel(c.keep, c.max_len, c.padding_side == "left"))
+    index, lengths = run_kernel(SPEC, chosen, Kernel(c.keep, c.max_len, c.padding_side == "left"))
+    v.check_kernel_lengths(chosen, lengths, c.max_len)
+    return index, lengths
 
 
 define_op(OP, SCHEMA, _router, _fake)

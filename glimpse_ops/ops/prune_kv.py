@@ -8,9 +8,9 @@ import torch
 from torch import Tensor
 
 from .. import _validation as v
-from .._backend import OpBackends, register
+from .._backend import OpBackends, declare_backends
 from ..reference import prune_kv_reference
-from ._register import (
+from ._define import (
     Call,
     all_true,
     define_native,
@@ -25,7 +25,7 @@ from .keep_index import fake_index
 from .select_tokens import validate as validate_select
 
 OP = "prune_kv"
-SPEC = register(OpBackends(OP, native=("cpu",), triton="prune_kv"))
+SPEC = declare_backends(OpBackends(OP, native=("cpu",), triton="prune_kv"))
 SCHEMA = (
     "(Tensor scores, Tensor? candidate_mask, Tensor[] keys, Tensor[] values, "
     "float? threshold=None, int max_keep=0, int min_keep=0, int? max_len=None, "
@@ -84,7 +84,9 @@ def _router(c: Call) -> tuple:
         c.scores, all_true(c.scores, c.candidate_mask), c.keys, c.values, c.threshold, c.max_keep, c.min_keep,
         c.max_keep_per_row, c.max_len, c.padding_side == "left",
     )  # fmt: skip
-    return run_kernel(SPEC, chosen, kernel)
+    out = run_kernel(SPEC, chosen, kernel)
+    v.check_kernel_lengths(chosen, out[3], c.max_len)
+    return out
 
 
 define_op(OP, SCHEMA, _router, _fake)

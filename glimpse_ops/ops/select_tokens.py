@@ -8,9 +8,9 @@ import torch
 from torch import Tensor
 
 from .. import _validation as v
-from .._backend import OpBackends, register
+from .._backend import OpBackends, declare_backends
 from ..reference import select_tokens_reference
-from ._register import (
+from ._define import (
     Call,
     all_true,
     define_native,
@@ -22,7 +22,7 @@ from ._register import (
 )
 
 OP = "select_tokens"
-SPEC = register(OpBackends(OP, native=("cpu",), triton="select_tokens"))
+SPEC = declare_backends(OpBackends(OP, native=("cpu",), triton="select_tokens"))
 SCHEMA = (
     "(Tensor scores, Tensor? candidate_mask=None, float? threshold=None, int max_keep=0, "
     "int min_keep=0, Tensor? max_keep_per_row=None, str backend='auto') -> Tensor"

@@ -13,16 +13,16 @@ import torch
 from torch import Tensor
 
 from .. import _validation as v
-from .._backend import OpBackends, register
+from .._backend import OpBackends, declare_backends
 from ..reference import default_scale, soft_mask_attention_backward_reference, soft_mask_attention_forward_reference
-from ._register import Call, Signature, define_native, define_op, require_tensors, run_kernel
+from ._define import Call, Signature, define_native, define_op, require_tensors, run_kernel
 
 OP = "soft_mask_attention"
-SPEC = register(OpBackends(OP, native=("cpu",), triton="soft_mask_attention", fp64=("reference",)))
-FORWARD_SPEC = register(
+SPEC = declare_backends(OpBackends(OP, native=("cpu",), triton="soft_mask_attention", fp64=("reference",)))
+FORWARD_SPEC = declare_backends(
     OpBackends("_soft_mask_attention_forward", native=("cpu",), triton="soft_mask_attention", fp64=("reference",))
 )
-BACKWARD_SPEC = register(
+BACKWARD_SPEC = declare_backends(
     OpBackends("_soft_mask_attention_backward", native=("cpu",), triton="soft_mask_attention", fp64=("reference",))
 )
 SCHEMA = (

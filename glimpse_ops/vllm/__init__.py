@@ -32,6 +32,9 @@ from __future__ import annotations
 ARCHITECTURE = "GlimpsePruneQwen2_5_VLForConditionalGeneration"
 SCHEDULER_CLS = "glimpse_ops.vllm.scheduler.GlimpsePruneScheduler"
 WORKER_CLS = "glimpse_ops.vllm.worker.GlimpsePruneCPUWorker"
+# the engine_kwargs arguments, each passed as hf_overrides["glimpse_<key>"] (config.PluginSettings reads them)
+SETTING_KEYS = ("layer", "threshold", "max_keep_ratio", "max_remain_ratio", "min_keep", "fixed_keep_ratio",
+                "caps_per", "predictor", "predictor_dtype")  # fmt: skip
 
 
 def register() -> None:
@@ -54,6 +57,7 @@ def engine_kwargs(
     threshold: float | None = None,
     min_keep: int | None = None,
     predictor: str | None = None,
+    max_remain_ratio: float | None = None,
     fixed_keep_ratio: float | None = None,
     caps_per: str | None = None,
     predictor_dtype: str | None = None,
@@ -72,13 +76,14 @@ def engine_kwargs(
     Trained (``predictor``: a ``.safetensors`` file of ``GlimpsePredictor.save`` or a folder of
     the GlimpsePrune release, readable by every vLLM process): the layer is the predictor's;
     the release's keep rule (``fixed_keep_ratio``, or ``threshold`` on sigmoid(VIP) with the
-    cap ``max(1, floor(max_keep_ratio * n))`` and ``min_keep``), per request or per image
-    (``caps_per``), defaults from the predictor; ``predictor_dtype``: a torch dtype name
-    (default ``"float32"``) or ``"model"``."""
+    cap ``max(1, floor(max_remain_ratio * n))`` and ``min_keep``), per request or per image
+    (``caps_per``), defaults from the predictor; ``max_keep_ratio`` with a predictor is read as
+    ``max_remain_ratio`` for this release, with a DeprecationWarning; ``predictor_dtype``: a
+    torch dtype name (default ``"float32"``) or ``"model"``."""
     settings = dict(
-        layer=layer, max_keep_ratio=max_keep_ratio, threshold=threshold, min_keep=min_keep,
-        predictor=None if predictor is None else str(predictor), fixed_keep_ratio=fixed_keep_ratio,
-        caps_per=caps_per, predictor_dtype=predictor_dtype,
+        layer=layer, threshold=threshold, max_keep_ratio=max_keep_ratio, max_remain_ratio=max_remain_ratio,
+        min_keep=min_keep, fixed_keep_ratio=fixed_keep_ratio, caps_per=caps_per,
+        predictor=None if predictor is None else str(predictor), predictor_dtype=predictor_dtype,
     )  # fmt: skip
     overrides = {"architectures": [ARCHITECTURE], **{f"glimpse_{k}": v for k, v in settings.items()}}
     return {

@@ -22,10 +22,8 @@ from vllm.forward_context import get_forward_context
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 
 from .. import glimpse_scores, keep_index, select_tokens
-from ..hf.predictor import GlimpsePredictor
-from ..hf.predictor_hooks import load_predictor
-from ..hf.prune_hooks import training_free_caps
-from .config import PREFIX, PruneSettings
+from ..glimpseprune import GlimpsePredictor, load_predictor
+from .config import PREFIX, PluginSettings
 from .trained import ImageFeatures, glimpse_pass, image_features, trained_keep
 
 
@@ -57,13 +55,14 @@ class GlimpsePruneQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         hf_config = vllm_config.model_config.hf_config
         decoder = self.language_model.model
-        self.settings = PruneSettings.from_hf_config(hf_config, len(decoder.layers))
+        self.settings = PluginSettings.from_hf_config(hf_config, len(decoder.layers))
+        self.prune_layer = self.settings.prune.layer  # K
         self.image_token_id = hf_config.image_token_id
         self.rows: StepRows | None = None
         self.pruned: dict[str, list[int]] = {}
         self.tp_size = get_tensor_model_parallel_world_size()
         self._capture = _Capture()
-        for index, layer in enumerate(decoder.layers[: self.settings.layer + 1]):
+        for index, layer in enumerate(decoder.layers[: self.prune_layer + 1]):
             layer.self_attn.attn.register_forward_pre_hook(self._capture_hook(index))
         self._vision_config = hf_config.vision_config
         self._vit_taps: dict[int, Tensor] | None = None  # filled while the ViT runs (trained mode)
@@ -125,7 +124,7 @@ class GlimpsePruneQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
             if capture.active:
                 q, k, v = args[:3]
                 capture.keys[index], capture.values[index] = k, v
-                if index == self.settings.layer:
+                if index == self.prune_layer:
                     capture.q = q
 
         return hook
@@ -157,7 +156,7 @@ class GlimpsePruneQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
         if not prune_rows:
             return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
         decoder = self.language_model.model
-        K = self.settings.layer
+        K = self.prune_layer
         hidden = inputs_embeds if inputs_embeds is not None else decoder.embed_input_ids(input_ids)
         residual = None
         self._capture = _Capture(active=True)
@@ -186,8 +185,8 @@ class GlimpsePruneQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
 
     def _select(self, input_ids: Tensor, positions: Tensor, prune_rows: list[int]) -> tuple[Tensor, Tensor]:
         """(token order after the prune [T'], kept tokens per row [R]); records ``pruned``."""
-        rows, s = self.rows, self.settings
-        attn = self.language_model.model.layers[s.layer].self_attn.attn
+        rows, rule = self.rows, self.settings.prune.rule
+        attn = self.language_model.model.layers[self.prune_layer].self_attn.attn
         H, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_size
         device = input_ids.device
         starts = torch.as_tensor(rows.query_start_loc[prune_rows], device=device)
@@ -202,18 +201,18 @@ class GlimpsePruneQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
             last = starts + lengths - 1
             glimpse = glimpse_pass(self.language_model.model.layers, self.predictor, capture.keys, capture.values,
                                    positions[..., last] + 1, token, valid)  # fmt: skip
-            keep = trained_keep(self.predictor, s.rule, glimpse, visual, self._images_of(prune_rows)) & valid
+            keep = trained_keep(self.predictor, rule, glimpse, visual, self._images_of(prune_rows)) & valid
         else:
-            keys = capture.keys[s.layer][token].view(len(prune_rows), longest, Hkv, D).transpose(1, 2)
+            keys = capture.keys[self.prune_layer][token].view(len(prune_rows), longest, Hkv, D).transpose(1, 2)
             glimpse = capture.q[starts + lengths - 1].view(len(prune_rows), H, 1, D)
             probs = glimpse_scores(glimpse, keys, valid, normalize="probs")  # [P, H on this rank, 1, Smax]
             if self.tp_size == 1:
                 probs = probs.mean(dim=(1, 2))
             else:  # every rank must keep the same tokens: average over all ranks' heads
                 probs = tensor_model_parallel_all_reduce(probs.sum(dim=(1, 2))) / (H * self.tp_size)
-            caps = training_free_caps(visual.sum(dim=1), s.max_keep_ratio, s.min_keep)  # glimpse_ops.hf's rule
-            keep = select_tokens(probs, visual, threshold=s.threshold, max_keep=0 if caps is None else caps,
-                                 min_keep=s.min_keep) & valid  # fmt: skip
+            caps = rule.caps(visual.sum(dim=1))  # glimpse_ops.hf's rule
+            keep = select_tokens(probs, visual, threshold=rule.threshold, max_keep=0 if caps is None else caps,
+                                 min_keep=rule.min_keep) & valid  # fmt: skip
         index, kept = keep_index(keep, max_len=None, padding_side="right")
         keep_flat = torch.ones(input_ids.shape[0], dtype=torch.bool, device=device)
         keep_flat[token[valid]] = keep[valid]
@@ -230,7 +229,7 @@ class GlimpsePruneQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
     def _install_metadata(self, order: Tensor, new_rows: Tensor, prune_rows: list[int]) -> None:
         """Attention metadata and slots for layers K+1.. over the kept tokens, and the kept
         tokens' K/V of layers 0..K rewritten into each pruned request's first L slots."""
-        rows, K = self.rows, self.settings.layer
+        rows, K = self.rows, self.prune_layer
         context = get_forward_context()
         if not isinstance(context.attn_metadata, dict):
             raise RuntimeError(f"{PREFIX}: micro-batched attention metadata is not supported")

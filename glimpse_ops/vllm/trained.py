@@ -17,9 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from vllm.distributed import get_tensor_model_parallel_world_size, tensor_model_parallel_all_gather
 
-from .. import glimpse_scores
-from ..hf.keep_rule import TrainedKeepRule
-from ..hf.predictor import GlimpsePredictor, merged_raster, window_index
+from ..glimpseprune import GlimpsePredictor, TrainedKeepRule
+from ..glimpseprune.predictor import merged_raster, window_index
 from .config import PREFIX
 
 
@@ -110,7 +109,6 @@ def trained_keep(
     keep probabilities). ``glimpse``: what ``glimpse_pass`` returned; ``visual`` bool
     [P, Smax]: image tokens; ``images``: the rows' images in prompt order."""
     q, keys, valid = glimpse
-    longest = visual.shape[1]
     sizes = [f.grid_hw[0] * f.grid_hw[1] for f in images]
     n_visual = int(visual.sum())
     if sum(sizes) != n_visual:
@@ -118,9 +116,7 @@ def trained_keep(
             f"{PREFIX}: the ViT features of the step's images hold {sum(sizes)} tokens, the prompts {n_visual} "
             "image tokens; a trained predictor needs the ViT to run on pixel values (not image embeddings)"
         )
-    normalize = "logits" if predictor.config.use_attention_logits else "log_probs"
-    logits = glimpse_scores(q, keys, valid, scale=None, normalize=normalize)  # [P, H, 1, Smax + 1]
-    head_scores = logits[:, :, 0, :longest].transpose(1, 2)[visual]  # [N, H on this rank]
+    head_scores = predictor.head_scores(q, keys, valid, visual)  # [N, H on this rank]
     if get_tensor_model_parallel_world_size() > 1:
         # ranks hold consecutive heads: gathered in rank order they are the model's head order,
         # and every rank runs the VIP on the same input, so every rank keeps the same tokens

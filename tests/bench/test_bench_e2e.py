@@ -111,9 +111,11 @@ def test_e2e_hf_gate_fails_when_the_patches_logits_differ(monkeypatch):
     pytest.importorskip("transformers")
     import e2e_hf
 
+    from glimpse_ops.glimpseprune import default_layer
+
     case = e2e_hf.hf_cases("cpu", smoke=True)[0]
     model, inputs = e2e_hf.build_model(case, "cpu"), e2e_hf.make_inputs(case, "cpu")
-    layer = math.ceil(2 * len(model.model.language_model.layers) / 3) - 1
+    layer = default_layer(len(model.model.language_model.layers))
     ok, note = e2e_hf._gate(model, inputs, layer, case.dtype)
     assert ok, note
     honest = e2e_hf.eager_selection

@@ -11,9 +11,9 @@ import argparse
 
 import torch
 
+from glimpse_ops.glimpseprune import GlimpsePredictor
 from glimpse_ops.hf import testing
 from glimpse_ops.hf.distributed import _full, world
-from glimpse_ops.hf.predictor import GlimpsePredictor
 from glimpse_ops.hf.trainer import TrainConfig, Trainer
 
 # visual tokens per sample: 16, 16, 4, 4 (8x8 and 4x4 patch images): at step 1 rank 0 holds

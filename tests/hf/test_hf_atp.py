@@ -90,9 +90,10 @@ def test_thresholds_get_gradients_and_the_budget_moves_the_kept_count(seed):
     with torch.no_grad():
         model(**x)
     before = handle.kept.mean().item()
+    n_visual = handle.state.visual.sum(dim=1).float().mean().item()
     for _ in range(25):
         model(**x)
-        budget = handle.budget_loss(4.0)
+        budget = handle.budget_loss(keep_ratio=4.0 / n_visual)
         opt.zero_grad()
         budget.backward()
         opt.step()
@@ -100,6 +101,8 @@ def test_thresholds_get_gradients_and_the_budget_moves_the_kept_count(seed):
         model(**x)
     after = handle.kept.mean().item()
     assert abs(after - 4.0) < 0.5 * abs(before - 4.0), (before, after)
+    with pytest.warns(DeprecationWarning, match="keep_ratio="):  # the old form: a token count
+        torch.testing.assert_close(handle.budget_loss(4.0), handle.budget_loss(keep_ratio=4.0 / n_visual))
     handle.remove()
 
 

@@ -176,10 +176,10 @@ def test_one_process_steps_with_the_gradient_of_the_plain_loss(seed):
     (catches a scale error that 2 ranks vs 1 process cannot see)."""
     from dist_train import global_batch
 
+    from glimpse_ops.glimpseprune import GlimpsePredictor
     from glimpse_ops.hf import testing
     from glimpse_ops.hf.atp import apply_atp
-    from glimpse_ops.hf.predictor import GlimpsePredictor
-    from glimpse_ops.hf.train import glimpse_training_loss
+    from glimpse_ops.hf.losses import glimpse_training_loss
     from glimpse_ops.hf.trainer import TrainConfig, Trainer, atp_loss_terms
 
     batch = global_batch(0, 1, 0)
@@ -242,7 +242,7 @@ def test_bad_configurations_are_refused():
     with pytest.raises(ValueError, match="needs predictor="):
         Trainer(testing.tiny_qwen2_5_vl(), TrainConfig(mode="glimpse"), log=None)
     with pytest.raises(TypeError, match="trained GlimpsePrune needs"):
-        from glimpse_ops.hf.predictor import GlimpsePredictor
+        from glimpse_ops.glimpseprune import GlimpsePredictor
 
         llava = testing.tiny_llava()
         Trainer(llava, TrainConfig(), predictor=GlimpsePredictor.for_model(testing.tiny_qwen2_5_vl(), 3, (1, 0)))

@@ -10,8 +10,8 @@ from helpers import assert_close, centered_predictor
 pytest.importorskip("transformers")  # CI installs it: the README test command
 
 from glimpse_ops import hf  # noqa: E402
+from glimpse_ops.glimpseprune.predictor import GlimpsePredictor, window_index  # noqa: E402
 from glimpse_ops.hf import testing  # noqa: E402
-from glimpse_ops.hf.predictor import GlimpsePredictor, window_index  # noqa: E402
 
 K, VIT_LEVELS = 3, (1, 0)
 SIZES = dict(width=32, cond=32, fuse_heads=2)
@@ -87,7 +87,7 @@ def test_the_cap_keeps_the_top_tokens(setup):
         with torch.no_grad():
             model(**x)
         probs = handle.last_scores[0]
-    with hf.pruned(model, predictor=predictor, threshold=0.0, max_keep_ratio=0.25) as handle:
+    with hf.pruned(model, predictor=predictor, threshold=0.0, max_remain_ratio=0.25) as handle:
         with torch.no_grad():
             model(**x)
         kept = handle.last_index[0]
@@ -144,7 +144,7 @@ def _release_arguments(rule: dict) -> dict:
     """apply_glimpse_prune's keep-rule arguments -> release_keep's, with the release defaults."""
     return dict(
         threshold=rule.get("threshold", 0.5),
-        max_ratio=rule.get("max_keep_ratio"),
+        max_ratio=rule.get("max_remain_ratio"),
         min_num=rule.get("min_keep", 1),
         fixed_ratio=rule.get("fixed_keep_ratio"),
     )
@@ -166,8 +166,8 @@ def _kept_visual(handle, x) -> list[torch.Tensor]:
     "rule",
     [
         dict(),  # the release's defaults: sigmoid > 0.5, at least 1
-        dict(max_keep_ratio=0.9),  # the threshold binds before the cap
-        dict(max_keep_ratio=0.2),  # the cap binds
+        dict(max_remain_ratio=0.9),  # the threshold binds before the cap
+        dict(max_remain_ratio=0.2),  # the cap binds
         dict(threshold=0.7, min_keep=5),
         dict(fixed_keep_ratio=0.3),
     ],
@@ -186,7 +186,7 @@ def test_keep_rule_is_the_release_rule_per_sample(setup, rule):
     for b in range(2):
         want = release_keep(probs[b], **expected_rule)
         assert torch.equal(kept[b], want), f"sample {b}: kept {kept[b].nonzero().flatten().tolist()}"
-    if rule == dict(max_keep_ratio=0.9):
+    if rule == dict(max_remain_ratio=0.9):
         assert any(int(k.sum()) < int(0.9 * 16) for k in kept), "the threshold, not the cap, decides here"
 
 
@@ -195,7 +195,7 @@ MULTI_IMAGE = [[(8, 8), (4, 8)], [(4, 4), (8, 8)]]  # 16 + 8 and 4 + 16 visual t
 
 @pytest.mark.parametrize("caps_per", ["sample", "image"])
 @pytest.mark.parametrize(
-    "rule", [dict(max_keep_ratio=0.3), dict(fixed_keep_ratio=0.25), dict(threshold=0.8, min_keep=3)]
+    "rule", [dict(max_remain_ratio=0.3), dict(fixed_keep_ratio=0.25), dict(threshold=0.8, min_keep=3)]
 )
 def test_multi_image_caps_per_sample_or_per_image(setup, caps_per, rule):
     model, predictor, seed = setup
@@ -259,7 +259,7 @@ def test_predictor_errors(setup, tmp_path):
 def test_a_saved_predictor_loads_exactly_under_another_default_dtype(tmp_path):
     """vLLM builds its model under the model's dtype: a predictor file loaded there must not be
     rounded through bf16 parameters."""
-    from glimpse_ops.hf.predictor_hooks import load_predictor
+    from glimpse_ops.glimpseprune import load_predictor
 
     model = testing.tiny_qwen2_5_vl()
     predictor = GlimpsePredictor.for_model(model, K, VIT_LEVELS, **SIZES)

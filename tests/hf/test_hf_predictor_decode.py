@@ -13,8 +13,8 @@ from helpers import assert_close, centered_predictor, recompute_pruned
 pytest.importorskip("transformers")  # CI installs it: the README test command
 
 from glimpse_ops import hf  # noqa: E402
+from glimpse_ops.glimpseprune import GlimpsePredictor  # noqa: E402
 from glimpse_ops.hf import testing  # noqa: E402
-from glimpse_ops.hf.predictor import GlimpsePredictor  # noqa: E402
 
 K, VIT_LEVELS, STEPS = 3, (1, 0), 5
 # a generated image placeholder would read as a missing image feature in the recomputation
@@ -37,7 +37,7 @@ FAMILIES = {
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("rule", [dict(), dict(max_keep_ratio=0.25), dict(fixed_keep_ratio=0.4, caps_per="image")])
+@pytest.mark.parametrize("rule", [dict(), dict(max_remain_ratio=0.25), dict(fixed_keep_ratio=0.4, caps_per="image")])
 def test_decoding_after_a_trained_prune_matches_the_explicit_recomputation(seed, rule, family):
     build, layer, inputs = FAMILIES[family]
     model = build(seed=seed % 1000)

@@ -13,8 +13,8 @@ from helpers import assert_close
 pytest.importorskip("transformers")  # CI installs it: the README test command
 
 from glimpse_ops import hf  # noqa: E402
+from glimpse_ops.glimpseprune import GlimpsePredictor  # noqa: E402
 from glimpse_ops.hf import testing  # noqa: E402
-from glimpse_ops.hf.predictor import GlimpsePredictor  # noqa: E402
 
 K, VIT_LEVELS = 3, (1, 0)
 SIZES = dict(width=32, cond=32, fuse_heads=2)

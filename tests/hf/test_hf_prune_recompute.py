@@ -81,7 +81,7 @@ def test_pruned_generation_equals_the_explicit_recomputation(case, seed):
 
 
 def test_video_with_a_trained_predictor_is_refused():
-    from glimpse_ops.hf.predictor import GlimpsePredictor
+    from glimpse_ops.glimpseprune import GlimpsePredictor
 
     model = testing.tiny_qwen2_5_vl()
     predictor = GlimpsePredictor.for_model(model, 3, (1, 0), width=32, cond=32, fuse_heads=2)

@@ -12,8 +12,8 @@ from helpers import assert_close
 pytest.importorskip("transformers")  # CI installs it: the README test command
 
 from glimpse_ops import hf  # noqa: E402
+from glimpse_ops.glimpseprune.release import load_release, predictor_from_release  # noqa: E402
 from glimpse_ops.hf import testing  # noqa: E402
-from glimpse_ops.hf.release import load_release, predictor_from_release  # noqa: E402
 
 K, VIT_LEVELS, WIDTH, COND, FUSE_HEADS = 3, (1, 0), 32, 32, 2
 
@@ -95,9 +95,9 @@ def test_the_release_format_loads_and_prunes(tmp_path):
     assert torch.equal(predictor.glimpse.learnable_embeddings, modules["learnable_embeddings"][: K + 1])
     assert torch.equal(predictor.glimpse.le_norm.weight, modules["le_norm"]["weight"])
     x = testing.qwen_inputs(batch=2, text_lengths=[2, 4])
-    with hf.pruned(model, predictor=str(tmp_path), max_keep_ratio=0.25) as handle:
+    with hf.pruned(model, predictor=str(tmp_path), max_remain_ratio=0.25) as handle:
         out = model.generate(**x, max_new_tokens=3, do_sample=False)
-        assert handle.threshold == 0.5 and handle.min_keep == 1
+        assert handle.settings.rule.threshold == 0.5 and handle.settings.rule.min_keep == 1
         assert all(1 <= k <= 4 for k in handle.last_kept_visual.tolist())
     assert out.shape == (2, x["input_ids"].shape[1] + 3)
 
@@ -146,7 +146,7 @@ def test_missing_keys_take_the_release_class_defaults():
 )
 def test_fields_the_code_cannot_honor_are_refused(field, value, detail):
     model = testing.tiny_qwen2_5_vl()
-    pattern = rf"glimpse_ops.hf.load_release: the release's {field}=.* is not supported \(.*{detail}"
+    pattern = rf"glimpse_ops.glimpseprune.load_release: the release's {field}=.* is not supported \(.*{detail}"
     with pytest.raises(ValueError, match=pattern):
         predictor_from_release(release_config(**{field: value}), release_modules(model), model)
 
@@ -228,15 +228,16 @@ def test_keep_rule_defaults_come_from_the_release():
     predictor = predictor_from_release(config, modules, model)
     assert predictor.glimpse.le_norm.eps == 1e-5
     with hf.pruned(model, predictor=predictor) as handle:
-        rule = (handle.threshold, handle.max_keep_ratio, handle.min_keep, handle.fixed_keep_ratio)
-        assert rule == (0.7, 0.5, 2, None)
+        r = handle.settings.rule
+        assert (r.threshold, r.max_remain_ratio, r.min_keep, r.fixed_keep_ratio) == (0.7, 0.5, 2, None)
     with hf.pruned(model, predictor=predictor, threshold=0.6, min_keep=0) as handle:
-        assert (handle.threshold, handle.max_keep_ratio, handle.min_keep) == (0.6, 0.5, 0)
+        r = handle.settings.rule
+        assert (r.threshold, r.max_remain_ratio, r.min_keep) == (0.6, 0.5, 0)
     fixed = predictor_from_release(release_config(fixed_remain_ratio=0.25), modules, model)
     with hf.pruned(model, predictor=fixed) as handle:
-        assert handle.fixed_keep_ratio == 0.25
+        assert handle.settings.rule.fixed_keep_ratio == 0.25
     with hf.pruned(model, predictor=fixed, threshold=0.6) as handle:  # an explicit rule replaces the fixed share
-        assert handle.fixed_keep_ratio is None and handle.threshold == 0.6
+        assert handle.settings.rule.fixed_keep_ratio is None and handle.settings.rule.threshold == 0.6
 
 
 def test_release_module_errors():

@@ -8,9 +8,12 @@ import torch
 pytest.importorskip("transformers")  # CI installs it: the README test command
 
 from glimpse_ops import hf  # noqa: E402
-from glimpse_ops.hf import testing  # noqa: E402
-from glimpse_ops.hf.predictor import GlimpsePredictor  # noqa: E402
-from glimpse_ops.hf.train import glimpse_training_loss, train_glimpse  # noqa: E402
+from glimpse_ops.glimpseprune import GlimpsePredictor  # noqa: E402
+from glimpse_ops.hf import (
+    testing,  # noqa: E402
+    train_glimpse,  # noqa: E402
+)
+from glimpse_ops.hf.losses import glimpse_training_loss  # noqa: E402
 
 FAMILIES = {
     "qwen2_5_vl": (testing.tiny_qwen2_5_vl, testing.qwen_inputs),

@@ -40,7 +40,7 @@ def predictor_file(checkpoint, hf_model, tmp_path_factory):
     """A random predictor whose threshold splits the test images' tokens about in half."""
     from helpers import centered_predictor
 
-    from glimpse_ops.hf.predictor import GlimpsePredictor
+    from glimpse_ops.glimpseprune import GlimpsePredictor
     from glimpse_ops.vllm import testing
 
     torch.manual_seed(0)

@@ -18,7 +18,7 @@ vllm = pytest.importorskip("vllm")
 import glimpse_ops.vllm as glimpse_vllm  # noqa: E402
 from glimpse_ops.vllm import testing  # noqa: E402
 
-RULE = dict(max_keep_ratio=0.6, caps_per="image")  # threshold: the predictor's 0.5
+RULE = dict(max_remain_ratio=0.6, caps_per="image")  # threshold: the predictor's 0.5
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +62,14 @@ def test_trained_mode_equals_the_hf_path(checkpoint, predictor_file, hf_answers,
 def test_trained_settings_resolve_like_the_hf_path(checkpoint, predictor_file, tmp_path):
     from transformers import AutoConfig
 
-    from glimpse_ops.vllm.config import PruneSettings
+    from glimpse_ops.vllm.config import PluginSettings
 
     hf_config = AutoConfig.from_pretrained(checkpoint)
     for key, value in glimpse_vllm.engine_kwargs(predictor=predictor_file)["hf_overrides"].items():
         setattr(hf_config, key, value)
-    settings = PruneSettings.from_hf_config(hf_config, 6)
-    assert settings.layer == LAYER and settings.rule.threshold == 0.5 and settings.rule.caps_per == "sample"
+    settings = PluginSettings.from_hf_config(hf_config, 6)
+    rule = settings.prune.rule
+    assert settings.prune.layer == LAYER and rule.threshold == 0.5 and rule.caps_per == "sample"
 
     # a release folder: its config alone sets the layer and the rule's defaults
     folder = tmp_path / "release"
@@ -79,18 +80,18 @@ def test_trained_settings_resolve_like_the_hf_path(checkpoint, predictor_file, t
         "attn_fuse_num_heads": 2,
     }))  # fmt: skip
     hf_config.glimpse_predictor = str(folder)
-    settings = PruneSettings.from_hf_config(hf_config, 6)
-    assert settings.layer == 2 and settings.rule.fixed_keep_ratio == 0.25
+    settings = PluginSettings.from_hf_config(hf_config, 6)
+    assert settings.prune.layer == 2 and settings.prune.rule.fixed_keep_ratio == 0.25
 
     hf_config.glimpse_layer = 4
     with pytest.raises(ValueError, match="trained for layer 2, got glimpse_layer=4"):
-        PruneSettings.from_hf_config(hf_config, 6)
+        PluginSettings.from_hf_config(hf_config, 6)
     hf_config.glimpse_layer, hf_config.glimpse_caps_per = None, "token"
     with pytest.raises(ValueError, match="caps_per must be 'sample' or 'image'"):
-        PruneSettings.from_hf_config(hf_config, 6)
+        PluginSettings.from_hf_config(hf_config, 6)
     hf_config.glimpse_caps_per, hf_config.glimpse_predictor = None, str(tmp_path / "missing.pt")
     with pytest.raises(ValueError, match="predictor must be"):
-        PruneSettings.from_hf_config(hf_config, 6)
+        PluginSettings.from_hf_config(hf_config, 6)
     hf_config.glimpse_predictor, hf_config.glimpse_fixed_keep_ratio = None, 0.5
     with pytest.raises(ValueError, match="applies with a predictor"):
-        PruneSettings.from_hf_config(hf_config, 6)
+        PluginSettings.from_hf_config(hf_config, 6)

@@ -18,20 +18,29 @@ predictor see ``trained.py``: the glimpse token's pass and the VIP replace the s
   ``select_tokens`` keeps the top ``ceil(max_keep_ratio * Nv)`` image tokens (and every text
   token), the kept tokens' K/V of layers 0..K are rewritten through the attention backend's
   own writer into the request's first L cache slots, and layers K+1.. run on the kept tokens
-  only, at their original M-RoPE positions, with attention metadata rebuilt for them.
-* ``worker.GlimpsePruneCPUWorker`` (its model runner) and ``scheduler.GlimpsePruneScheduler``
-  then shrink the request to its L kept prompt tokens on both sides in the same step: the
-  blocks past ``ceil(L / block_size)`` return to the free pool, and decoding continues at the
-  original last position + 1 (the M-RoPE delta grows by the pruned count).
+  only, at their original M-RoPE positions, with attention metadata rebuilt for them by the
+  backend's own metadata builder (CPU_ATTN or TRITON_ATTN).
+* ``worker.GlimpsePruneCPUWorker`` / ``GlimpsePruneGPUWorker`` (their V1 model runner) and
+  ``scheduler.GlimpsePruneScheduler`` then shrink the request to its L kept prompt tokens on
+  both sides in the same step: the blocks past ``ceil(L / block_size)`` return to the free
+  pool, and decoding continues at the original last position + 1 (the M-RoPE delta grows by
+  the pruned count).
 
 Settings that cannot work are refused at engine start (``config.check_engine``).
 """
 
 from __future__ import annotations
 
+import os
+
 ARCHITECTURE = "GlimpsePruneQwen2_5_VLForConditionalGeneration"
 SCHEDULER_CLS = "glimpse_ops.vllm.scheduler.GlimpsePruneScheduler"
-WORKER_CLS = "glimpse_ops.vllm.worker.GlimpsePruneCPUWorker"
+CPU_WORKER_CLS = "glimpse_ops.vllm.worker.GlimpsePruneCPUWorker"
+GPU_WORKER_CLS = "glimpse_ops.vllm.worker.GlimpsePruneGPUWorker"
+# the attention backends whose metadata builder the plugin rebuilds the pruned step's metadata
+# with, each tested: CPU_ATTN in vLLM's CPU engine, TRITON_ATTN with vLLM's Triton kernels under
+# the Triton interpreter (tests/vllm_plugin/test_vllm_triton_attn.py); FLASH_ATTN and FLASHINFER are refused
+SUPPORTED_BACKENDS = ("CPU_ATTN", "TRITON_ATTN")
 # the engine_kwargs arguments, each passed as hf_overrides["glimpse_<key>"] (config.PluginSettings reads them)
 SETTING_KEYS = ("layer", "threshold", "max_keep_ratio", "max_remain_ratio", "min_keep", "fixed_keep_ratio",
                 "caps_per", "predictor", "predictor_dtype")  # fmt: skip
@@ -64,8 +73,9 @@ def engine_kwargs(
 ) -> dict:
     """Keyword arguments for ``vllm.LLM`` (or ``vllm serve`` flags of the same names) that turn
     pruning on for a Qwen2.5-VL checkpoint: the architecture override with the pruning
-    settings, eager mode, and prefix caching, chunked prefill and async scheduling off (all three
-    refused otherwise).
+    settings, eager mode, prefix caching, chunked prefill and async scheduling off (all refused
+    otherwise), the TRITON_ATTN backend (on CUDA; the CPU platform runs CPU_ATTN), and, as a
+    side effect, ``VLLM_USE_V2_MODEL_RUNNER=0`` in this process's environment unless it is set.
     The arguments mean what they mean for ``glimpse_ops.hf.apply_glimpse_prune``.
 
     Training-free (``predictor=None``): ``layer`` K, default about 2/3 of the depth;
@@ -86,10 +96,14 @@ def engine_kwargs(
         predictor=None if predictor is None else str(predictor), predictor_dtype=predictor_dtype,
     )  # fmt: skip
     overrides = {"architectures": [ARCHITECTURE], **{f"glimpse_{k}": v for k, v in settings.items()}}
+    # vLLM 0.32 defaults to Model Runner V2 on CUDA; the pruning worker extends V1. Read by every
+    # vLLM process this one starts (an explicit VLLM_USE_V2_MODEL_RUNNER=1 is kept, and refused)
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     return {
         "hf_overrides": overrides,
         "enforce_eager": True,
         "enable_prefix_caching": False,
         "enable_chunked_prefill": False,
         "async_scheduling": False,  # the scheduler must see a prune before the request's next step
+        "attention_backend": "TRITON_ATTN",  # on CUDA; vLLM's CPU platform always runs CPU_ATTN
     }

@@ -8,15 +8,12 @@ request after sampling.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 from torch import Tensor
-from vllm import _custom_ops as ops
-from vllm import envs
 from vllm.distributed import get_tensor_model_parallel_world_size, tensor_model_parallel_all_reduce
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
@@ -25,6 +22,17 @@ from .. import glimpse_scores, keep_index, select_tokens
 from ..glimpseprune import GlimpsePredictor, load_predictor
 from .config import PREFIX, PluginSettings
 from .trained import ImageFeatures, glimpse_pass, image_features, trained_keep
+
+
+@dataclass(frozen=True)
+class AttentionInputs:
+    """What one layer's attention metadata of this step was built from: its attention group
+    (``vllm.v1.worker.utils.AttentionGroup``, which holds the backend's metadata builder) and
+    the ``CommonAttentionMetadata`` the runner passed to it."""
+
+    group: object
+    common: object
+    ubatch: int = 0
 
 
 @dataclass
@@ -36,6 +44,7 @@ class StepRows:
     num_computed: np.ndarray  # int [R], tokens of the request already in the cache
     num_prompt: np.ndarray  # int [R]
     images: list[list | None] | None = None  # trained mode: each row's ImageFeatures in prompt order
+    attention: dict[str, AttentionInputs] = field(default_factory=dict)  # by layer name
 
 
 @dataclass
@@ -228,7 +237,8 @@ class GlimpsePruneQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
 
     def _install_metadata(self, order: Tensor, new_rows: Tensor, prune_rows: list[int]) -> None:
         """Attention metadata and slots for layers K+1.. over the kept tokens, and the kept
-        tokens' K/V of layers 0..K rewritten into each pruned request's first L slots."""
+        tokens' K/V of layers 0..K rewritten into each pruned request's first L slots (through
+        the backend's own writer, ``impl.do_kv_cache_update``)."""
         rows, K = self.rows, self.prune_layer
         context = get_forward_context()
         if not isinstance(context.attn_metadata, dict):
@@ -238,7 +248,6 @@ class GlimpsePruneQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
         old_slots = context.slot_mapping[name_k]
         device = order.device
         qsl = torch.as_tensor(rows.query_start_loc, device=device)
-        old_rows = qsl[1:] - qsl[:-1]
         new_qsl = torch.cat([qsl.new_zeros(1), torch.cumsum(new_rows, 0)])
         row_of = torch.repeat_interleave(torch.arange(len(new_rows), device=device), new_rows)
         # a pruned request starts at position 0: its first L old slots are logical positions 0..L-1
@@ -251,41 +260,52 @@ class GlimpsePruneQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
             k = self._capture.keys[index][order[rewrite]].view(-1, attn.num_kv_heads, attn.head_size)
             v = self._capture.values[index][order[rewrite]].view(-1, attn.num_kv_heads, attn.head_size)
             attn.impl.do_kv_cache_update(attn, k, v, attn.kv_cache, slots[rewrite])
-        replaced: dict[int, object] = {}
+        rebuilt: dict[tuple[int, int], object] = {}
+        new_rows_host = new_rows.cpu().numpy()
         for layer in layers[K + 1 :]:
-            attn = layer.self_attn.attn
-            old = context.attn_metadata[attn.layer_name]
-            if id(old) not in replaced:
-                replaced[id(old)] = self._metadata(attn, old, new_qsl, old_rows, new_rows, slots)
-            context.attn_metadata[attn.layer_name] = replaced[id(old)]
-            context.slot_mapping[attn.layer_name] = slots
+            name = layer.self_attn.attn.layer_name
+            inputs = rows.attention.get(name)
+            if inputs is None:
+                raise RuntimeError(f"{PREFIX}: the runner recorded no attention metadata inputs for {name}")
+            key = (id(inputs.group), id(inputs.common))
+            if key not in rebuilt:
+                pruned = pruned_common_metadata(inputs.common, rows.query_start_loc, new_rows_host, slots, order)
+                rebuilt[key] = inputs.group.build_metadata(pruned, inputs.ubatch)
+            context.attn_metadata[name] = rebuilt[key]
+            context.slot_mapping[name] = slots
 
-    def _metadata(self, attn, old, new_qsl: Tensor, old_rows: Tensor, new_rows: Tensor, slots: Tensor):
-        seq_lens = (old.seq_lens - (old_rows - new_rows).to(old.seq_lens.dtype)).to(old.seq_lens.dtype)
-        qsl = new_qsl.to(old.query_start_loc.dtype)
-        impl = attn.impl
-        scheduler_metadata = ops.cpu_attn_get_scheduler_metadata(
-            num_reqs=len(new_rows),
-            num_heads=impl.num_heads,
-            num_kv_heads=impl.num_kv_heads,
-            head_dim=impl.head_size,
-            seq_lens=seq_lens,
-            dtype=self.language_model.model.layers[0].self_attn.qkv_proj.weight.dtype,
-            query_start_loc=qsl,
-            causal=old.causal,
-            sliding_window_size=-1,
-            isa=attn.isa,
-            enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
-            dynamic_causal=old.dynamic_causal,
-            kv_cache_dtype=impl.kv_cache_dtype,
-        )
-        return dataclasses.replace(
-            old,
-            num_actual_tokens=int(new_qsl[-1]),
-            max_query_len=int(new_rows.max()),
-            query_start_loc=qsl,
-            max_seq_len=int(seq_lens.max()),
-            seq_lens=seq_lens,
-            slot_mapping=slots,
-            scheduler_metadata=scheduler_metadata,
-        )
+
+def pruned_common_metadata(common, query_start_loc: np.ndarray, new_rows: np.ndarray, slots: Tensor, order: Tensor):
+    """``common`` (a ``CommonAttentionMetadata`` of the step) for the kept tokens only: each
+    row's query is ``new_rows[r]`` tokens (a pruned request's whole kept prompt, other rows
+    unchanged) and its context shrinks by what was pruned. Host and device copies both, so a
+    backend that plans on the host (FlashInfer) and one that reads the device (Triton) see the
+    same lengths; caches derived from the old token count are dropped.
+
+    query_start_loc: int [R + 1] (host, the step's); new_rows: int [R] (host); slots: [T'] the
+    kept tokens' slots; order: [T'] the kept tokens' indices in the step."""
+    R = len(new_rows)
+    if common.num_reqs != R or int(common.query_start_loc_cpu[R]) != int(query_start_loc[R]):
+        raise RuntimeError(f"{PREFIX}: the step's attention metadata is padded ({common.num_reqs} rows for {R} "
+                           "requests); pruning runs eager steps only")  # fmt: skip
+    old_rows = query_start_loc[1:] - query_start_loc[:-1]
+    shrink = torch.as_tensor(old_rows - new_rows)
+    qsl_host = torch.zeros(R + 1, dtype=common.query_start_loc_cpu.dtype)
+    qsl_host[1:] = torch.cumsum(torch.as_tensor(new_rows), 0)
+    seq_lens = common.seq_lens - shrink.to(common.seq_lens.device, common.seq_lens.dtype)
+    upper = common.seq_lens_cpu_upper_bound
+    upper = None if upper is None else upper - shrink.to(upper.dtype)
+    positions = common.positions
+    return common.replace(
+        query_start_loc=qsl_host.to(common.query_start_loc.device),
+        query_start_loc_cpu=qsl_host,
+        seq_lens=seq_lens,
+        seq_lens_cpu_upper_bound=upper,
+        num_actual_tokens=int(qsl_host[-1]),
+        max_query_len=int(new_rows.max()),
+        max_seq_len=int((seq_lens if upper is None else upper).max()),
+        slot_mapping=slots,
+        positions=None if positions is None else positions[..., order],
+        _num_computed_tokens_cache=None,
+        _token_to_req_indices_cache=None,
+    )

@@ -4,25 +4,37 @@ did the same to its copy in that step)."""
 
 from __future__ import annotations
 
+from vllm.logger import init_logger
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from .worker import PRUNED_ATTRIBUTE, _cdiv
+
+logger = init_logger(__name__)
 
 
 class GlimpsePruneScheduler(Scheduler):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.pruned_requests: set[str] = set()
+        self.failed_requests: set[str] = set()  # pruned and preempted: finished with an error next update
 
     def _preempt_request(self, request, *args, **kwargs):
-        # Recomputing a shrunk request would run its kept image positions as text (its image
-        # inputs are gone): refuse rather than answer wrongly.
+        """vLLM's preemption; a pruned request then fails alone, with an error to its client.
+        Recomputing it is not possible yet: its image inputs are gone and its kept image
+        positions would run as text. vLLM puts a preempted request back in the waiting queue
+        and schedules no waiting request in the step that preempted: the next
+        ``update_from_output`` finishes it with FINISHED_ERROR (vLLM's per-request error path,
+        which sends the client a finish reason of "error") before it can be recomputed."""
+        result = super()._preempt_request(request, *args, **kwargs)
         if request.request_id in self.pruned_requests:
-            raise RuntimeError(
-                f"glimpse_ops.vllm: request {request.request_id} was pruned and cannot be preempted by recompute; "
-                "give the engine more KV cache (or fewer concurrent requests, max_num_seqs)"
+            logger.error(
+                "glimpse_ops.vllm: request %s was pruned and then preempted (the KV cache is full); it fails with "
+                "finish reason 'error' instead of being recomputed: give the engine more KV cache "
+                "(gpu_memory_utilization, num_gpu_blocks_override) or fewer concurrent requests (max_num_seqs)",
+                request.request_id,
             )
-        return super()._preempt_request(request, *args, **kwargs)
+            self.failed_requests.add(request.request_id)
+        return result
 
     def _free_request(self, request, *args, **kwargs):
         self.pruned_requests.discard(request.request_id)
@@ -30,6 +42,9 @@ class GlimpsePruneScheduler(Scheduler):
 
     def update_from_output(self, scheduler_output, model_runner_output):
         pruned = getattr(model_runner_output, PRUNED_ATTRIBUTE, None) or {}
+        # vLLM finishes the ids in this set as per-request errors inside update_from_output
+        self.encoder_cache_mismatch_reqs.update(self.failed_requests)
+        self.failed_requests.clear()
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         for req_id, kept_ids in pruned.items():
             request = self.requests.get(req_id)

@@ -1,15 +1,22 @@
-"""The CPU worker whose model runner tells the pruning model which request each row is, and
+"""The workers (CPU and GPU, vLLM's V1 model runner) whose model runner tells the pruning
+model which request each row is and what each attention group's metadata was built from, and
 shrinks each pruned request to its kept prompt tokens right after sampling (the scheduler,
-``scheduler.py``, does the same on its side in the same step)."""
+``scheduler.py``, does the same on its side in the same step).
+
+The runner's pruning logic is one mixin, ``GlimpsePruneRunnerMixin``: vLLM's CPU runner *is*
+its V1 GPU runner with the device buffers aliased to the host ones, so the same methods serve
+both."""
 
 from __future__ import annotations
 
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+from vllm.v1.worker.gpu_worker import Worker
 
-from .config import PREFIX
-from .model import GlimpsePruneQwen2_5_VL, StepRows
+from .config import PREFIX, SUPPORTED_BACKENDS, backend_refusal
+from .model import AttentionInputs, GlimpsePruneQwen2_5_VL, StepRows
 
 PRUNED_ATTRIBUTE = "glimpse_pruned"  # on ModelRunnerOutput: {req_id: kept prompt token ids}
 
@@ -18,9 +25,39 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-class GlimpsePruneCPUModelRunner(CPUModelRunner):
+class GlimpsePruneRunnerMixin:
+    """The pruning methods of a V1 model runner (``GPUModelRunner`` or its CPU subclass)."""
+
     # trained mode: each cached image's ViT features, under the encoder cache's key
     glimpse_image_features: dict | None = None
+    # this step's {layer name: (attention group, the CommonAttentionMetadata it was built from)}
+    glimpse_attention_inputs: dict[str, AttentionInputs] | None = None
+
+    def initialize_kv_cache(self, *args, **kwargs):
+        """vLLM's KV-cache set-up, then the backend allow-list: the attention backends are
+        chosen only here, after the engine-start check has run."""
+        result = super().initialize_kv_cache(*args, **kwargs)
+        names = sorted({group.backend.get_name() for groups in self.attn_groups for group in groups})
+        unsupported = [name for name in names if name not in SUPPORTED_BACKENDS]
+        if unsupported:
+            raise ValueError(backend_refusal(unsupported[0]))
+        return result
+
+    def _build_attention_metadata(self, *args, **kwargs):
+        """vLLM's metadata build, recording the ``CommonAttentionMetadata`` each attention
+        group's builder got: after a prune the model rebuilds the metadata of layers K+1..
+        through the same builder from a pruned copy of it, whatever the backend."""
+        inputs: dict[str, AttentionInputs] = {}
+        groups = [group for per_kv_group in self.attn_groups for group in per_kv_group]
+        for group in groups:
+            group.build_metadata = _recording_build(group, inputs)  # an instance attribute, removed below
+        try:
+            result = super()._build_attention_metadata(*args, **kwargs)
+        finally:
+            for group in groups:
+                group.__dict__.pop("build_metadata", None)
+        self.glimpse_attention_inputs = inputs
+        return result
 
     def _cache_encoder_output(self, mm_hash, output, *args, **kwargs):
         super()._cache_encoder_output(mm_hash, output, *args, **kwargs)
@@ -63,6 +100,7 @@ class GlimpsePruneCPUModelRunner(CPUModelRunner):
             num_computed=num_computed,
             num_prompt=batch.num_prompt_tokens[:n].copy(),
             images=self._step_images(req_ids, num_computed) if model.predictor is not None else None,
+            attention=self.glimpse_attention_inputs or {},
         )
         model.pruned = {}
         try:
@@ -111,8 +149,39 @@ class GlimpsePruneCPUModelRunner(CPUModelRunner):
         return kept_ids
 
 
+def _recording_build(group, inputs: dict[str, AttentionInputs]):
+    def build_metadata(common_attn_metadata, ubatch_idx: int = 0, *args, **kwargs):
+        for name in group.layer_names:
+            inputs[name] = AttentionInputs(group, common_attn_metadata, ubatch_idx)
+        return type(group).build_metadata(group, common_attn_metadata, ubatch_idx, *args, **kwargs)
+
+    return build_metadata
+
+
+class GlimpsePruneCPUModelRunner(GlimpsePruneRunnerMixin, CPUModelRunner):
+    pass
+
+
+class GlimpsePruneGPUModelRunner(GlimpsePruneRunnerMixin, GPUModelRunner):
+    pass
+
+
 class GlimpsePruneCPUWorker(CPUWorker):
     def init_device(self) -> None:
         super().init_device()
-        # CPUWorker builds a CPUModelRunner itself: give that object the pruning methods
+        # CPUWorker builds its V1 CPUModelRunner itself (the engine check refused V2): give
+        # that object the pruning methods
+        if type(self.model_runner) is not CPUModelRunner:
+            raise RuntimeError(f"{PREFIX}: the CPU worker built {type(self.model_runner).__name__}, "
+                               "not vLLM's V1 CPUModelRunner the pruning runner extends")  # fmt: skip
         self.model_runner.__class__ = GlimpsePruneCPUModelRunner
+
+
+class GlimpsePruneGPUWorker(Worker):
+    """vLLM's GPU worker with the pruning V1 model runner (not run on a GPU yet: see README)."""
+
+    def _make_model_runner(self):
+        if self.use_v2_model_runner:
+            raise ValueError(f"{PREFIX}: the GPU worker was asked for Model Runner V2; pruning extends the V1 "
+                             "runner: set VLLM_USE_V2_MODEL_RUNNER=0")  # fmt: skip
+        return GlimpsePruneGPUModelRunner(self.vllm_config, self.device)

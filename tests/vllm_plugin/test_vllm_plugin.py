@@ -119,18 +119,44 @@ def test_pruning_prefill_beside_decodes_returns_the_tail_blocks(checkpoint, hf_m
     assert list(again[0].outputs[0].token_ids) == seen["a"], "blocks reused by a later request"
 
 
-def test_a_pruned_request_is_not_preempted_silently(pruning):
-    scheduler = _scheduler(pruning)
+SMALL_POOL, LONG = 12, 100  # 11 usable blocks of 32 tokens; 100 decode steps
 
-    class Pruned:
-        request_id = "pruned-request"
 
-    scheduler.pruned_requests.add(Pruned.request_id)
-    try:
-        with pytest.raises(RuntimeError, match="was pruned and cannot be preempted by recompute"):
-            scheduler._preempt_request(Pruned(), 0.0)
-    finally:
-        scheduler.pruned_requests.discard(Pruned.request_id)
+@pytest.fixture(scope="module")
+def small_pool(checkpoint):
+    glimpse_vllm.register()
+    return vllm.LLM(
+        model=str(checkpoint), dtype="float32", max_model_len=(SMALL_POOL - 1) * BLOCK, seed=0, block_size=BLOCK,
+        num_gpu_blocks_override=SMALL_POOL, limit_mm_per_prompt={"image": 1, "video": 0},
+        **glimpse_vllm.engine_kwargs(max_keep_ratio=0.25),
+    )  # fmt: skip
+
+
+def test_a_preempted_pruned_request_fails_alone(checkpoint, pruning, small_pool):
+    """Three image requests of 221 prompt tokens (77 after the prune) and 100 decode steps in
+    a pool of 11 blocks: A and B prefill (7 blocks each, 3 after the prune), C waits; at 161
+    tokens B's next block does not fit and vLLM preempts B. A pruned request cannot be
+    recomputed yet, so B finishes with finish reason "error"; A and C (scheduled once A
+    frees its blocks) answer what the large-pool engine answers, and the engine goes on
+    serving with every block back in the pool."""
+    engine, scheduler = small_pool.llm_engine, _scheduler(small_pool)
+    pool = scheduler.kv_cache_manager.block_pool
+    free_before = pool.get_num_free_blocks()
+    text, image = CASES[2]
+    for name in "abc":
+        engine.add_request(name, _prompt(checkpoint, text, image), _greedy(LONG))
+    finished = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                finished[output.request_id] = output.outputs[0]
+    assert {name: out.finish_reason for name, out in finished.items()} == {"a": "length", "b": "error", "c": "length"}
+    want = list(pruning.generate([_prompt(checkpoint, text, image)], _greedy(LONG))[0].outputs[0].token_ids)
+    assert list(finished["a"].token_ids) == want and list(finished["c"].token_ids) == want
+    assert pool.get_num_free_blocks() == free_before, "every block is back in the pool"
+    assert not scheduler.pruned_requests and not scheduler.failed_requests
+    again = small_pool.generate([_prompt(checkpoint, text, image)], _greedy())
+    assert list(again[0].outputs[0].token_ids) == want[:STEPS], "the engine still serves"
 
 
 @pytest.mark.parametrize(
@@ -140,6 +166,9 @@ def test_a_pruned_request_is_not_preempted_silently(pruning):
         (dict(enable_chunked_prefill=True), "enable_chunked_prefill=True"),
         (dict(enforce_eager=False), "enforce_eager=False"),
         (dict(scheduler_cls="vllm.v1.core.sched.scheduler.Scheduler"), "scheduler_cls="),
+        (dict(long_prefill_token_threshold=64), "long_prefill_token_threshold=64"),
+        (dict(async_scheduling=True), "async_scheduling=True"),
+        (dict(video_pruning_rate=0.5), "video_pruning_rate > 0"),
     ],
 )
 def test_settings_that_cannot_work_are_refused(checkpoint, setting, message):
@@ -150,6 +179,29 @@ def test_settings_that_cannot_work_are_refused(checkpoint, setting, message):
     kwargs = {**glimpse_vllm.engine_kwargs(max_keep_ratio=0.25), **setting}
     with pytest.raises(ValueError, match=r"glimpse_ops\.vllm: .*" + re.escape(message)):
         vllm.LLM(model=str(checkpoint), dtype="float32", max_model_len=1024, **kwargs)
+
+
+def test_model_runner_v2_is_refused(checkpoint, monkeypatch):
+    """vLLM's own choice of runner is checked (on CUDA 0.32 picks V2 by default), here forced
+    by the environment variable engine_kwargs() leaves alone when it is set."""
+    glimpse_vllm.register()
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    kwargs = glimpse_vllm.engine_kwargs(max_keep_ratio=0.25)
+    with pytest.raises(ValueError, match=r"glimpse_ops\.vllm: .*Model Runner V2.*VLLM_USE_V2_MODEL_RUNNER=0"):
+        vllm.LLM(model=str(checkpoint), dtype="float32", max_model_len=1024, **kwargs)
+
+
+def test_async_scheduling_left_to_vllm_is_resolved_off(checkpoint):
+    """vLLM resolves async_scheduling=None (its default) after the plugin's check, to on where
+    the executor supports it: the check resolves it to off first, so the engine never runs a
+    pruning step asynchronously."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    glimpse_vllm.register()
+    kwargs = {k: v for k, v in glimpse_vllm.engine_kwargs(max_keep_ratio=0.25).items() if k != "async_scheduling"}
+    config = EngineArgs(model=str(checkpoint), dtype="float32", max_model_len=1024, **kwargs).create_engine_config()
+    assert config.scheduler_config.async_scheduling is False
+    assert config.scheduler_config.scheduler_cls == glimpse_vllm.SCHEDULER_CLS
 
 
 def test_bad_pruning_settings_are_refused(checkpoint):

@@ -59,6 +59,22 @@ def test_trained_mode_equals_the_hf_path(checkpoint, predictor_file, hf_answers,
     assert sorted(shrunk) == kept, "the same number of tokens kept per request as the HF path"
 
 
+@pytest.mark.parametrize(
+    "setting,message",
+    [
+        (dict(enable_mm_embeds=True), "enable_mm_embeds=True and a trained predictor"),
+        (dict(compilation_config={"cudagraph_mm_encoder": True}), "cudagraph_mm_encoder=True and a trained predictor"),
+    ],
+)
+def test_settings_that_hide_the_vit_from_the_predictor_are_refused(checkpoint, predictor_file, setting, message):
+    import re
+
+    glimpse_vllm.register()
+    kwargs = {**glimpse_vllm.engine_kwargs(predictor=predictor_file), **setting}
+    with pytest.raises(ValueError, match=r"glimpse_ops\.vllm: .*" + re.escape(message)):
+        vllm.LLM(model=str(checkpoint), dtype="float32", max_model_len=1024, **kwargs)
+
+
 def test_trained_settings_resolve_like_the_hf_path(checkpoint, predictor_file, tmp_path):
     from transformers import AutoConfig
 

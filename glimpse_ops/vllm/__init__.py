@@ -107,3 +107,22 @@ def engine_kwargs(
         "async_scheduling": False,  # the scheduler must see a prune before the request's next step
         "attention_backend": "TRITON_ATTN",  # on CUDA; vLLM's CPU platform always runs CPU_ATTN
     }
+
+
+def serve_flags(**settings) -> list[str]:
+    """``vllm serve`` flags for the engine arguments ``engine_kwargs(**settings)`` returns
+    (same arguments), e.g. ``["--hf-overrides", '{"architectures": [...], ...}',
+    "--enforce-eager", "--no-enable-prefix-caching", ...]``. The server's processes also need
+    ``VLLM_USE_V2_MODEL_RUNNER=0`` in their environment on CUDA (refused otherwise)."""
+    import json
+
+    flags: list[str] = []
+    for key, value in engine_kwargs(**settings).items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, dict):
+            flags += [flag, json.dumps({k: v for k, v in value.items() if v is not None})]
+        else:
+            flags += [flag, str(value)]
+    return flags

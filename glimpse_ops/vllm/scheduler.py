@@ -10,6 +10,9 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from .worker import PRUNED_ATTRIBUTE, _cdiv
 
 logger = init_logger(__name__)
+# RequestOutput.kv_transfer_params[REPORT_KEY] of a pruned request: prompt_tokens, kept_prompt_tokens,
+# visual_tokens, kept_visual_tokens (the response's kv_transfer_params in `vllm serve`)
+REPORT_KEY = "glimpse"
 
 
 class GlimpsePruneScheduler(Scheduler):
@@ -17,6 +20,8 @@ class GlimpsePruneScheduler(Scheduler):
         super().__init__(*args, **kwargs)
         self.pruned_requests: set[str] = set()
         self.failed_requests: set[str] = set()  # pruned and preempted: finished with an error next update
+        self.prune_reports: dict[str, dict[str, int]] = {}  # by request id, until the request is freed
+        self.image_token_id = self.vllm_config.model_config.hf_config.image_token_id
 
     def _preempt_request(self, request, *args, **kwargs):
         """vLLM's preemption; a pruned request then fails alone, with an error to its client.
@@ -37,14 +42,25 @@ class GlimpsePruneScheduler(Scheduler):
         return result
 
     def _free_request(self, request, *args, **kwargs):
+        """vLLM's free; the request's output then carries what the prune kept, in
+        ``kv_transfer_params["glimpse"]`` (the one per-request dict vLLM already carries from
+        the scheduler to ``RequestOutput`` and to the OpenAI server's response)."""
         self.pruned_requests.discard(request.request_id)
-        return super()._free_request(request, *args, **kwargs)
+        report = self.prune_reports.pop(request.request_id, None)
+        result = super()._free_request(request, *args, **kwargs)
+        if report is None:
+            return result
+        kv_params, *rest = result
+        return ({**(kv_params or {}), REPORT_KEY: report}, *rest)
 
     def update_from_output(self, scheduler_output, model_runner_output):
         pruned = getattr(model_runner_output, PRUNED_ATTRIBUTE, None) or {}
         # vLLM finishes the ids in this set as per-request errors inside update_from_output
         self.encoder_cache_mismatch_reqs.update(self.failed_requests)
         self.failed_requests.clear()
+        for req_id, kept_ids in pruned.items():  # before vLLM frees a request that ends on its first token
+            if (request := self.requests.get(req_id)) is not None:
+                self.prune_reports[req_id] = self._report(request, len(kept_ids))
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         for req_id, kept_ids in pruned.items():
             request = self.requests.get(req_id)
@@ -52,6 +68,12 @@ class GlimpsePruneScheduler(Scheduler):
                 continue  # finished on its first token: its blocks are already free
             self._shrink(request, list(kept_ids))
         return outputs
+
+    def _report(self, request, kept: int) -> dict[str, int]:
+        S = request.num_prompt_tokens
+        visual = sum(1 for token in request.prompt_token_ids if token == self.image_token_id)
+        return {"prompt_tokens": S, "kept_prompt_tokens": kept, "visual_tokens": visual,
+                "kept_visual_tokens": visual - (S - kept)}  # fmt: skip
 
     def _shrink(self, request, kept_ids: list[int]) -> None:
         S, L = request.num_prompt_tokens, len(kept_ids)

@@ -71,10 +71,21 @@ def _greedy(steps=STEPS):
 
 
 def test_mixed_batch_equals_the_hf_path(checkpoint, hf_model, pruning):
+    """Tokens equal the HF path's; each pruned request's output reports what the prune kept
+    (``kv_transfer_params["glimpse"]``), a text-only one reports nothing."""
     outputs = pruning.generate([_prompt(checkpoint, t, i) for t, i in CASES], _greedy())
+    image_token = hf_model.config.image_token_id
     for (text, image), output in zip(CASES, outputs):
         want = _hf_tokens(hf_model, checkpoint, text, image, max_keep_ratio=0.25)
         assert list(output.outputs[0].token_ids) == want, text
+        if image is None:
+            assert output.kv_transfer_params is None
+            continue
+        S, visual = len(output.prompt_token_ids), output.prompt_token_ids.count(image_token)
+        kept = math.ceil(0.25 * visual)
+        report = {"prompt_tokens": S, "kept_prompt_tokens": S - visual + kept, "visual_tokens": visual,
+                  "kept_visual_tokens": kept}  # fmt: skip
+        assert output.kv_transfer_params["glimpse"] == report
 
 
 def test_keep_all_equals_the_stock_model(checkpoint, hf_model, keep_all):

@@ -47,6 +47,7 @@ def _kernels():
     from glimpse_ops.triton_kernels import (
         attention_column_scores,
         compact_kv,
+        compact_kv_paged,
         gather_tokens,
         glimpse_prune,
         glimpse_scores,
@@ -63,6 +64,7 @@ def _kernels():
         index=keep_index,
         gather=gather_tokens,
         compact=compact_kv,
+        paged=compact_kv_paged,
         prune=prune_kv,
         glimpse_prune=glimpse_prune,
         soft=soft_mask_attention,
@@ -153,6 +155,27 @@ def selection_cases(m: Model, dtype: torch.dtype, S: int, B: int, every_flag: bo
     return cases
 
 
+PAGED_DTYPES = (torch.bfloat16, torch.float16, torch.uint8, torch.float32)  # uint8: an fp8 cache as bytes
+
+
+def paged_cases(m: Model, dtype: torch.dtype, layout: str, requests: int = 4, block_size: int = 16) -> list[Case]:
+    """compact_kv_paged on per-layer views of one buffer in a vLLM ``KVCacheLayout``
+    (physical order of [L, B, H, N, C]), prompts of SEQ tokens kept to TEXT + VISUAL / 10."""
+    k = _kernels()
+    blocks = requests * (SEQ // block_size) + 1
+    sizes = dict(L=2, B=blocks, H=m.kv_heads, N=block_size, C=2 * m.head_dim)
+    logical = _e(*[sizes[axis] for axis in layout], dtype=dtype).permute([layout.index(a) for a in "LBHNC"])
+    caches = [logical[0], logical[1]]
+    table = _e(requests, SEQ // block_size, dtype=torch.int32)
+    index = _e(requests, TEXT + VISUAL // 10, dtype=torch.int64)
+    return [
+        (
+            f"compact_kv_paged {m.name} {_name(dtype)} {layout} P={requests} block={block_size}",
+            lambda: k["paged"].compact_kv_paged_triton(caches, table, index),
+        )
+    ]
+
+
 def attention_cases(m: Model, dtype: torch.dtype, N: int, B: int, every_flag: bool) -> list[Case]:
     """attention_column_scores and soft_mask_attention forward + backward: causal and not,
     with and without masks, or only causal with masks (the heaviest)."""
@@ -188,8 +211,14 @@ def gate_cases(quick: bool = False) -> list[Case]:
                 cases += scoring_cases(BASE, dtype, SEQ, B, G, every_flag=B == 1)
             cases += selection_cases(BASE, dtype, SEQ, B, every_flag=True)
         cases += attention_cases(BASE, dtype, SEQ, 1, every_flag=True)
+    cases += paged_cases(BASE, torch.bfloat16, "LBNHC")
     if quick:
         return cases
+    for m in MODELS[:3]:  # Qwen2.5-VL 3B, 7B, 72B: the models the vLLM plugin serves
+        for dtype in PAGED_DTYPES:
+            for layout in ("LBNHC", "LBHNC"):  # TRITON_ATTN's / FLASH_ATTN's default, CPU_ATTN's and FlashInfer's
+                if (m, dtype, layout) != (BASE, torch.bfloat16, "LBNHC"):
+                    cases += paged_cases(m, dtype, layout)
     for m in MODELS:
         if m is BASE:
             continue

@@ -280,6 +280,23 @@ def compact_kv_reference(keys: list[Tensor], values: list[Tensor], index: Tensor
     return [compact(t) for t in keys], [compact(t) for t in values]
 
 
+def compact_kv_paged_reference(caches: list[Tensor], block_table: Tensor, index: Tensor) -> None:
+    """In place, every layer's paged cache [num_blocks, Hkv, block_size, C]: request p's
+    logical row i (block ``block_table[p, i // block_size]``, offset ``i % block_size``) gets
+    its row ``index[p, i]`` for each i with ``index[p, i] >= 0``; other rows are untouched.
+    Gather first, then scatter (so the order of the moves cannot matter)."""
+    if not caches or index.numel() == 0:
+        return
+    block_size = caches[0].shape[2]
+    p, i = (index >= 0).nonzero(as_tuple=True)
+    source = index[p, i]
+    src_block, src_offset = block_table[p, source // block_size].long(), source % block_size
+    dst_block, dst_offset = block_table[p, i // block_size].long(), i % block_size
+    for cache in caches:
+        rows = cache[src_block, :, src_offset, :].clone()  # [N, Hkv, C]
+        cache[dst_block, :, dst_offset, :] = rows
+
+
 def prune_kv_reference(
     scores: Tensor,
     candidate_mask: Tensor | None,

@@ -5,6 +5,7 @@ Importing this package defines every ``torch.ops.glimpse.<op>``.
 
 from .attention_column_scores import attention_column_scores
 from .compact_kv import compact_kv, compact_kv_into
+from .compact_kv_paged import compact_kv_paged
 from .gather_tokens import gather_tokens
 from .glimpse_prune import glimpse_prune
 from .glimpse_scores import glimpse_scores
@@ -21,6 +22,7 @@ __all__ = [
     "gather_tokens",
     "compact_kv",
     "compact_kv_into",
+    "compact_kv_paged",
     "prune_kv",
     "glimpse_prune",
     "soft_mask_attention",

@@ -18,10 +18,13 @@ from vllm.distributed import get_tensor_model_parallel_world_size, tensor_model_
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 
-from .. import glimpse_scores, keep_index, select_tokens
+from .. import compact_kv_paged, glimpse_scores, keep_index, select_tokens
 from ..glimpseprune import GlimpsePredictor, load_predictor
 from .config import PREFIX, PluginSettings
 from .trained import ImageFeatures, glimpse_pass, image_features, trained_keep
+
+# backends whose paged cache holds one contiguous K|V row per (block, head, slot)
+PAGED_ROW_BACKENDS = ("TRITON_ATTN",)
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,8 @@ class StepRows:
 
 @dataclass
 class _Capture:
-    """Post-RoPE q (layer K only), k and v of layers 0..K for the step being pruned."""
+    """Post-RoPE q (layer K only) and k of the step being pruned, and in trained mode k and v
+    of every layer 0..K."""
 
     active: bool = False
     q: Tensor | None = None
@@ -71,6 +75,7 @@ class GlimpsePruneQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
         self.pruned: dict[str, list[int]] = {}
         self.tp_size = get_tensor_model_parallel_world_size()
         self._capture = _Capture()
+        self._paged: bool | None = None
         for index, layer in enumerate(decoder.layers[: self.prune_layer + 1]):
             layer.self_attn.attn.register_forward_pre_hook(self._capture_hook(index))
         self._vision_config = hf_config.vision_config
@@ -132,7 +137,13 @@ class GlimpsePruneQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
             capture = self._capture
             if capture.active:
                 q, k, v = args[:3]
-                capture.keys[index], capture.values[index] = k, v
+                # training-free scoring reads layer K's q and k; the trained glimpse pass and
+                # the backend writer's rewrite (CPU_ATTN) every layer's K/V; on a backend with
+                # row-per-slot pages the kept rows are compacted inside the paged cache instead
+                if self.predictor is not None or not self._paged_compaction():
+                    capture.keys[index], capture.values[index] = k, v
+                elif index == self.prune_layer:
+                    capture.keys[index] = k
                 if index == self.prune_layer:
                     capture.q = q
 
@@ -174,8 +185,8 @@ class GlimpsePruneQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
                 hidden, residual = layer(positions, hidden, residual)
         finally:
             self._capture.active = False
-        order, new_rows = self._select(input_ids, positions, prune_rows)
-        self._install_metadata(order, new_rows, prune_rows)
+        order, new_rows, kept_index = self._select(input_ids, positions, prune_rows)
+        self._install_metadata(order, new_rows, prune_rows, kept_index)
         hidden, residual, positions_kept = hidden[order], residual[order], positions[..., order]
         for layer in decoder.layers[K + 1 :]:
             hidden, residual = layer(positions_kept, hidden, residual)
@@ -185,6 +196,29 @@ class GlimpsePruneQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
         self._capture = _Capture()
         return out
 
+    def _paged_compaction(self) -> bool:
+        """Whether the kept K/V of layers 0..K are compacted in place in the paged cache
+        (``compact_kv_paged``: backends whose page holds one K|V row per slot, TRITON_ATTN) or
+        rewritten from a capture through the backend's writer (CPU_ATTN, whose kernels lay a
+        page out per CPU ISA)."""
+        if self._paged is None:
+            names = {layer.self_attn.attn.attn_backend.get_name() for layer in self.language_model.model.layers}
+            self._paged = names <= set(PAGED_ROW_BACKENDS)
+        return self._paged
+
+    def _block_table(self, slots: Tensor, qsl: Tensor, prune_rows: list[int], block_size: int) -> Tensor:
+        """int32 [P, max_blocks]: each pruned request's cache blocks in position order, read off
+        the step's slots (a whole prompt from position 0: position j is at slot ``slots[start + j]``,
+        ``slot = block * block_size + offset``), so whatever maps the engine's blocks to the
+        backend's cache blocks has already been applied."""
+        rows = torch.as_tensor(prune_rows, device=slots.device)
+        starts, lengths = qsl[rows], qsl[rows + 1] - qsl[rows]
+        most = -(-int(lengths.max()) // block_size)
+        first = torch.arange(most, device=slots.device) * block_size  # each block's first position
+        where = (starts[:, None] + first[None, :]).clamp(max=len(slots) - 1)
+        table = torch.div(slots[where], block_size, rounding_mode="floor")
+        return torch.where(first[None, :] < lengths[:, None], table, -1).to(torch.int32)
+
     def _images_of(self, prune_rows: list[int]) -> list[ImageFeatures]:
         images = [] if self.rows.images is None else [self.rows.images[r] for r in prune_rows]
         if len(images) != len(prune_rows) or any(row is None or None in row for row in images):
@@ -192,8 +226,10 @@ class GlimpsePruneQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
                                "the ViT to run on the request's pixel values")  # fmt: skip
         return [feature for row in images for feature in row]
 
-    def _select(self, input_ids: Tensor, positions: Tensor, prune_rows: list[int]) -> tuple[Tensor, Tensor]:
-        """(token order after the prune [T'], kept tokens per row [R]); records ``pruned``."""
+    def _select(self, input_ids: Tensor, positions: Tensor, prune_rows: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+        """(token order after the prune [T'], kept tokens per row [R], each pruned request's
+        kept prompt positions int64 [P, Lmax] ascending, -1 pads on the right); records
+        ``pruned``."""
         rows, rule = self.rows, self.settings.prune.rule
         attn = self.language_model.model.layers[self.prune_layer].self_attn.attn
         H, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_size
@@ -233,12 +269,12 @@ class GlimpsePruneQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
         self.pruned = {
             rows.req_ids[r]: index[i, : int(kept[i])].tolist() for i, r in enumerate(prune_rows)
         }  # host lists: the runner needs them after sampling anyway
-        return order, new_rows
+        return order, new_rows, index
 
-    def _install_metadata(self, order: Tensor, new_rows: Tensor, prune_rows: list[int]) -> None:
+    def _install_metadata(self, order: Tensor, new_rows: Tensor, prune_rows: list[int], kept_index: Tensor) -> None:
         """Attention metadata and slots for layers K+1.. over the kept tokens, and the kept
-        tokens' K/V of layers 0..K rewritten into each pruned request's first L slots (through
-        the backend's own writer, ``impl.do_kv_cache_update``)."""
+        tokens' K/V of layers 0..K moved to each pruned request's first L slots, in place in
+        the paged cache (``glimpse_ops.compact_kv_paged``)."""
         rows, K = self.rows, self.prune_layer
         context = get_forward_context()
         if not isinstance(context.attn_metadata, dict):
@@ -252,14 +288,18 @@ class GlimpsePruneQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
         row_of = torch.repeat_interleave(torch.arange(len(new_rows), device=device), new_rows)
         # a pruned request starts at position 0: its first L old slots are logical positions 0..L-1
         slots = old_slots[qsl[row_of] + torch.arange(len(order), device=device) - new_qsl[row_of]]
-        pruned_row = torch.zeros(len(new_rows), dtype=torch.bool, device=device)
-        pruned_row[prune_rows] = True
-        rewrite = pruned_row[row_of]
-        for index in range(K + 1):
-            attn = layers[index].self_attn.attn
-            k = self._capture.keys[index][order[rewrite]].view(-1, attn.num_kv_heads, attn.head_size)
-            v = self._capture.values[index][order[rewrite]].view(-1, attn.num_kv_heads, attn.head_size)
-            attn.impl.do_kv_cache_update(attn, k, v, attn.kv_cache, slots[rewrite])
+        if self._paged_compaction():
+            caches = [layer.self_attn.attn.kv_cache for layer in layers[: K + 1]]
+            compact_kv_paged(caches, self._block_table(old_slots, qsl, prune_rows, caches[0].shape[2]), kept_index)
+        else:  # CPU_ATTN: its pages are laid out by the CPU ISA; its own writer puts the kept K/V there
+            pruned_row = torch.zeros(len(new_rows), dtype=torch.bool, device=device)
+            pruned_row[prune_rows] = True
+            rewrite = pruned_row[row_of]
+            for index in range(K + 1):
+                attn = layers[index].self_attn.attn
+                k = self._capture.keys[index][order[rewrite]].view(-1, attn.num_kv_heads, attn.head_size)
+                v = self._capture.values[index][order[rewrite]].view(-1, attn.num_kv_heads, attn.head_size)
+                attn.impl.do_kv_cache_update(attn, k, v, attn.kv_cache, slots[rewrite])
         rebuilt: dict[tuple[int, int], object] = {}
         new_rows_host = new_rows.cpu().numpy()
         for layer in layers[K + 1 :]:

@@ -52,6 +52,11 @@ def samples(op: str, device: str, requires_grad: bool):
     if op == "compact_kv_into":
         outs = [torch.empty(B, Hkv, S, D, device=device) for _ in range(4)]
         return [((keys, values, index, outs[:2], outs[2:]), {})]
+    if op == "compact_kv_paged":
+        caches = [torch.randn(6, Hkv, 4, 2 * D, device=device) for _ in range(2)]
+        table = torch.tensor([[3, 0, 5], [1, 4, 2]], dtype=torch.int32, device=device)
+        kept = torch.tensor([[0, 2, 5, 9, 11], [4, 7, -1, -1, -1]], device=device)
+        return [((caches, table, kept), {})]
     if op == "prune_kv":
         return [
             ((scores, mask, keys, values, 0.5, 3, 1, S, "left", None), {}),

@@ -14,7 +14,8 @@ TEXT_TOKENS = 256
 VISUAL_TOKENS = (1024, 4096, 16384)
 KEEP_RATIOS = (0.05, 0.074, 0.10, 0.25, 0.50)
 BATCHES = (1, 8)
-OPS = ("glimpse_scores", "select_index", "compact_kv", "prune_kv", "glimpse_prune")
+OPS = ("glimpse_scores", "select_index", "compact_kv", "compact_kv_paged", "prune_kv", "glimpse_prune")
+PAGE = 16  # tokens per block of the paged cache (vLLM's default block size)
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,8 @@ def make_inputs(case: Case, device: str) -> dict:
     dtype, B, S = case.torch_dtype, case.batch, case.seq
     shape = (B, KV_HEADS, S, HEAD_DIM)
     layers = COMPACTED_LAYERS if case.op in ("compact_kv", "prune_kv", "glimpse_prune") else 1
+    if case.op == "compact_kv_paged":
+        return paged_inputs(case, device, g)
 
     def randn(*size):
         return torch.randn(*size, generator=g).to(dtype=dtype).to(device)
@@ -122,3 +125,26 @@ def make_inputs(case: Case, device: str) -> dict:
     inputs["values"] = [randn(*shape) for _ in range(layers)]
     inputs["scores"] = torch.rand(B, S, generator=g).to(device)
     return inputs
+
+
+def paged_inputs(case: Case, device: str, g: torch.Generator) -> dict:
+    """compact_kv_paged: the caches of layers 0..K in vLLM's default layout (per layer
+    [num_blocks, Hkv, PAGE, 2 * D], K and V side by side), each request's prompt on its own
+    shuffled blocks, and its kept positions (the text and the top ``max_keep`` visual tokens
+    of random scores, ascending)."""
+    B, S = case.batch, case.seq
+    per_request = math.ceil(S / PAGE)
+    blocks = B * per_request
+    caches = [
+        torch.randn(blocks, KV_HEADS, PAGE, 2 * HEAD_DIM, generator=g).to(dtype=case.torch_dtype).to(device)
+        for _ in range(COMPACTED_LAYERS)
+    ]
+    table = torch.randperm(blocks, generator=g).view(B, per_request).int()
+    scores = torch.rand(B, S, generator=g)
+    visual = scores[:, 64 : 64 + case.visual]
+    keep = torch.ones(B, S, dtype=torch.bool)
+    keep[:, 64 : 64 + case.visual] = False
+    top = visual.topk(case.max_keep, dim=1).indices + 64
+    keep.scatter_(1, top, True)
+    index = torch.stack([row.nonzero().squeeze(1) for row in keep])  # [B, max_len] ascending
+    return {"caches": caches, "table": table.to(device), "index": index.to(device)}

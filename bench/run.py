@@ -21,7 +21,10 @@ Providers: ``eager`` (the GlimpsePrune/FastV/kvpress-style PyTorch pipeline, see
 device-to-device copy of the same bytes into a buffer allocated once:
 the ceiling each row's "% copy" is measured against; every row is timed with the caches
 evicted before each call, as a prefill finds its K/V). Every provider's output is checked
-against the reference before it is timed; a provider that fails the check gets no time. Results are printed as a
+against the reference before it is timed; a provider that fails the check gets no time.
+``compact_kv_paged`` works in place in a paged cache: each check and each provider's timed
+calls get their own copy of the caches, and it has no eager row (its reference is the
+PyTorch gather-then-scatter). Results are printed as a
 table (time, speed-up over eager, GB/s, % of measured copy bandwidth) and written as JSON
 under bench/results/<device>/.
 """
@@ -63,6 +66,7 @@ REQUIRED_OP = {
     "glimpse_scores": "glimpse_scores",
     "select_index": "select_tokens",
     "compact_kv": "compact_kv",
+    "compact_kv_paged": "compact_kv_paged",
     "prune_kv": "prune_kv",
     "glimpse_prune": "glimpse_prune",
 }
@@ -88,6 +92,13 @@ def _reference_fn(case: Case) -> Callable[[dict], dict]:
             return {"kv": k + v}
 
         return compact
+    if case.op == "compact_kv_paged":
+
+        def paged(x):  # in place: gather the kept rows, then scatter them
+            ref.compact_kv_paged_reference(x["caches"], x["table"], x["index"])
+            return {"kv": x["caches"]}
+
+        return paged
     if case.op == "prune_kv":
 
         def prune(x):
@@ -142,6 +153,13 @@ def _library_fn(case: Case, backend: str) -> Callable[[dict], dict]:
             return {"kv": k + v}
 
         return compact
+    if case.op == "compact_kv_paged":
+
+        def paged(x):
+            g.compact_kv_paged(x["caches"], x["table"], x["index"], backend=backend)
+            return {"kv": x["caches"]}
+
+        return paged
     if case.op == "prune_kv":
 
         def prune(x):
@@ -279,7 +297,8 @@ def providers_for(case: Case, device: str, wanted: set[str]) -> dict[str, Callab
         available &= set(g.available_backends("keep_index", device))
     if device == "cpu":
         available.discard("triton")  # the interpreter is a correctness tool, not a provider
-    out: dict[str, Callable[[dict], dict]] = {"eager": _eager_fn(case)}
+    # compact_kv_paged has no eager pipeline to compare with: its reference is the PyTorch way
+    out: dict[str, Callable[[dict], dict]] = {} if case.op == "compact_kv_paged" else {"eager": _eager_fn(case)}
     out["reference"] = _reference_fn(case)
     out["reference+compile"] = torch.compile(_reference_fn(case), dynamic=False)
     for backend in ("native", "triton"):
@@ -298,7 +317,16 @@ def case_inputs(case: Case, device: str) -> tuple[dict, dict]:
     if case.op == "compact_kv":
         keep = ref.select_tokens_reference(inputs["scores"], inputs["candidates"], None, case.max_keep, 0)
         inputs["index"] = ref.keep_index_reference(keep, case.max_len, "left")[0]
-    return inputs, _reference_fn(case)(inputs)
+    return inputs, _reference_fn(case)(fresh_inputs(case, inputs))
+
+
+def fresh_inputs(case: Case, inputs: dict) -> dict:
+    """The inputs a provider may change: compact_kv_paged works in place, so each check and
+    each provider's timed calls get their own caches (repeated timed calls keep moving rows
+    of the same caches: the same bytes each time)."""
+    if case.op != "compact_kv_paged":
+        return inputs
+    return {**inputs, "caches": [c.clone() for c in inputs["caches"]]}
 
 
 def figures(case: Case, p50_ms: float, ceiling_gbps: float | None, eager_ms: float | None) -> dict:
@@ -322,13 +350,14 @@ def run_case(
         row = {"case": case.as_dict(), "name": case.name(), "provider": name}
         try:
             if name != "copy":
-                ok, note = check(case, name, fn(inputs), want)
+                ok, note = check(case, name, fn(fresh_inputs(case, inputs)), want)
                 row["check"] = note
                 if not ok:
                     gate_failed(row, note, progress)
                     rows.append(row)
                     continue
-            row.update(measure(lambda fn=fn: fn(inputs), device, budget_s, cold=True))
+            timed = fresh_inputs(case, inputs)  # in place (compact_kv_paged): never the pristine inputs
+            row.update(measure(lambda fn=fn, timed=timed: fn(timed), device, budget_s, cold=True))
         except Exception as exc:  # a provider that crashes is reported, the run goes on (and fails at the end)
             record_error(row, exc)
         rows.append(row)

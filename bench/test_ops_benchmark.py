@@ -43,10 +43,10 @@ def test_op(benchmark, op_case, device):
     inputs, want = _cases[case]
     fn = run.providers_for(case, device, {provider})[provider]
     if provider != "copy":
-        ok, note = run.check(case, provider, fn(inputs), want)
+        ok, note = run.check(case, provider, fn(run.fresh_inputs(case, inputs)), want)
         assert ok, f"{case.name()} {provider} failed the correctness gate: {note}"
         benchmark.extra_info["check"] = note
-    call = _timed_call(fn, inputs, device)
+    call = _timed_call(fn, run.fresh_inputs(case, inputs), device)  # an in-place op never moves the pristine inputs
     if benchmark.disabled:  # --benchmark-disable: one plain call, the gate above is the test
         benchmark(call)
         return

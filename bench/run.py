@@ -7,6 +7,7 @@
     python bench/run.py --e2e --hf # HF Qwen2.5-VL: stock vs our patch vs an eager patch (bench/e2e_hf.py)
     python bench/run.py --e2e --hf --model qwen3_vl   # the same on another family (bench/hf_families.py)
     python bench/run.py --vllm     # serving: stock vLLM vs the glimpse_ops.vllm plugin (bench/serving.py)
+    python bench/run.py --vllm --serve   # the same through `vllm serve` and concurrent clients (bench/serving_http.py)
 
 soft_mask_attention (bench/attention.py) runs forward and forward+backward against SDPA
 without a mask (the ceiling), SDPA with a dense log-weight mask requiring grad
@@ -516,8 +517,31 @@ def run_e2e(args: argparse.Namespace, device: str, budget: float) -> int:
     return gate_exit_code(rows)
 
 
+def run_vllm_serve(args: argparse.Namespace) -> int:
+    from serving_http import make_model, print_serve_table, run_serve_case, serve_cases
+
+    model = make_model()
+    cases, ratios = serve_cases(args.smoke)
+    machine = machine_info("cpu")
+    print(
+        f"glimpse-ops vLLM serving bench through `vllm serve` on {machine['device']} "
+        f"(git {str(machine['git_sha'])[:10]}): {len(cases)} cases x (stock + {len(ratios)} keep ratios)"
+    )
+    progress = Progress(len(cases) * (1 + len(ratios)))
+    rows: list[dict] = []
+    for case in cases:
+        rows += run_serve_case(model, case, ratios, progress)
+        write_results(args, machine, {"partial": True}, rows, "-vllm-serve", quiet=True)
+    print_serve_table(rows)
+    write_results(args, machine, {}, rows, "-vllm-serve")
+    return gate_exit_code(rows)
+
+
 def run_vllm(args: argparse.Namespace) -> int:
     from serving import make_bench, print_serving_table, run_serving_case, serving_cases
+
+    if args.serve:
+        return run_vllm_serve(args)
 
     bench = make_bench()
     cases, ratios = serving_cases(args.smoke)
@@ -563,6 +587,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="serving: stock vLLM against the glimpse_ops.vllm plugin (bench/serving.py; needs vLLM)",
     )
+    parser.add_argument(
+        "--serve",
+        action="store_true",
+        help="with --vllm: through `vllm serve` and concurrent openai clients (bench/serving_http.py)",
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--ops",
@@ -606,6 +635,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--hf goes with --e2e")
     if args.model != "qwen2_5_vl" and not args.hf:
         parser.error("--model goes with --e2e --hf")
+    if args.serve and not args.vllm:
+        parser.error("--serve goes with --vllm")
     if args.vllm:
         return run_vllm(args)
     if args.e2e:

@@ -1,8 +1,9 @@
 """Serving through the server (bench/run.py --vllm --serve): stock vLLM against the
 glimpse_ops.vllm plugin, each behind a real ``vllm serve`` on 127.0.0.1 with the same engine
-settings and KV pool (eager, no prefix caching, no chunked prefill, block size 32,
-``POOL`` blocks, ``max_num_seqs`` = ``MAX_SEQS``), on the tiny Qwen2.5-VL checkpoint (fp32),
-driven by concurrent ``openai`` clients with streamed chat completions (``image_url`` data URLs).
+settings and KV pool (eager, no prefix caching, no chunked prefill, block size 32, ``POOL``
+blocks, ``max_num_seqs`` = ``MAX_SEQS``, ``max_num_batched_tokens`` = ``BATCHED``), on the tiny
+Qwen2.5-VL checkpoint (fp32), driven by concurrent ``openai`` clients with streamed chat
+completions (``image_url`` data URLs).
 
 Per image size and keep ratio, for each server:
 
@@ -37,7 +38,10 @@ from pathlib import Path
 
 from timing import quantiles, record_error
 
-BLOCK, POOL, MAX_SEQS, OUTPUT_TOKENS = 32, 512, 64, 32
+# POOL: the plugin's 64 requests (7 blocks each with their output) and three prefills being
+# pruned (34 blocks each) fit, so it is never preempted; stock fits about 17 such requests.
+# BATCHED: up to three 1k-visual prompts per step (one step admits at most this many tokens).
+BLOCK, POOL, MAX_SEQS, OUTPUT_TOKENS, BATCHED = 32, 640, 64, 64, 4096
 STARTUP_S = 600
 REPO = Path(__file__).resolve().parent.parent
 LAUNCHER = REPO / "tests" / "vllm_plugin" / "serve_cpu.py"
@@ -90,6 +94,7 @@ def _engine_flags(ratio: float | None) -> list[str]:
 
     flags = ["--dtype", "float32", "--max-model-len", "2048", "--seed", "0", "--block-size", str(BLOCK),
              "--num-gpu-blocks-override", str(POOL), "--max-num-seqs", str(MAX_SEQS),
+             "--max-num-batched-tokens", str(BATCHED),
              "--limit-mm-per-prompt", '{"image": 1, "video": 0}']  # fmt: skip
     if ratio is None:
         return flags + ["--enforce-eager", "--no-enable-prefix-caching", "--no-enable-chunked-prefill"]
@@ -100,7 +105,8 @@ def _engine_kwargs(ratio: float | None) -> dict:
     import glimpse_ops.vllm as glimpse_vllm
 
     kwargs = dict(dtype="float32", max_model_len=2048, seed=0, block_size=BLOCK, num_gpu_blocks_override=POOL,
-                  max_num_seqs=MAX_SEQS, limit_mm_per_prompt={"image": 1, "video": 0})  # fmt: skip
+                  max_num_seqs=MAX_SEQS, max_num_batched_tokens=BATCHED,
+                  limit_mm_per_prompt={"image": 1, "video": 0})  # fmt: skip
     if ratio is None:
         return kwargs | dict(enforce_eager=True, enable_prefix_caching=False, enable_chunked_prefill=False)
     return kwargs | glimpse_vllm.engine_kwargs(max_keep_ratio=ratio)

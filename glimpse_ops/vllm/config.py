@@ -38,6 +38,10 @@ class PluginSettings:
     def from_hf_config(cls, hf_config, n_layers: int) -> PluginSettings:
         """The ``glimpse_*`` keys of ``hf_overrides``, checked; in trained mode the predictor's
         config (not its weights) is read for its layer and the defaults of its keep rule."""
+        unknown = sorted(k for k in vars(hf_config) if k.startswith("glimpse_") and k[8:] not in SETTING_KEYS)
+        if unknown:
+            raise ValueError(f"{PREFIX}: unknown setting {unknown[0]} in hf_overrides; the plugin reads "
+                             f"{', '.join('glimpse_' + k for k in SETTING_KEYS)}")  # fmt: skip
         given = {key: getattr(hf_config, f"glimpse_{key}", None) for key in SETTING_KEYS}
         predictor, predictor_dtype = given.pop("predictor"), given.pop("predictor_dtype") or "float32"
         config = None

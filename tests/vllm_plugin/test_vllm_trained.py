@@ -111,3 +111,6 @@ def test_trained_settings_resolve_like_the_hf_path(checkpoint, predictor_file, t
     hf_config.glimpse_predictor, hf_config.glimpse_fixed_keep_ratio = None, 0.5
     with pytest.raises(ValueError, match="applies with a predictor"):
         PluginSettings.from_hf_config(hf_config, 6)
+    hf_config.glimpse_fixed_keep_ratio, hf_config.glimpse_max_keep = None, 0.5  # a typo of max_keep_ratio
+    with pytest.raises(ValueError, match="unknown setting glimpse_max_keep in hf_overrides"):
+        PluginSettings.from_hf_config(hf_config, 6)

@@ -517,46 +517,37 @@ def run_e2e(args: argparse.Namespace, device: str, budget: float) -> int:
     return gate_exit_code(rows)
 
 
-def run_vllm_serve(args: argparse.Namespace) -> int:
-    from serving_http import make_model, print_serve_table, run_serve_case, serve_cases
-
-    model = make_model()
-    cases, ratios = serve_cases(args.smoke)
-    machine = machine_info("cpu")
-    print(
-        f"glimpse-ops vLLM serving bench through `vllm serve` on {machine['device']} "
-        f"(git {str(machine['git_sha'])[:10]}): {len(cases)} cases x (stock + {len(ratios)} keep ratios)"
-    )
-    progress = Progress(len(cases) * (1 + len(ratios)))
-    rows: list[dict] = []
-    for case in cases:
-        rows += run_serve_case(model, case, ratios, progress)
-        write_results(args, machine, {"partial": True}, rows, "-vllm-serve", quiet=True)
-    print_serve_table(rows)
-    write_results(args, machine, {}, rows, "-vllm-serve")
-    return gate_exit_code(rows)
-
-
 def run_vllm(args: argparse.Namespace) -> int:
-    from serving import make_bench, print_serving_table, run_serving_case, serving_cases
-
+    """--vllm (bench/serving.py, the offline engine) or --vllm --serve (bench/serving_http.py,
+    through `vllm serve`): stock against the plugin per case, a JSON row per engine."""
     if args.serve:
-        return run_vllm_serve(args)
+        from serving_http import make_model as make_target
+        from serving_http import print_serve_table as print_rows
+        from serving_http import run_serve_case as run_case
+        from serving_http import serve_cases as cases_for
 
-    bench = make_bench()
-    cases, ratios = serving_cases(args.smoke)
+        what, kind = "through `vllm serve` ", "-vllm-serve"
+    else:
+        from serving import make_bench as make_target
+        from serving import print_serving_table as print_rows
+        from serving import run_serving_case as run_case
+        from serving import serving_cases as cases_for
+
+        what, kind = "", "-vllm"
+    target = make_target()
+    cases, ratios = cases_for(args.smoke)
     machine = machine_info("cpu")
     print(
-        f"glimpse-ops vLLM serving bench on {machine['device']} (git {str(machine['git_sha'])[:10]}): "
-        f"{len(cases)} image sizes x (stock + {len(ratios)} keep ratios)"
+        f"glimpse-ops vLLM serving bench {what}on {machine['device']} (git {str(machine['git_sha'])[:10]}): "
+        f"{len(cases)} cases x (stock + {len(ratios)} keep ratios)"
     )
     progress = Progress(len(cases) * (1 + len(ratios)))
     rows: list[dict] = []
     for case in cases:
-        rows += run_serving_case(bench, case, ratios, progress)
-        write_results(args, machine, {"partial": True}, rows, "-vllm", quiet=True)
-    print_serving_table(rows)
-    write_results(args, machine, {}, rows, "-vllm")
+        rows += run_case(target, case, ratios, progress)
+        write_results(args, machine, {"partial": True}, rows, kind, quiet=True)
+    print_rows(rows)
+    write_results(args, machine, {}, rows, kind)
     return gate_exit_code(rows)
 
 

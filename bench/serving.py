@@ -162,17 +162,24 @@ def _measure(bench: _Bench, case: ServingCase, ratio: float | None) -> dict:
     }
 
 
-def run_serving_case(bench: _Bench, case: ServingCase, ratios: list[float], progress) -> list[dict]:
-    base = {"name": case.name(), "visual": case.visual, "requests": case.requests, "kind": "vllm"}
+def rows_per_engine(base: dict, ratios: list[float], measure, progress) -> list[dict]:
+    """``base | measure(ratio)`` for stock (ratio None) and each keep ratio; a provider that
+    raises is reported in its row, and the run goes on (and fails at the end)."""
     rows = []
     for ratio in [None, *ratios]:
         try:
-            rows.append(base | _measure(bench, case, ratio))
-        except Exception as error:  # a failed provider is reported; the run goes on and fails at the end
+            rows.append(base | measure(ratio))
+        except Exception as error:
             row = base | {"provider": "stock" if ratio is None else "glimpse_ops", "keep_ratio": ratio}
             record_error(row, error)
             rows.append(row)
-        progress.step(f"{case.name()} {rows[-1]['provider']} {ratio or ''}")
+        progress.step(f"{base['name']} {rows[-1]['provider']} {ratio or ''}")
+    return rows
+
+
+def run_serving_case(bench: _Bench, case: ServingCase, ratios: list[float], progress) -> list[dict]:
+    base = {"name": case.name(), "visual": case.visual, "requests": case.requests, "kind": "vllm"}
+    rows = rows_per_engine(base, ratios, lambda ratio: _measure(bench, case, ratio), progress)
     stock = rows[0]
     for row in rows[1:]:
         if "ttft_ms" in row and "ttft_ms" in stock:

@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from timing import quantiles, record_error
+from timing import quantiles
 
 # POOL: the plugin's 64 requests (7 blocks each with their output) and three prefills being
 # pruned (34 blocks each) fit, so it is never preempted; stock fits about 17 such requests.
@@ -277,16 +277,10 @@ def _measure(model: str, case: ServeCase, ratio: float | None) -> dict:
 
 
 def run_serve_case(model: str, case: ServeCase, ratios: list[float], progress) -> list[dict]:
+    from serving import rows_per_engine
+
     base = {"name": case.name(), "visual": case.visual, "clients": case.clients, "kind": "vllm-serve"}
-    rows = []
-    for ratio in [None, *ratios]:
-        try:
-            rows.append(base | _measure(model, case, ratio))
-        except Exception as error:  # a failed server is reported; the run goes on and fails at the end
-            row = base | {"provider": "stock" if ratio is None else "glimpse_ops", "keep_ratio": ratio}
-            record_error(row, error)
-            rows.append(row)
-        progress.step(f"{case.name()} {rows[-1]['provider']} {ratio or ''}")
+    rows = rows_per_engine(base, ratios, lambda ratio: _measure(model, case, ratio), progress)
     stock = rows[0]
     for row in rows[1:]:
         if "ttft_ms" in row and "ttft_ms" in stock:

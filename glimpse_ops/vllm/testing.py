@@ -193,3 +193,19 @@ def hf_inputs(folder: str | Path, prompts: list[tuple[str, object | None]]) -> d
     if images:
         out |= {"pixel_values": vision["pixel_values"], "image_grid_thw": vision["image_grid_thw"]}
     return out
+
+
+def record_shrinks() -> dict[str, int]:
+    """From now on in this process, each prompt length the pruning scheduler shrinks a request
+    to, by the scheduler's request id (for tests and scripts; an engine in this process)."""
+    from . import scheduler
+
+    shrunk: dict[str, int] = {}
+    shrink = scheduler.GlimpsePruneScheduler._shrink
+
+    def recording(self, request, kept_ids):
+        shrunk[request.request_id] = len(kept_ids)
+        return shrink(self, request, kept_ids)
+
+    scheduler.GlimpsePruneScheduler._shrink = recording
+    return shrunk

@@ -74,17 +74,9 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     import glimpse_ops.vllm as glimpse_vllm
-    from glimpse_ops.vllm import scheduler as glimpse_scheduler
     from glimpse_ops.vllm import testing
 
-    shrunk: dict[str, int] = {}
-    stock_shrink = glimpse_scheduler.GlimpsePruneScheduler._shrink
-
-    def recording_shrink(self, request, kept_ids):
-        shrunk[request.request_id] = len(kept_ids)
-        return stock_shrink(self, request, kept_ids)
-
-    glimpse_scheduler.GlimpsePruneScheduler._shrink = recording_shrink
+    shrunk = testing.record_shrinks()
     glimpse_vllm.register()
     llm = vllm.LLM(
         model=args.checkpoint, dtype="float32", max_model_len=1024, seed=0, block_size=32,

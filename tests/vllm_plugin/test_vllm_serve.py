@@ -8,6 +8,7 @@ request gets an error and the server goes on. Skipped without vLLM."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import math
 import os
@@ -70,9 +71,9 @@ def _flags(**engine) -> list[str]:
     return flags
 
 
-@pytest.fixture(scope="module")
-def server(checkpoint, tmp_path_factory):
-    """The server's base URL; its log is printed if it fails to start."""
+@contextlib.contextmanager
+def _serving(checkpoint, folder: Path, **engine):
+    """``vllm serve`` with the plugin and ``engine``'s settings: (base URL, log path)."""
     port = _free_port()
     source = str(Path(glimpse_ops.__file__).resolve().parents[1])
     env = {
@@ -81,14 +82,12 @@ def server(checkpoint, tmp_path_factory):
         "VLLM_ENABLE_V1_MULTIPROCESSING": "1",  # as a user's server runs: the engine core in its own process
         "VLLM_USE_V2_MODEL_RUNNER": "0",
     }
-    log = tmp_path_factory.mktemp("serve") / "server.log"
+    log = folder / "server.log"
     command = [sys.executable, str(LAUNCHER), "serve", str(checkpoint), "--host", "127.0.0.1", "--port", str(port),
-               "--limit-mm-per-prompt", '{"image": 1, "video": 0}', *_flags(**ENGINE),
+               "--limit-mm-per-prompt", '{"image": 1, "video": 0}', *_flags(**engine),
                *glimpse_vllm.serve_flags(max_keep_ratio=RATIO)]  # fmt: skip
     with open(log, "w") as out:
-        process = subprocess.Popen(
-            command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path_factory.getbasetemp()
-        )
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=folder)
     base = f"http://127.0.0.1:{port}/v1"
     client = openai.OpenAI(base_url=base, api_key="none", max_retries=0, timeout=10)
     deadline = time.monotonic() + STARTUP_S
@@ -113,21 +112,36 @@ def server(checkpoint, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def offline(checkpoint) -> list[list[int]]:
-    """The offline engine's answers (token ids) to CASES, one chat at a time."""
+def server(checkpoint, tmp_path_factory):
+    """The server's base URL and log path; its log is printed if it fails to start."""
+    with _serving(checkpoint, tmp_path_factory.mktemp("serve"), **ENGINE) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def offline_llm(checkpoint):
     glimpse_vllm.register()
-    llm = vllm.LLM(model=str(checkpoint), limit_mm_per_prompt={"image": 1, "video": 0}, **ENGINE,
-                   **glimpse_vllm.engine_kwargs(max_keep_ratio=RATIO))  # fmt: skip
-    params = vllm.SamplingParams(max_tokens=STEPS, min_tokens=STEPS, temperature=0.0)
-    return [list(llm.chat(_messages(text, image), params)[0].outputs[0].token_ids) for text, image in CASES]
+    return vllm.LLM(model=str(checkpoint), limit_mm_per_prompt={"image": 1, "video": 0}, **ENGINE,
+                    **glimpse_vllm.engine_kwargs(max_keep_ratio=RATIO))  # fmt: skip
 
 
-def _ask(base: str, case) -> object:
+def _offline_tokens(llm, case, steps: int = STEPS) -> list[int]:
+    params = vllm.SamplingParams(max_tokens=steps, min_tokens=steps, temperature=0.0)
+    return list(llm.chat(_messages(*case), params)[0].outputs[0].token_ids)
+
+
+@pytest.fixture(scope="module")
+def offline(offline_llm) -> list[list[int]]:
+    """The offline engine's answers (token ids) to CASES, one chat at a time."""
+    return [_offline_tokens(offline_llm, case) for case in CASES]
+
+
+def _ask(base: str, case, steps: int = STEPS) -> object:
     client = openai.OpenAI(base_url=base, api_key="none", max_retries=0, timeout=600)
     text, image = case
     return client.chat.completions.create(
-        model=client.models.list().data[0].id, messages=_messages(text, image), max_tokens=STEPS, temperature=0.0,
-        logprobs=True, extra_body={"min_tokens": STEPS, "return_token_ids": True},
+        model=client.models.list().data[0].id, messages=_messages(text, image), max_tokens=steps, temperature=0.0,
+        logprobs=True, extra_body={"min_tokens": steps, "return_token_ids": True},
     )  # fmt: skip
 
 
@@ -172,3 +186,33 @@ def test_a_bad_request_fails_alone(server, offline):
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=model, messages=too_long, max_tokens=STEPS)
     assert _ask(base, CASES[0]).choices[0].token_ids == offline[0], "the server goes on serving"
+
+
+SMALL_POOL, LONG = 12, 100  # 11 usable blocks of 32 tokens: two 221-token image chats decoding 100 tokens overflow it
+
+
+def test_a_preempted_pruned_request_fails_alone_through_the_server(checkpoint, tmp_path, offline_llm):
+    """Three concurrent clients, each a 221-token image chat (77 after the prune) with 100
+    decode steps, on a server whose pool holds 11 blocks: when vLLM preempts a pruned request,
+    that client gets an HTTP 500 (vLLM's answer to a request that finished with an error; the
+    server log names the reason), every other client gets the large pool's answer, and the
+    server goes on serving."""
+    want = _offline_tokens(offline_llm, CASES[0], LONG)
+    small = {**ENGINE, "num_gpu_blocks_override": SMALL_POOL, "max_model_len": (SMALL_POOL - 1) * 32}
+    with _serving(checkpoint, tmp_path, **small) as (base, log):
+
+        def ask(_):
+            try:
+                return _ask(base, CASES[0], LONG).choices[0].token_ids
+            except openai.InternalServerError as error:
+                return error
+
+        with ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(ask, range(3)))
+        preempted = log.read_text().count("was pruned and then preempted")
+        failed = [a for a in answers if isinstance(a, Exception)]
+        assert len(failed) == preempted, (answers, preempted)
+        assert all(a == want for a in answers if not isinstance(a, Exception))
+        if not preempted:
+            pytest.skip("the clients' requests did not overlap enough for vLLM to preempt one")
+        assert _ask(base, CASES[0]).choices[0].token_ids == want[:STEPS], "the server goes on serving"

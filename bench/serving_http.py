@@ -89,18 +89,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _engine_flags(ratio: float | None) -> list[str]:
-    import glimpse_ops.vllm as glimpse_vllm
-
-    flags = ["--dtype", "float32", "--max-model-len", "2048", "--seed", "0", "--block-size", str(BLOCK),
-             "--num-gpu-blocks-override", str(POOL), "--max-num-seqs", str(MAX_SEQS),
-             "--max-num-batched-tokens", str(BATCHED),
-             "--limit-mm-per-prompt", '{"image": 1, "video": 0}']  # fmt: skip
-    if ratio is None:
-        return flags + ["--enforce-eager", "--no-enable-prefix-caching", "--no-enable-chunked-prefill"]
-    return flags + glimpse_vllm.serve_flags(max_keep_ratio=ratio)
-
-
 def _engine_kwargs(ratio: float | None) -> dict:
     import glimpse_ops.vllm as glimpse_vllm
 
@@ -110,6 +98,13 @@ def _engine_kwargs(ratio: float | None) -> dict:
     if ratio is None:
         return kwargs | dict(enforce_eager=True, enable_prefix_caching=False, enable_chunked_prefill=False)
     return kwargs | glimpse_vllm.engine_kwargs(max_keep_ratio=ratio)
+
+
+def _engine_flags(ratio: float | None) -> list[str]:
+    """The same engine, as `vllm serve` flags."""
+    import glimpse_ops.vllm as glimpse_vllm
+
+    return glimpse_vllm.engine_flags(_engine_kwargs(ratio))
 
 
 def _command() -> list[str]:

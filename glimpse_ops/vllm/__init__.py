@@ -114,10 +114,16 @@ def serve_flags(**settings) -> list[str]:
     (same arguments), e.g. ``["--hf-overrides", '{"architectures": [...], ...}',
     "--enforce-eager", "--no-enable-prefix-caching", ...]``. The server's processes also need
     ``VLLM_USE_V2_MODEL_RUNNER=0`` in their environment on CUDA (refused otherwise)."""
+    return engine_flags(engine_kwargs(**settings))
+
+
+def engine_flags(engine_args: dict) -> list[str]:
+    """``vllm serve`` flags for ``vllm.LLM`` keyword arguments: ``--key-name value``, booleans
+    as ``--key`` / ``--no-key``, dicts as JSON without their None entries."""
     import json
 
     flags: list[str] = []
-    for key, value in engine_kwargs(**settings).items():
+    for key, value in engine_args.items():
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
             flags.append(flag if value else "--no-" + key.replace("_", "-"))

@@ -273,8 +273,9 @@ class GlimpsePruneQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
 
     def _install_metadata(self, order: Tensor, new_rows: Tensor, prune_rows: list[int], kept_index: Tensor) -> None:
         """Attention metadata and slots for layers K+1.. over the kept tokens, and the kept
-        tokens' K/V of layers 0..K moved to each pruned request's first L slots, in place in
-        the paged cache (``glimpse_ops.compact_kv_paged``)."""
+        tokens' K/V of layers 0..K moved to each pruned request's first L slots: in place in
+        the paged cache (``glimpse_ops.compact_kv_paged``) where ``_paged_compaction``, else
+        rewritten from the capture through the backend's writer."""
         rows, K = self.rows, self.prune_layer
         context = get_forward_context()
         if not isinstance(context.attn_metadata, dict):

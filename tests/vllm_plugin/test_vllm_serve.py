@@ -64,13 +64,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _flags(**engine) -> list[str]:
-    flags = []
-    for key, value in engine.items():
-        flags += ["--" + key.replace("_", "-"), str(value)]
-    return flags
-
-
 @contextlib.contextmanager
 def _serving(checkpoint, folder: Path, **engine):
     """``vllm serve`` with the plugin and ``engine``'s settings: (base URL, log path)."""
@@ -84,7 +77,7 @@ def _serving(checkpoint, folder: Path, **engine):
     }
     log = folder / "server.log"
     command = [sys.executable, str(LAUNCHER), "serve", str(checkpoint), "--host", "127.0.0.1", "--port", str(port),
-               "--limit-mm-per-prompt", '{"image": 1, "video": 0}', *_flags(**engine),
+               "--limit-mm-per-prompt", '{"image": 1, "video": 0}', *glimpse_vllm.engine_flags(engine),
                *glimpse_vllm.serve_flags(max_keep_ratio=RATIO)]  # fmt: skip
     with open(log, "w") as out:
         process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=folder)

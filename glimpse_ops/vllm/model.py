@@ -48,6 +48,8 @@ class StepRows:
     num_prompt: np.ndarray  # int [R]
     images: list[list | None] | None = None  # trained mode: each row's ImageFeatures in prompt order
     attention: dict[str, AttentionInputs] = field(default_factory=dict)  # by layer name
+    # rows recomputed after a preemption: {row: the prompt positions their first prune kept}
+    forced: dict[int, list[int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -258,6 +260,10 @@ class GlimpsePruneQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
             caps = rule.caps(visual.sum(dim=1))  # glimpse_ops.hf's rule
             keep = select_tokens(probs, visual, threshold=rule.threshold, max_keep=0 if caps is None else caps,
                                  min_keep=rule.min_keep) & valid  # fmt: skip
+        for i, r in enumerate(prune_rows):
+            if (kept_before := rows.forced.get(r)) is not None:  # the decision made before the preemption
+                keep[i] = False
+                keep[i, torch.as_tensor(kept_before, device=device)] = True
         index, kept = keep_index(keep, max_len=None, padding_side="right")
         keep_flat = torch.ones(input_ids.shape[0], dtype=torch.bool, device=device)
         keep_flat[token[valid]] = keep[valid]

@@ -1,13 +1,17 @@
 """The workers (CPU and GPU, vLLM's V1 model runner) whose model runner tells the pruning
 model which request each row is and what each attention group's metadata was built from, and
 shrinks each pruned request to its kept prompt tokens right after sampling (the scheduler,
-``scheduler.py``, does the same on its side in the same step).
+``scheduler.py``, does the same on its side in the same step). A pruned request that vLLM
+preempts gets its original prompt, images and positions back when it resumes, and its prompt
+is pruned again with the kept positions of the first time (``StepRows.forced``).
 
 The runner's pruning logic is one mixin, ``GlimpsePruneRunnerMixin``: vLLM's CPU runner *is*
 its V1 GPU runner with the device buffers aliased to the host ones, so the same methods serve
 both."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
@@ -25,6 +29,17 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@dataclass(frozen=True)
+class _PrunedState:
+    """A pruned request's worker state before its prune, and the prompt positions it kept."""
+
+    prompt_token_ids: list[int]
+    mm_features: list
+    mrope_positions: object  # Tensor [3, S] or None
+    mrope_position_delta: int | None
+    kept: list[int]
+
+
 class GlimpsePruneRunnerMixin:
     """The pruning methods of a V1 model runner (``GPUModelRunner`` or its CPU subclass)."""
 
@@ -32,6 +47,33 @@ class GlimpsePruneRunnerMixin:
     glimpse_image_features: dict | None = None
     # this step's {layer name: (attention group, the CommonAttentionMetadata it was built from)}
     glimpse_attention_inputs: dict[str, AttentionInputs] | None = None
+    # by request id, from its prune until it finishes
+    glimpse_pruned_states: dict[str, _PrunedState] | None = None
+    # resumed after a preemption: {request id: the prompt positions to keep again}
+    glimpse_forced: dict[str, list[int]] | None = None
+
+    def _update_states(self, scheduler_output, *args, **kwargs):
+        """vLLM's state update; before it, a pruned request that resumes from a preemption
+        gets its state before the prune back (vLLM re-adds it to the batch from that state)."""
+        states = self.glimpse_pruned_states
+        if states:
+            for req_id in scheduler_output.finished_req_ids:
+                states.pop(req_id, None)
+                if self.glimpse_forced:
+                    self.glimpse_forced.pop(req_id, None)
+            for req_id in scheduler_output.scheduled_cached_reqs.resumed_req_ids:
+                if (saved := states.pop(req_id, None)) is None:
+                    continue
+                state = self.requests[req_id]
+                state.prompt_token_ids = list(saved.prompt_token_ids)
+                state.num_prompt_tokens = len(saved.prompt_token_ids)
+                state.mm_features = list(saved.mm_features)
+                state.mrope_positions = saved.mrope_positions
+                state.mrope_position_delta = saved.mrope_position_delta
+                if self.glimpse_forced is None:
+                    self.glimpse_forced = {}
+                self.glimpse_forced[req_id] = saved.kept
+        return super()._update_states(scheduler_output, *args, **kwargs)
 
     def initialize_kv_cache(self, *args, **kwargs):
         """vLLM's KV-cache set-up, then the backend allow-list: the attention backends are
@@ -101,6 +143,7 @@ class GlimpsePruneRunnerMixin:
             num_prompt=batch.num_prompt_tokens[:n].copy(),
             images=self._step_images(req_ids, num_computed) if model.predictor is not None else None,
             attention=self.glimpse_attention_inputs or {},
+            forced={row: self.glimpse_forced[r] for row, r in enumerate(req_ids) if r in (self.glimpse_forced or {})},
         )
         model.pruned = {}
         try:
@@ -125,6 +168,13 @@ class GlimpsePruneRunnerMixin:
         state, batch = self.requests[req_id], self.input_batch
         row = batch.req_id_to_index[req_id]
         S, L = state.num_prompt_tokens, len(kept)
+        if self.glimpse_forced:
+            self.glimpse_forced.pop(req_id, None)
+        if self.glimpse_pruned_states is None:
+            self.glimpse_pruned_states = {}
+        self.glimpse_pruned_states[req_id] = _PrunedState(list(state.prompt_token_ids), list(state.mm_features),
+                                                          state.mrope_positions, state.mrope_position_delta,
+                                                          list(kept))  # fmt: skip
         n_out = len(state.output_token_ids)
         kept_ids = [state.prompt_token_ids[p] for p in kept]
         generated = batch.token_ids_cpu[row, S : S + n_out].copy()

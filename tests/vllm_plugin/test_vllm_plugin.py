@@ -143,31 +143,56 @@ def small_pool(checkpoint):
     )  # fmt: skip
 
 
-def test_a_preempted_pruned_request_fails_alone(checkpoint, pruning, small_pool):
+def test_a_preempted_pruned_request_is_recomputed(checkpoint, pruning, small_pool, monkeypatch):
     """Three image requests of 221 prompt tokens (77 after the prune) and 100 decode steps in
     a pool of 11 blocks: A and B prefill (7 blocks each, 3 after the prune), C waits; at 161
-    tokens B's next block does not fit and vLLM preempts B. A pruned request cannot be
-    recomputed yet, so B finishes with finish reason "error"; A and C (scheduled once A
-    frees its blocks) answer what the large-pool engine answers, and the engine goes on
-    serving with every block back in the pool."""
+    tokens B's next block does not fit and vLLM preempts B. B is recomputed (its prompt
+    prefilled and pruned again, then its generated tokens over the kept cache): all three
+    answer what the large-pool engine answers, token by token and logprob by logprob, the
+    worker pruned B's prompt again, and the engine goes on serving with every block back in
+    the pool."""
     engine, scheduler = small_pool.llm_engine, _scheduler(small_pool)
+    runner = small_pool.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
     pool = scheduler.kv_cache_manager.block_pool
     free_before = pool.get_num_free_blocks()
+    preempted, forced = [], []
+    preempt, prune = scheduler._preempt_request, runner._shrink
+
+    def record_preempt(request, *args, **kwargs):
+        preempted.append((request.request_id, request.request_id in scheduler.pruned_requests))
+        return preempt(request, *args, **kwargs)
+
+    def record_prune(req_id, kept):
+        if req_id in (runner.glimpse_forced or {}):
+            forced.append((req_id, list(kept) == runner.glimpse_forced[req_id]))
+        return prune(req_id, kept)
+
+    monkeypatch.setattr(scheduler, "_preempt_request", record_preempt)
+    monkeypatch.setattr(runner, "_shrink", record_prune)
     text, image = CASES[2]
+    params = vllm.SamplingParams(max_tokens=LONG, min_tokens=LONG, temperature=0.0, logprobs=0)
     for name in "abc":
-        engine.add_request(name, _prompt(checkpoint, text, image), _greedy(LONG))
+        engine.add_request(name, _prompt(checkpoint, text, image), params)
     finished = {}
     while engine.has_unfinished_requests():
         for output in engine.step():
             if output.finished:
                 finished[output.request_id] = output.outputs[0]
-    assert {name: out.finish_reason for name, out in finished.items()} == {"a": "length", "b": "error", "c": "length"}
-    want = list(pruning.generate([_prompt(checkpoint, text, image)], _greedy(LONG))[0].outputs[0].token_ids)
-    assert list(finished["a"].token_ids) == want and list(finished["c"].token_ids) == want
+    assert preempted and all(was_pruned for _, was_pruned in preempted), preempted
+    assert forced and all(same for _, same in forced), "the recomputed prompt was pruned with the first decision"
+    assert {name: out.finish_reason for name, out in finished.items()} == {n: "length" for n in "abc"}
+    want = pruning.generate([_prompt(checkpoint, text, image)], params)[0].outputs[0]
+    for name, out in finished.items():
+        assert list(out.token_ids) == list(want.token_ids), name
+        got = [next(iter(step.values())).logprob for step in out.logprobs]
+        ref = [next(iter(step.values())).logprob for step in want.logprobs]
+        assert max(abs(a - b) for a, b in zip(got, ref)) < 1e-4, name
     assert pool.get_num_free_blocks() == free_before, "every block is back in the pool"
-    assert not scheduler.pruned_requests and not scheduler.failed_requests
+    assert not scheduler.pruned_requests and not scheduler.recomputing
+    ours = {req_id for req_id in runner.requests if req_id[0] in "abc"} | set(runner.glimpse_pruned_states)
     again = small_pool.generate([_prompt(checkpoint, text, image)], _greedy())
-    assert list(again[0].outputs[0].token_ids) == want[:STEPS], "the engine still serves"
+    assert list(again[0].outputs[0].token_ids) == list(want.token_ids)[:STEPS], "the engine still serves"
+    assert not ours & set(runner.glimpse_pruned_states), "the worker let the finished requests' states go"
 
 
 @pytest.mark.parametrize(

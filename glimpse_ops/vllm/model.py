@@ -50,6 +50,7 @@ class StepRows:
     attention: dict[str, AttentionInputs] = field(default_factory=dict)  # by layer name
     # rows recomputed after a preemption: {row: the prompt positions their first prune kept}
     forced: dict[int, list[int]] = field(default_factory=dict)
+    unpruned: np.ndarray | None = None  # bool [R]: streaming-input sessions, never pruned
 
 
 @dataclass
@@ -153,12 +154,15 @@ class GlimpsePruneQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
 
     # --- which rows prune ----------------------------------------------------------------
     def _rows_to_prune(self, input_ids: Tensor | None) -> list[int]:
-        """Rows whose whole prompt is in this step and holds image tokens."""
+        """Rows whose whole prompt is in this step and holds image tokens (streaming-input
+        sessions excepted)."""
         rows = self.rows
         if rows is None or input_ids is None:
             return []
         starts, ends = rows.query_start_loc[:-1], rows.query_start_loc[1:]
         full = (rows.num_computed == 0) & (ends - starts == rows.num_prompt)
+        if rows.unpruned is not None:
+            full &= ~rows.unpruned
         if not full.any():
             return []
         is_image = (input_ids == self.image_token_id).cpu().numpy()

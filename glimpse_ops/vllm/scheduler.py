@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from vllm.logger import init_logger
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from .worker import PRUNED_ATTRIBUTE, _cdiv
+from .worker import PRUNED_ATTRIBUTE, UNPRUNED_ATTRIBUTE, _cdiv
 
 logger = init_logger(__name__)
 # RequestOutput.kv_transfer_params[REPORT_KEY] of a pruned request: prompt_tokens, kept_prompt_tokens,
@@ -33,6 +33,8 @@ class GlimpsePruneScheduler(Scheduler):
         self.pruned_requests: dict[str, _Original] = {}  # by request id, while the request holds a pruned cache
         self.recomputing: set[str] = set()  # preempted after a prune: the next prefill holds the prompt only
         self.prune_reports: dict[str, dict[str, int]] = {}  # by request id, until the request is freed
+        self.sessions: set[str] = set()  # streaming-input sessions: served unpruned
+        self.warned_of_sessions = False
         self.image_token_id = self.vllm_config.model_config.hf_config.image_token_id
 
     def _preempt_request(self, request, *args, **kwargs):
@@ -51,6 +53,18 @@ class GlimpsePruneScheduler(Scheduler):
             request.mm_features = list(original.mm_features)
             self.recomputing.add(request.request_id)
         return result
+
+    def add_request(self, request) -> None:
+        """vLLM's add; a streaming-input session (``resumable``, ``AsyncLLM.generate`` with an
+        input stream) is served unpruned: vLLM appends each later input to the session's
+        prompt and would place it after a shrunk prompt whose images are gone."""
+        if request.resumable and request.request_id not in self.requests:
+            if not self.warned_of_sessions:
+                self.warned_of_sessions = True
+                logger.warning("glimpse_ops.vllm: streaming-input sessions are served without pruning "
+                               "(request %s)", request.request_id)  # fmt: skip
+            self.sessions.add(request.request_id)
+        super().add_request(request)
 
     def schedule(self, *args, **kwargs):
         """vLLM's schedule, where a recomputed pruned request's prefill holds its prompt only:
@@ -73,6 +87,7 @@ class GlimpsePruneScheduler(Scheduler):
             if req_id in output.num_scheduled_tokens and request.num_computed_tokens < request.num_tokens:
                 request.is_prefill_chunk = True  # vLLM judged it by the prompt alone
                 self._inflight_prefills.add(request)
+        setattr(output, UNPRUNED_ATTRIBUTE, frozenset(self.sessions & output.num_scheduled_tokens.keys()))
         return output
 
     def _free_request(self, request, *args, **kwargs):
@@ -81,6 +96,7 @@ class GlimpsePruneScheduler(Scheduler):
         the scheduler to ``RequestOutput`` and to the OpenAI server's response)."""
         self.pruned_requests.pop(request.request_id, None)
         self.recomputing.discard(request.request_id)
+        self.sessions.discard(request.request_id)
         report = self.prune_reports.pop(request.request_id, None)
         result = super()._free_request(request, *args, **kwargs)
         if report is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
@@ -23,6 +24,7 @@ from .config import PREFIX, SUPPORTED_BACKENDS, backend_refusal
 from .model import AttentionInputs, GlimpsePruneQwen2_5_VL, StepRows
 
 PRUNED_ATTRIBUTE = "glimpse_pruned"  # on ModelRunnerOutput: {req_id: kept prompt token ids}
+UNPRUNED_ATTRIBUTE = "glimpse_unpruned"  # on SchedulerOutput: ids of requests never to prune (sessions)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -52,9 +54,13 @@ class GlimpsePruneRunnerMixin:
     # resumed after a preemption: {request id: the prompt positions to keep again}
     glimpse_forced: dict[str, list[int]] | None = None
 
+    # streaming-input sessions of this step, which are not pruned (see the scheduler)
+    glimpse_unpruned: frozenset[str] = frozenset()
+
     def _update_states(self, scheduler_output, *args, **kwargs):
         """vLLM's state update; before it, a pruned request that resumes from a preemption
         gets its state before the prune back (vLLM re-adds it to the batch from that state)."""
+        self.glimpse_unpruned = getattr(scheduler_output, UNPRUNED_ATTRIBUTE, frozenset())
         states = self.glimpse_pruned_states
         if states:
             for req_id in scheduler_output.finished_req_ids:
@@ -144,6 +150,7 @@ class GlimpsePruneRunnerMixin:
             images=self._step_images(req_ids, num_computed) if model.predictor is not None else None,
             attention=self.glimpse_attention_inputs or {},
             forced={row: self.glimpse_forced[r] for row, r in enumerate(req_ids) if r in (self.glimpse_forced or {})},
+            unpruned=np.array([r in self.glimpse_unpruned for r in req_ids], dtype=bool),
         )
         model.pruned = {}
         try:

@@ -8,6 +8,7 @@
     python bench/run.py --e2e --hf --model qwen3_vl   # the same on another family (bench/hf_families.py)
     python bench/run.py --vllm     # serving: stock vLLM vs the glimpse_ops.vllm plugin (bench/serving.py)
     python bench/run.py --vllm --serve   # the same through `vllm serve` and concurrent clients (bench/serving_http.py)
+    python bench/run.py --vllm --memory  # peak memory of a 16k-visual-token pruning step vs stock (bench/serving_memory.py)
 
 soft_mask_attention (bench/attention.py) runs forward and forward+backward against SDPA
 without a mask (the ceiling), SDPA with a dense log-weight mask requiring grad
@@ -520,7 +521,14 @@ def run_e2e(args: argparse.Namespace, device: str, budget: float) -> int:
 def run_vllm(args: argparse.Namespace) -> int:
     """--vllm (bench/serving.py, the offline engine) or --vllm --serve (bench/serving_http.py,
     through `vllm serve`): stock against the plugin per case, a JSON row per engine."""
-    if args.serve:
+    if args.memory:
+        from serving_memory import make_memory_bench as make_target
+        from serving_memory import memory_cases as cases_for
+        from serving_memory import print_memory_table as print_rows
+        from serving_memory import run_memory_case as run_case
+
+        what, kind = "(peak memory of a prefill step) ", "-vllm-memory"
+    elif args.serve:
         from serving_http import make_model as make_target
         from serving_http import print_serve_table as print_rows
         from serving_http import run_serve_case as run_case
@@ -583,6 +591,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="with --vllm: through `vllm serve` and concurrent openai clients (bench/serving_http.py)",
     )
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="with --vllm: the peak memory of a 16k-visual-token pruning prefill step against the stock step "
+        "(bench/serving_memory.py; ~10 min on 2 CPU cores)",
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--ops",
@@ -626,8 +640,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--hf goes with --e2e")
     if args.model != "qwen2_5_vl" and not args.hf:
         parser.error("--model goes with --e2e --hf")
-    if args.serve and not args.vllm:
-        parser.error("--serve goes with --vllm")
+    if (args.serve or args.memory) and not args.vllm:
+        parser.error("--serve and --memory go with --vllm")
+    if args.serve and args.memory:
+        parser.error("--serve and --memory are separate runs")
     if args.vllm:
         return run_vllm(args)
     if args.e2e:

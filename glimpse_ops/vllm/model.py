@@ -53,6 +53,13 @@ class StepRows:
     unpruned: np.ndarray | None = None  # bool [R]: streaming-input sessions, never pruned
 
 
+def _own(t: Tensor) -> Tensor:
+    """``t``, or a copy when it is a view into a larger buffer: q, k and v are often slices of
+    the layer's qkv projection output, which a kept view would keep alive whole (36 heads' worth
+    for Qwen2.5-VL-7B's 4 KV heads)."""
+    return t if t.untyped_storage().nbytes() <= t.numel() * t.element_size() else t.clone()
+
+
 @dataclass
 class _Capture:
     """Post-RoPE q (layer K only) and k of the step being pruned, and in trained mode k and v
@@ -62,6 +69,11 @@ class _Capture:
     q: Tensor | None = None
     keys: dict[int, Tensor] = field(default_factory=dict)
     values: dict[int, Tensor] = field(default_factory=dict)
+
+    def nbytes(self) -> int:
+        """Bytes of the storages the capture keeps alive (q, k and v are often views of one)."""
+        held = [t.untyped_storage() for t in (self.q, *self.keys.values(), *self.values.values()) if t is not None]
+        return sum({storage.data_ptr(): storage.nbytes() for storage in held}.values())
 
 
 class GlimpsePruneQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
@@ -76,6 +88,7 @@ class GlimpsePruneQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
         self.image_token_id = hf_config.image_token_id
         self.rows: StepRows | None = None
         self.pruned: dict[str, list[int]] = {}
+        self.capture_bytes = 0  # what the last pruning step's capture held at the prune
         self.tp_size = get_tensor_model_parallel_world_size()
         self._capture = _Capture()
         self._paged: bool | None = None
@@ -144,11 +157,11 @@ class GlimpsePruneQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
                 # the backend writer's rewrite (CPU_ATTN) every layer's K/V; on a backend with
                 # row-per-slot pages the kept rows are compacted inside the paged cache instead
                 if self.predictor is not None or not self._paged_compaction():
-                    capture.keys[index], capture.values[index] = k, v
+                    capture.keys[index], capture.values[index] = _own(k), _own(v)
                 elif index == self.prune_layer:
-                    capture.keys[index] = k
+                    capture.keys[index] = _own(k)
                 if index == self.prune_layer:
-                    capture.q = q
+                    capture.q = _own(q)
 
         return hook
 
@@ -191,6 +204,7 @@ class GlimpsePruneQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
                 hidden, residual = layer(positions, hidden, residual)
         finally:
             self._capture.active = False
+        self.capture_bytes = self._capture.nbytes()
         order, new_rows, kept_index = self._select(input_ids, positions, prune_rows)
         self._install_metadata(order, new_rows, prune_rows, kept_index)
         hidden, residual, positions_kept = hidden[order], residual[order], positions[..., order]

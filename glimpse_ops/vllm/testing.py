@@ -64,15 +64,26 @@ def _byte_level_tokenizer():
     return tokenizer
 
 
+# Qwen2.5-VL-7B's text widths (its config.json): hidden 3584, 28 query / 4 KV heads of 128, MLP 18944
+QWEN2_5_VL_7B_TEXT = {
+    "hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28, "num_key_value_heads": 4,
+    "rope_parameters": {"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0},
+    "max_position_embeddings": 32768, "initializer_range": 0.02,
+}  # fmt: skip
+
+
 def write_tiny_qwen2_5_vl(
-    folder: str | Path, seed: int = 0, layers: int = 6, window_size: int = 8, vit_width: int = 64, vit_heads: int = 2
-) -> Path:
+    folder: str | Path, seed: int = 0, layers: int = 6, window_size: int = 8, vit_width: int = 64, vit_heads: int = 2,
+    text_geometry: dict | None = None, max_pixels: int = 256 * 256,
+) -> Path:  # fmt: skip
     """Write a random Qwen2.5-VL (``layers`` text layers, hidden 128, 4/2 heads of dim 32,
     M-RoPE sections [4, 6, 6]; a 2-block ViT with 2x2 patches and 2x2 merge), its tokenizer,
     image processor and chat template to ``folder`` (``processor_config.json`` names the
     processor class, so ``AutoProcessor`` assembles it where torchvision is importable);
     returns the folder. fp32 weights, initializer_range 0.2 so
-    greedy outputs vary."""
+    greedy outputs vary. ``text_geometry`` overrides text-config keys (e.g.
+    ``QWEN2_5_VL_7B_TEXT``, the 7B model's widths, for memory measurements); ``max_pixels`` is
+    the image processor's (larger images are resized to it)."""
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -96,13 +107,14 @@ def write_tiny_qwen2_5_vl(
             "bos_token_id": ids["<|endoftext|>"],
             "eos_token_id": ids["<|im_end|>"],
             "pad_token_id": ids["<|endoftext|>"],
+            **(text_geometry or {}),
         },
         vision_config=dict(
             depth=2,
             hidden_size=vit_width,
             intermediate_size=2 * vit_width,
             num_heads=vit_heads,
-            out_hidden_size=128,
+            out_hidden_size=(text_geometry or {}).get("hidden_size", 128),
             patch_size=2,
             temporal_patch_size=2,
             spatial_merge_size=2,
@@ -124,19 +136,19 @@ def write_tiny_qwen2_5_vl(
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    image_processor().save_pretrained(folder)
+    image_processor(max_pixels).save_pretrained(folder)
     (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     (folder / "processor_config.json").write_text('{"processor_class": "Qwen2_5_VLProcessor"}\n')
     return folder
 
 
-def image_processor():
+def image_processor(max_pixels: int = 256 * 256):
     """Qwen2.5-VL's image processor with 2x2 patches, 2 frames per temporal patch and a 2x2 merge
     (the PIL one: it needs no torchvision)."""
     from transformers import Qwen2VLImageProcessorPil
 
     return Qwen2VLImageProcessorPil(
-        patch_size=2, temporal_patch_size=2, merge_size=2, min_pixels=4 * 4, max_pixels=256 * 256
+        patch_size=2, temporal_patch_size=2, merge_size=2, min_pixels=4 * 4, max_pixels=max_pixels
     )
 
 

@@ -80,3 +80,13 @@ def test_triton_attn_gives_every_block_back(runs):
     for run in runs.values():
         before, after = run["free_blocks"]
         assert after == before, f"{run['backend']}: {before - after} blocks still held after every request finished"
+
+
+def test_triton_attn_holds_only_layer_k_at_the_prune(runs):
+    """On TRITON_ATTN the kept rows are compacted in the paged cache, so the pruning step holds
+    layer K's q and k only (they are views of its qkv projection, whose buffer they keep);
+    CPU_ATTN rewrites layers 0..K from a capture and holds K + 1 such buffers."""
+    triton, cpu = runs["TRITON_ATTN"], runs["CPU_ATTN"]
+    layers = triton["prune_layer"] + 1
+    assert layers > 1 and triton["capture_bytes"] > 0
+    assert cpu["capture_bytes"] == layers * triton["capture_bytes"], (cpu["capture_bytes"], triton["capture_bytes"])

@@ -8,7 +8,7 @@ patches vLLM's Triton placeholders and platform before the engine starts):
 Writes, for the prompts of CASES.json (``conftest.CASES``: text and image specs) in one batch,
 each request's greedy tokens, the first token's log-probability, the prompt lengths the
 scheduler shrank pruned requests to (sorted), the attention implementations the layers ran,
-and the free KV blocks before and after.
+the free KV blocks before and after, and the bytes the pruning step's capture held.
 """
 
 from __future__ import annotations
@@ -105,6 +105,8 @@ def main() -> None:
         "prompt_tokens": [len(o.prompt_token_ids) for o in outputs],
         "shrunk_to": sorted(shrunk.values()),
         "free_blocks": [free_before, pool.get_num_free_blocks()],
+        "capture_bytes": model.capture_bytes,  # of the step that pruned (all prompts are in one step)
+        "prune_layer": model.prune_layer,
     }
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result))

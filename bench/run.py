@@ -8,7 +8,7 @@
     python bench/run.py --e2e --hf --model qwen3_vl   # the same on another family (bench/hf_families.py)
     python bench/run.py --vllm     # serving: stock vLLM vs the glimpse_ops.vllm plugin (bench/serving.py)
     python bench/run.py --vllm --serve   # the same through `vllm serve` and concurrent clients (bench/serving_http.py)
-    python bench/run.py --vllm --memory  # peak memory of a 16k-visual-token pruning step vs stock (bench/serving_memory.py)
+    python bench/run.py --vllm --memory  # peak memory of a 16k-token pruning step vs stock (bench/serving_memory.py)
 
 soft_mask_attention (bench/attention.py) runs forward and forward+backward against SDPA
 without a mask (the ceiling), SDPA with a dense log-weight mask requiring grad

@@ -86,6 +86,7 @@ def main() -> None:
     core = llm.llm_engine.engine_core.engine_core
     runner = core.model_executor.driver_worker.worker.model_runner
     model = runner.get_model()
+    attn = model.language_model.model.layers[0].self_attn.attn
     impls = sorted({type(layer.self_attn.attn.impl).__name__ for layer in model.language_model.model.layers})
     pool = core.scheduler.kv_cache_manager.block_pool
     free_before = pool.get_num_free_blocks()
@@ -107,6 +108,7 @@ def main() -> None:
         "free_blocks": [free_before, pool.get_num_free_blocks()],
         "capture_bytes": model.capture_bytes,  # of the step that pruned (all prompts are in one step)
         "prune_layer": model.prune_layer,
+        "heads": [attn.num_heads, attn.num_kv_heads, attn.head_size],
     }
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result))

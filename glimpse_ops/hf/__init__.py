@@ -2,7 +2,7 @@
 Qwen2.5-VL, Qwen3-VL, InternVL, LLaVA, LLaVA-NeXT, LLaVA-OneVision).
 
 transformers is an optional extra (``pip install 'glimpse-ops[hf]'``, versions 5.17 to
-5.23); importing ``glimpse_ops`` never imports it, and this package imports it only when a
+5.25); importing ``glimpse_ops`` never imports it, and this package imports it only when a
 patch is applied or a tiny test model is built.
 
     handle = glimpse_ops.hf.apply_glimpse_prune(model, max_keep_ratio=0.1)

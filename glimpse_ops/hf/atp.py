@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from .. import gather_tokens, prune_kv, soft_mask_attention
 from ..atp_stage import TAU, ATPStage, spatial_scores
 from ..layers import attention_mask
-from ._compat import require_transformers
+from ._compat import cache_kwarg, require_transformers
 from .adapters import adapter_for
 from .patch import PatchHandle, ensure_unpatched, gather_rope, prefill_masks, vit_grid
 
@@ -146,7 +146,7 @@ class ATPHandle(PatchHandle):
 
     def _before_layer(self, index: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict):
-            self.cache = kwargs.get("past_key_values")
+            self.cache = cache_kwarg(kwargs)
             s = self.state
             if self.mode != "infer" or s is None or not _is_prefill(args, kwargs) or index < self.first:
                 return None

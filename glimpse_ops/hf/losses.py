@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from ..glimpseprune import GlimpsePredictor, PruneSettings
 from ..layers import attention_mask
+from ._compat import cache_kwarg
 from .adapters import adapter_for
 from .patch import layer_mask
 from .predictor_hooks import PredictorPruneHandle
@@ -47,7 +48,7 @@ def _visual_keep_probs(model: nn.Module, predictor: GlimpsePredictor, prompt: di
 
     def after_k(module, args, kwargs, output):
         p = handle.prefill
-        keys = kwargs["past_key_values"].layers[K].keys
+        keys = cache_kwarg(kwargs).layers[K].keys
         result["probs"] = torch.sigmoid(handle.visual_logits(p, keys))
         result["visual"] = p.visual
         raise _Stop

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ..layers import attention_mask
 from ..ops import gather_tokens
+from ._compat import cache_kwarg
 from .adapters import Adapter
 
 PATCH_ATTR = "_glimpse_ops_patch"  # the model's current patch, so that no second one goes on top
@@ -53,7 +54,7 @@ def prefill_masks(adapter: Adapter, args: tuple, kwargs: dict) -> tuple[Tensor, 
     not padding), valid bool [B, S]) for a prefill (empty cache, more than one new token), else
     None (a decode step)."""
     input_ids = kwargs.get("input_ids", args[0] if args else None)
-    cache = kwargs.get("past_key_values")
+    cache = cache_kwarg(kwargs)
     if input_ids is None or input_ids.shape[1] < 2 or (cache is not None and cache.get_seq_length() > 0):
         return None
     mask = kwargs.get("attention_mask")

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from ..glimpseprune.settings import PruneSettings
 from ..ops import gather_tokens
 from ..ops import glimpse_prune as glimpse_prune_op
+from ._compat import cache_kwarg
 from .patch import PatchHandle, gather_rope, layer_mask, prefill_masks
 
 
@@ -188,7 +189,7 @@ class GlimpsePruneHandle(PatchHandle):
         if p is None or p.glimpse_q is None:
             return output
         hidden = output[0] if isinstance(output, tuple) else output
-        cache = kwargs["past_key_values"]
+        cache = cache_kwarg(kwargs)
         layers = [cache.layers[i] for i in range(self.layer + 1)]
         new_keys, new_values, index, scores = self._select_and_compact(
             p, [lay.keys for lay in layers], [lay.values for lay in layers]

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from ..glimpseprune import GlimpsePredictor
 from . import distributed
+from ._compat import is_checkpointing, set_checkpointing
 from .adapters import adapter_for
 from .atp import ATPHandle, apply_atp
 from .losses import LossTerms, answer_ce_sum, glimpse_loss_terms, prompt_and_answer
@@ -132,7 +133,7 @@ class Trainer:
             raise ValueError("glimpse_ops.hf.Trainer: mode='atp' needs atp_layers= (or atp_stages=)")
         self.frozen = [p.requires_grad for p in model.parameters()]
         self.was_training = model.training
-        self.was_checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))
+        self.was_checkpointing = is_checkpointing(model)
         self.atp = None
         self.global_batch: int | None = None  # samples per optimizer step over all ranks (the CLI sets it)
         try:
@@ -151,7 +152,7 @@ class Trainer:
             trainable = self.atp.stages
         trainable.train()
         if config.activation_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            set_checkpointing(model, True)
             model.train()  # HF checkpoints only in training mode (the frozen LM has no dropout to switch)
         self.trainable = trainable
         self.step_module = TrainStep(model, trainable, config.mode, self.atp)
@@ -302,7 +303,7 @@ class Trainer:
             self.atp.remove()
             self.atp = None
         if self.config.activation_checkpointing and not self.was_checkpointing:
-            self.model.gradient_checkpointing_disable()
+            set_checkpointing(self.model, False)
         self.model.train(self.was_training)
         for p, flag in zip(self.model.parameters(), self.frozen):
             p.requires_grad_(flag)

@@ -29,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # dist_train.global_ba
 
 pytest.importorskip("transformers")  # CI installs it: the README test command
 
+from glimpse_ops.hf._compat import is_checkpointing  # noqa: E402
+
 WORKER = Path(__file__).with_name("dist_train.py")
 TOLERANCE = dict(rtol=1e-4, atol=1e-5)
 # parameters after a few Adam steps (lr 1e-2): Adam divides tiny gradients by their own
@@ -213,9 +215,9 @@ def test_close_gives_the_model_back(seed):
 
     model = testing.tiny_qwen2_5_vl()
     trainer = Trainer(model, TrainConfig(mode="atp", activation_checkpointing=True), atp_layers=(1, 3), log=None)
-    assert model.is_gradient_checkpointing and model.training
+    assert is_checkpointing(model) and model.training
     trainer.close()
-    assert not model.is_gradient_checkpointing and not model.training
+    assert not is_checkpointing(model) and not model.training
     assert all(p.requires_grad for p in model.parameters())
     with pytest.raises(ValueError, match="layers must be increasing"):
         Trainer(model, TrainConfig(mode="atp"), atp_layers=(3, 1), log=None)

@@ -217,9 +217,9 @@ def test_errors():
         hf.apply_glimpse_prune(model, max_keep_ratio=1.5)
     with pytest.raises(TypeError, match="unsupported model"):
         hf.apply_glimpse_prune(torch.nn.Linear(2, 2))
-    with pytest.raises(RuntimeError, match="supports transformers 5.17 to 5.23, found 5.16.1"):
+    with pytest.raises(RuntimeError, match="supports transformers 5.17 to 5.25, found 5.16.1"):
         require_transformers("5.16.1")
-    with pytest.raises(RuntimeError, match="found 5.24.0"):
-        require_transformers("5.24.0")
-    assert require_transformers("5.17.0") == "5.17.0"
+    with pytest.raises(RuntimeError, match="found 5.26.0"):
+        require_transformers("5.26.0")
+    assert require_transformers("5.17.0") == "5.17.0" and require_transformers("5.25.1") == "5.25.1"
     assert not hasattr(model, "_glimpse_ops_patch")

@@ -31,6 +31,7 @@ def env_report() -> str:
         lines.append(f"native extension: loaded (C++ CPU kernels; {cuda})")
     else:
         lines.append(f"native extension: unavailable: {native_error()}")
+    lines.append(hf_report())
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         lines.append(f"\n{device}:")
@@ -43,6 +44,26 @@ def env_report() -> str:
                 parts.append(f"{backend}: {'yes' if why is None else 'no (' + why + ')'}")
             lines.append(f"  {op:<24} auto -> {auto:<9} | " + "; ".join(parts))
     return "\n".join(lines)
+
+
+def hf_report() -> str:
+    """transformers' version against glimpse_ops.hf's range, and which of its attention
+    implementations the pruning patches run under (the others are refused at ``apply_*``)."""
+    try:
+        import transformers
+        from transformers import AttentionInterface
+    except ImportError:
+        return "transformers: not installed (glimpse_ops.hf needs it: pip install 'glimpse-ops[hf]')"
+    from .hf._compat import SUPPORTED, SUPPORTED_TEXT, _version_tuple
+    from .hf.prune import SUPPORTED_ATTENTION
+
+    low, high = SUPPORTED
+    inside = "supported" if low <= _version_tuple(transformers.__version__) < high else "NOT supported"
+    offered = ["eager", *sorted(getattr(AttentionInterface, "_global_mapping", {}))]
+    refused = [name for name in offered if name not in SUPPORTED_ATTENTION]
+    return (f"transformers {transformers.__version__} ({inside}: glimpse_ops.hf supports {SUPPORTED_TEXT}); "
+            f"pruning runs under attn_implementation {', '.join(SUPPORTED_ATTENTION)}; refused: "
+            f"{', '.join(refused) or 'none'}")  # fmt: skip
 
 
 if __name__ == "__main__":

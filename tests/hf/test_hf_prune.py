@@ -223,3 +223,18 @@ def test_errors():
         require_transformers("5.26.0")
     assert require_transformers("5.17.0") == "5.17.0" and require_transformers("5.25.1") == "5.25.1"
     assert not hasattr(model, "_glimpse_ops_patch")
+
+
+def test_env_reports_transformers_and_the_attention_implementations():
+    """``python -m glimpse_ops.env`` names the installed transformers against the supported
+    range, the implementations pruning runs under, and those apply_* refuses."""
+    import transformers
+
+    from glimpse_ops.env import env_report, hf_report
+
+    report = hf_report()
+    assert report in env_report()
+    assert f"transformers {transformers.__version__} (supported:" in report
+    supported, refused = report.split("attn_implementation ", 1)[1].split("; refused: ")
+    assert supported == "sdpa, eager"
+    assert "flash_attention_2" in refused.split(", ")

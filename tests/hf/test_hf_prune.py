@@ -35,9 +35,9 @@ def family(request, seed):
     return build(impl, seed=seed % 1000), inputs, n_visual, seed
 
 
-def _generate(model, x, n=4):
+def _generate(model, x, n=4, **kwargs):
     with torch.no_grad():
-        return model.generate(**x, max_new_tokens=n, do_sample=False)
+        return model.generate(**x, max_new_tokens=n, do_sample=False, **kwargs)
 
 
 def test_importing_the_package_does_not_import_transformers():
@@ -130,11 +130,11 @@ def test_decoding_continues_at_the_original_positions(family):
     hook = adapter.text_model.register_forward_pre_hook(
         lambda m, a, k: seen.append(k.get("position_ids")), with_kwargs=True
     )
-    _generate(model, x, 3)
+    _generate(model, x, 3, min_new_tokens=3)  # an early end-of-sequence would cut the decode steps short
     stock = [p.clone() for p in seen[1:]]
     seen.clear()
     with hf.pruned(model, max_keep_ratio=0.25):
-        _generate(model, x, 3)
+        _generate(model, x, 3, min_new_tokens=3)
     hook.remove()
     assert len(seen) == 3 and all(torch.equal(a, b) for a, b in zip(seen[1:], stock)), (
         "decode positions = original last + 1, ..."

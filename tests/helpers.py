@@ -69,8 +69,13 @@ def assert_close(
     infinities and NaNs in the same places count as equal), with a diff that says where.
     ``scale`` (default 1): a number, or a tensor broadcastable to ``expected`` holding the
     magnitude of the terms each entry sums (``soft_mask_term_scales``): an entry that is small
-    by cancellation still carries the rounding error of its terms."""
+    by cancellation still carries the rounding error of its terms. A result in a floating
+    dtype is also allowed the spacing of that dtype's subnormals (fp16: 6e-8): rounding a tiny
+    entry into it is an absolute error no relative bound covers."""
     atol, rtol = tolerance
+    subnormal_spacing = (
+        torch.finfo(actual.dtype).smallest_normal * torch.finfo(actual.dtype).eps if actual.is_floating_point() else 0.0
+    )
     actual = actual.detach().cpu().double()
     expected = expected.detach().cpu().double()
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
@@ -79,7 +84,8 @@ def assert_close(
     both_inf = torch.isinf(actual) & torch.isinf(expected) & (torch.sign(actual) == torch.sign(expected))
     nan_mismatch = torch.isnan(actual) != torch.isnan(expected)
     diff = torch.where(both_inf | (torch.isnan(actual) & torch.isnan(expected)), 0.0, (actual - expected).abs())
-    bad = nan_mismatch | (diff > atol + rtol * expected.abs().nan_to_num(0, 0, 0)) | diff.isnan()
+    bound = atol + rtol * expected.abs().nan_to_num(0, 0, 0) + subnormal_spacing
+    bad = nan_mismatch | (diff > bound) | diff.isnan()
     if bad.any():
         where = bad.nonzero()[:5].tolist()
         atol_text = f"{atol:g}" if not isinstance(atol, torch.Tensor) else f"{tolerance[0]:g} x scale"

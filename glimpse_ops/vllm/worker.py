@@ -62,11 +62,13 @@ class GlimpsePruneRunnerMixin:
         gets its state before the prune back (vLLM re-adds it to the batch from that state)."""
         self.glimpse_unpruned = getattr(scheduler_output, UNPRUNED_ATTRIBUTE, frozenset())
         states = self.glimpse_pruned_states
-        if states:
-            for req_id in scheduler_output.finished_req_ids:
+        for req_id in scheduler_output.finished_req_ids:
+            # a request can finish between its resume and its re-prune: then only forced holds it
+            if states:
                 states.pop(req_id, None)
-                if self.glimpse_forced:
-                    self.glimpse_forced.pop(req_id, None)
+            if self.glimpse_forced:
+                self.glimpse_forced.pop(req_id, None)
+        if states:
             for req_id in scheduler_output.scheduled_cached_reqs.resumed_req_ids:
                 if (saved := states.pop(req_id, None)) is None:
                     continue

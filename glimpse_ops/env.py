@@ -55,15 +55,16 @@ def hf_report() -> str:
     except ImportError:
         return "transformers: not installed (glimpse_ops.hf needs it: pip install 'glimpse-ops[hf]')"
     from .hf._compat import SUPPORTED, SUPPORTED_TEXT, _version_tuple
-    from .hf.prune import SUPPORTED_ATTENTION
+    from .hf.attention import attention_kind
 
     low, high = SUPPORTED
     inside = "supported" if low <= _version_tuple(transformers.__version__) < high else "NOT supported"
     offered = ["eager", *sorted(getattr(AttentionInterface, "_global_mapping", {}))]
-    refused = [name for name in offered if name not in SUPPORTED_ATTENTION]
+    supported = [name for name in offered if attention_kind(name) is not None]
+    refused = [name for name in offered if attention_kind(name) is None]
     return (f"transformers {transformers.__version__} ({inside}: glimpse_ops.hf supports {SUPPORTED_TEXT}); "
-            f"pruning runs under attn_implementation {', '.join(SUPPORTED_ATTENTION)}; refused: "
-            f"{', '.join(refused) or 'none'}")  # fmt: skip
+            f"pruning runs under attn_implementation {', '.join(supported)} and kernels-hub flash kernels; "
+            f"refused: {', '.join(refused) or 'none'}")  # fmt: skip
 
 
 if __name__ == "__main__":

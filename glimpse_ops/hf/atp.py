@@ -4,7 +4,11 @@
 The stages are ``glimpse_ops.atp_stage.ATPStage`` (redundancy from ``attention_column_scores``,
 nested-grid spatial score, per-instance thresholds; see that module for the choices). The
 text model's attention runs through a registered attention function, ``glimpse_atp``
-(with ``sdpa_mask`` registered as its mask function), which the handle switches on:
+(with ``sdpa_mask`` registered as its mask function; ``glimpse_atp_varlen`` with
+``flash_attention_mask`` on a model loaded with a FlashAttention implementation), which the
+handle switches on. Layers before the first stage run the model's own attention (sdpa, or the
+FlashAttention kernel it was loaded with); from the first stage on, ATP's own attention runs
+(the layers' keys differ in length and validity per sample):
 
 * ``mode="train"``: from the first stage layer on, attention is ``soft_mask_attention``
   with the running keep weights (a stage multiplies in sigmoid(tau z) for the visual
@@ -18,6 +22,7 @@ text model's attention runs through a registered attention function, ``glimpse_a
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -30,18 +35,24 @@ from ..atp_stage import TAU, ATPStage, spatial_scores
 from ..layers import attention_mask
 from ._compat import cache_kwarg, require_transformers
 from .adapters import adapter_for
+from .attention import require_attention_kind
 from .patch import PatchHandle, ensure_unpatched, gather_rope, prefill_masks, vit_grid
 
 ATTENTION_NAME = "glimpse_atp"
+# the same with transformers' flash masks and kernel before the first stage; no "flash" in the name:
+# transformers would take it for a FlashAttention kernel to load
+FLASH_ATTENTION_NAME = "glimpse_atp_varlen"
 _ATTENTION_ATTR = "_glimpse_ops_atp_handle"  # on each attention module: the handle its attention asks
 
 
 def _register_attention() -> None:
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask, sdpa_mask
 
     AttentionInterface.register(ATTENTION_NAME, _atp_attention)
     AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    AttentionInterface.register(FLASH_ATTENTION_NAME, _atp_attention)
+    AttentionMaskInterface.register(FLASH_ATTENTION_NAME, flash_attention_mask)
 
 
 def _atp_attention(
@@ -51,8 +62,25 @@ def _atp_attention(
 
     handle = getattr(module, _ATTENTION_ATTR, None)
     if handle is None or handle.state is None or module.layer_idx < handle.first:
+        if handle is not None and handle.flash_config is not None:
+            from transformers.integrations.flash_attention import flash_attention_forward
+
+            as_loaded = _WithConfig(module, handle.flash_config)
+            return flash_attention_forward(as_loaded, query, key, value, attention_mask, scaling=scaling, **kwargs)
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     return handle.attend(module.layer_idx, query, key, value, scaling), None
+
+
+class _WithConfig:
+    """An attention module as transformers' flash wrapper sees it, with another config: the
+    wrapper loads the kernel named by ``module.config._attn_implementation``, which under ATP
+    names ATP's attention function rather than the kernel the model was loaded with."""
+
+    def __init__(self, module: nn.Module, config) -> None:
+        self._module, self.config = module, config
+
+    def __getattr__(self, name: str):
+        return getattr(self._module, name)
 
 
 @dataclass
@@ -76,6 +104,7 @@ class ATPHandle(PatchHandle):
     stages: nn.ModuleDict
     mode: str
     previous_attention: str
+    flash_config: object = None  # under FlashAttention: a copy of the text config naming the loaded kernel
     state: _State | None = None
     cache: object = None
     grid: list | None = None
@@ -275,10 +304,13 @@ def apply_atp(
         raise ValueError(
             f"glimpse_ops.hf.apply_atp: the given stages are for layers {sorted(int(k) for k in stages)}, not {layers}"
         )
+    kind = require_attention_kind(adapter.attn_implementation, "glimpse_ops.hf.apply_atp")
     _register_attention()
     handle = ATPHandle(model, adapter, stages, mode, adapter.attn_implementation)
+    if kind == "flash":
+        handle.flash_config = copy.copy(adapter.layers[0].self_attn.config)
     handle.claim("apply_atp")
-    model.set_attn_implementation({"text_config": ATTENTION_NAME})
+    model.set_attn_implementation({"text_config": FLASH_ATTENTION_NAME if kind == "flash" else ATTENTION_NAME})
     for layer in adapter.layers:
         layer.self_attn.__dict__[_ATTENTION_ATTR] = handle
     handle.hooks.append(adapter.multimodal.register_forward_pre_hook(handle._on_multimodal, with_kwargs=True))

@@ -30,7 +30,7 @@ from ..glimpseprune import GlimpsePredictor, PruneSettings
 from ..layers import attention_mask
 from ._compat import cache_kwarg
 from .adapters import adapter_for
-from .patch import layer_mask
+from .attention import layer_mask, require_additive_masks
 from .predictor_hooks import PredictorPruneHandle
 
 
@@ -155,6 +155,7 @@ def glimpse_loss_terms(
     replaces w by a constant (a test hook: 1.0 must reproduce the stock model). ``hold``: a
     list that receives the soft-mask hooks instead of removing them, for the caller to remove
     after backward (activation checkpointing recomputes the layers there, hooks included)."""
+    require_additive_masks(adapter_for(model).attn_implementation, "glimpse_ops.hf.glimpse_loss_terms")
     prompt, answer, inputs = prompt_and_answer(batch)
     probs, visual = _visual_keep_probs(model, predictor, prompt)
     probs = probs.float()  # bf16 under autocast; the mask and the budget are fp32

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..layers import attention_mask
 from ..ops import gather_tokens
 from ._compat import cache_kwarg
 from .adapters import Adapter
@@ -73,12 +72,3 @@ def gather_rope(table: Tensor, index: Tensor) -> Tensor:
     if table.dim() == 4:
         return torch.stack([gather_rope(t, index) for t in table])
     return gather_tokens(table.expand(index.shape[0], -1, -1), index, pad_value=0.0)
-
-
-def layer_mask(valid: Tensor, dtype: torch.dtype, implementation: str) -> Tensor:
-    """The 4-D mask [B, 1, L, L] for the compacted prompt: causal, no padding keys, and
-    each row sees itself (padding rows stay finite). bool for sdpa, additive for eager."""
-    allowed = attention_mask(valid, valid.shape[1])
-    if implementation == "sdpa":
-        return allowed
-    return torch.zeros(allowed.shape, dtype=dtype, device=valid.device).masked_fill(~allowed, torch.finfo(dtype).min)

@@ -14,12 +14,12 @@ from torch import nn
 from ..glimpseprune import CAPS_PER, GlimpsePredictor, PruneSettings, load_predictor
 from ._compat import require_transformers
 from .adapters import adapter_for
+from .attention import require_attention_kind
 from .patch import ensure_unpatched
 from .predictor_hooks import PredictorPruneHandle
 from .prune_hooks import GlimpsePruneHandle, Selection
 from .vit_taps import FAMILIES as VIT_TAP_FAMILIES
 
-SUPPORTED_ATTENTION = ("sdpa", "eager")
 TRAINED_MODEL_TYPES = VIT_TAP_FAMILIES  # the ViT taps and their token order are known (vit_taps.py)
 
 
@@ -71,11 +71,7 @@ def apply_glimpse_prune(
     require_transformers()
     ensure_unpatched(model, "apply_glimpse_prune")
     adapter = adapter_for(model)
-    if adapter.attn_implementation not in SUPPORTED_ATTENTION:
-        raise ValueError(
-            f"{where}: attention implementation {adapter.attn_implementation!r} is not supported yet "
-            f"(supported: {', '.join(SUPPORTED_ATTENTION)})"
-        )
+    attention = require_attention_kind(adapter.attn_implementation, where)
     config = None
     if predictor is not None:
         if selection is not None:
@@ -99,6 +95,7 @@ def apply_glimpse_prune(
     else:
         placed = _placed(predictor, next(model.parameters()).device, _predictor_dtype(predictor_dtype, model))
         handle = PredictorPruneHandle(model, adapter, settings, predictor=placed)
+    handle.attention = attention
     if selection is not None:
         handle.selection = selection
     handle.claim("apply_glimpse_prune")

@@ -32,7 +32,8 @@ from ..glimpseprune.settings import PruneSettings
 from ..ops import gather_tokens
 from ..ops import glimpse_prune as glimpse_prune_op
 from ._compat import cache_kwarg
-from .patch import PatchHandle, gather_rope, layer_mask, prefill_masks
+from .attention import layer_mask
+from .patch import PatchHandle, gather_rope, prefill_masks
 
 
 @dataclass
@@ -44,7 +45,7 @@ class _Prefill:
     cos_sin: tuple[Tensor, Tensor] | None = None
     glimpse_q: Tensor | None = None  # [B, H, 1, D] after RoPE
     index: Tensor | None = None  # [B, L] kept positions, -1 pads
-    mask: Tensor | None = None  # the 4-D mask for layers K+1..
+    mask: Tensor | None = None  # the mask for layers K+1.. (4-D; 2-D or None under flash)
     kept_visual: Tensor | None = None  # [B]
 
 
@@ -85,6 +86,7 @@ class GlimpsePruneHandle(PatchHandle):
 
     settings: PruneSettings
     selection: Selection = glimpse_prune_selection
+    attention: str = "sdpa"  # the kind of the text model's attention (attention.KINDS)
     prefill: _Prefill | None = None
     last_kept_visual: Tensor | None = None  # [B] visual tokens kept by the latest prefill
     last_index: Tensor | None = None  # [B, L] kept positions of the latest prefill
@@ -199,7 +201,7 @@ class GlimpsePruneHandle(PatchHandle):
         p.index = index
         valid = gather_tokens(p.valid, index, pad_value=False)
         p.kept_visual = gather_tokens(p.visual, index, pad_value=False).sum(dim=1)
-        p.mask = layer_mask(valid, hidden.dtype, self.adapter.attn_implementation)
+        p.mask = layer_mask(valid, hidden.dtype, self.attention)
         cos, sin = p.cos_sin
         p.cos_sin = (gather_rope(cos, index), gather_rope(sin, index))
         self.last_kept_visual, self.last_index, self.last_scores = p.kept_visual, index, scores

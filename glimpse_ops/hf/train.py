@@ -43,6 +43,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-weight", type=float, default=1.0)
     p.add_argument("--bf16", action="store_true", help="bf16 model and compute, fp32 trainable weights")
     p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument(
+        "--attn-implementation",
+        default="sdpa",
+        help="the model's attention (sdpa, eager; flash_attention_2 and other FlashAttention kernels in atp mode only: "
+        "glimpse mode trains through a soft additive mask)",
+    )
     p.add_argument("--score-layer", type=int, help="glimpse: the layer K (default: about 2/3 of the depth)")
     p.add_argument("--vit-layers", type=_layers, help="glimpse: ViT blocks the VIP reads, e.g. 31,23,15,7")
     p.add_argument("--atp-layers", type=_layers, help="atp: the stage layers, e.g. 4,14")
@@ -92,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     rank, world_size = world()
     torch.manual_seed(args.seed)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype).to(device)
+    model = AutoModelForImageTextToText.from_pretrained(
+        args.model, dtype=dtype, attn_implementation=args.attn_implementation
+    ).to(device)
     processor = AutoProcessor.from_pretrained(args.model)
     predictor = None
     if args.mode == "glimpse":

@@ -37,6 +37,7 @@ from . import distributed
 from ._compat import is_checkpointing, set_checkpointing
 from .adapters import adapter_for
 from .atp import ATPHandle, apply_atp
+from .attention import require_additive_masks, require_attention_kind
 from .losses import LossTerms, answer_ce_sum, glimpse_loss_terms, prompt_and_answer
 from .vit_taps import FAMILIES as VIT_TAP_FAMILIES
 
@@ -127,6 +128,10 @@ class Trainer:
                 "glimpse_ops.hf.Trainer: trained GlimpsePrune needs a Qwen2.5-VL, Qwen3-VL or InternVL model "
                 f"({', '.join(VIT_TAP_FAMILIES)}), got {adapter.model_type}"
             )
+        if config.mode == "glimpse":
+            require_additive_masks(adapter.attn_implementation, "glimpse_ops.hf.Trainer")
+        else:
+            require_attention_kind(adapter.attn_implementation, "glimpse_ops.hf.Trainer")
         if config.mode == "glimpse" and predictor is None:
             raise ValueError("glimpse_ops.hf.Trainer: mode='glimpse' needs predictor=")
         if config.mode == "atp" and not atp_layers and atp_stages is None:

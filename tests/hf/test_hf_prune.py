@@ -236,5 +236,6 @@ def test_env_reports_transformers_and_the_attention_implementations():
     assert report in env_report()
     assert f"transformers {transformers.__version__} (supported:" in report
     supported, refused = report.split("attn_implementation ", 1)[1].split("; refused: ")
-    assert supported == "sdpa, eager"
-    assert "flash_attention_2" in refused.split(", ")
+    supported = supported.removesuffix(" and kernels-hub flash kernels").split(", ")
+    assert {"sdpa", "eager", "flash_attention_2", "flash_attention_3"} <= set(supported)
+    assert "flex_attention" in refused.split(", ") and not set(supported) & set(refused.split(", "))

@@ -1,5 +1,7 @@
-"""End-to-end speed of GlimpsePrune on an HF model (bench/run.py --e2e --hf [--model FAMILY]:
-Qwen2.5-VL by default, or another family of ``hf_families.py``).
+"""End-to-end speed of GlimpsePrune on an HF model (bench/run.py --e2e --hf [--model FAMILY]
+[--attn-implementation NAME]: Qwen2.5-VL by default, or another family of ``hf_families.py``;
+sdpa by default, or another attention implementation transformers can load here, e.g.
+``flash_attention_2`` where flash-attn is installed, for the whole model).
 
 Three providers on the same random-weight model:
 
@@ -34,6 +36,7 @@ from glimpse_ops.hf import SelectionInputs, apply_glimpse_prune, glimpse_prune_s
 from glimpse_ops.progress import Progress
 
 KEEP_RATIO = 0.074
+PROVIDERS = ("unpatched", "glimpse_ops", "eager_patch")
 
 
 @dataclass(frozen=True)
@@ -45,10 +48,12 @@ class HFCase:
     dtype: torch.dtype
     text: int
     decode_steps: int
+    attention: str = "sdpa"  # the model's attn_implementation
 
     def name(self) -> str:
         size = f"{self.visual // 1024}k" if self.visual >= 1024 else str(self.visual)
-        return f"hf {self.family} {self.preset} {size} B={self.batch}"
+        suffix = "" if self.attention == "sdpa" else f" {self.attention}"
+        return f"hf {self.family} {self.preset} {size} B={self.batch}{suffix}"
 
     def as_dict(self) -> dict:
         return {
@@ -60,17 +65,19 @@ class HFCase:
             "text": self.text,
             "decode_steps": self.decode_steps,
             "keep_ratio": KEEP_RATIO,
+            "attention": self.attention,
             "kind": "hf",
         }
 
 
-def hf_cases(device: str, smoke: bool, family: str = "qwen2_5_vl") -> list[HFCase]:
+def hf_cases(device: str, smoke: bool, family: str = "qwen2_5_vl", attention: str = "sdpa") -> list[HFCase]:
     if family not in FAMILIES:
         raise ValueError(f"bench --e2e --hf: unknown --model {family!r}; choose from {', '.join(FAMILIES)}")
     if device == "cuda":
         sizes = (4096, 16384)[: 1 if smoke else None]
-        return [HFCase(family, "7b_shapes", v, 1, torch.bfloat16, 256, 32) for v in sizes]
-    return [HFCase(family, "small", v, 1, torch.float32, 64, 16) for v in (256, 1024)[: 1 if smoke else None]]
+        return [HFCase(family, "7b_shapes", v, 1, torch.bfloat16, 256, 32, attention) for v in sizes]
+    sizes = (256, 1024)[: 1 if smoke else None]
+    return [HFCase(family, "small", v, 1, torch.float32, 64, 16, attention) for v in sizes]
 
 
 def build_model(case: HFCase, device: str):
@@ -80,7 +87,10 @@ def build_model(case: HFCase, device: str):
     model.config._attn_implementation = "sdpa"
     for sub in ("text_config", "vision_config"):
         getattr(model.config, sub)._attn_implementation = "sdpa"
-    return model.to(case.dtype).eval()
+    model = model.to(case.dtype).eval()
+    if case.attention != "sdpa":  # after the cast: FlashAttention checks the dtype
+        model.set_attn_implementation(case.attention)
+    return model
 
 
 def make_inputs(case: HFCase, device: str) -> dict:
@@ -160,7 +170,12 @@ def _gate(model, inputs: dict, layer: int, dtype: torch.dtype) -> tuple[bool, st
 
 
 def run_hf_case(case: HFCase, device: str, budget_s: float, progress: Progress) -> list[dict]:
-    model = build_model(case, device)
+    try:
+        model = build_model(case, device)
+    except (ImportError, ValueError) as exc:  # e.g. flash_attention_2 without flash-attn installed
+        error = f"attn_implementation {case.attention!r} cannot be loaded here: {str(exc)[:300]}"
+        progress.step(f"{case.name()}: {error}")
+        return [{"case": case.as_dict(), "name": case.name(), "provider": p, "error": error} for p in PROVIDERS]
     inputs = make_inputs(case, device)
     n_layers = len(model.model.language_model.layers)
     layer = default_layer(n_layers)
@@ -169,7 +184,7 @@ def run_hf_case(case: HFCase, device: str, budget_s: float, progress: Progress) 
     label = case.name() + ("" if visual_tokens == case.visual else f" ({visual_tokens} visual tokens)")
     base = {"case": case.as_dict(), "name": label, "visual_tokens": visual_tokens}
     rows: list[dict] = []
-    patches = {"unpatched": None, "glimpse_ops": glimpse_prune_selection, "eager_patch": eager_selection}
+    patches = dict(zip(PROVIDERS, (None, glimpse_prune_selection, eager_selection)))
     gate_ok, gate_note = _gate(model, inputs, layer, case.dtype)
     for name, selection in patches.items():
         row = {**base, "provider": name, "layer": layer}

@@ -19,6 +19,9 @@ budget, whichever is less; a stage that would not get its minimum is skipped and
   kernels     bench/run.py: the kernel cases at 4k and 16k visual tokens, B = 1 and 8, 7.4% kept
   attention   bench/run.py: soft-mask attention fwd and fwd+bwd vs SDPA and FlexAttention, 4k/16k
   e2e         bench/run.py --e2e at 16k visual tokens
+  hf_flash    bench/run.py --e2e --hf at 4k: the HF Qwen2.5-VL bench under sdpa, then under
+              flash_attention_2 (flash_attention_3 where only FA3 is installed); reported as
+              unavailable, with the reason, where no flash-attn package is importable
   summary     summary.md: per stage its status and time; per benchmark row the time, the ratio to
               each peer, % of the measured copy bandwidth and of the measured bf16 matrix rate
 
@@ -70,6 +73,7 @@ STAGES = (
     Stage("kernels", 180, 30, "bench/run.py kernel cases, 4k/16k, B=1/8, 7.4% kept"),
     Stage("attention", 90, 30, "bench/run.py soft-mask attention vs SDPA/Flex, 4k/16k, hd 128"),
     Stage("e2e", 90, 30, "bench/run.py --e2e at 16k"),
+    Stage("hf_flash", 150, 40, "bench/run.py --e2e --hf at 4k under sdpa and under FlashAttention"),
 )
 
 
@@ -93,6 +97,16 @@ def run_boxed(command: list[str], log: Path, timeout_s: float, env: dict | None 
     seconds = time.monotonic() - start
     tail = log.read_text(errors="replace").splitlines()[-12:]
     return status, seconds, "\n".join(tail)
+
+
+def flash_implementation() -> str | None:
+    """The FlashAttention implementation transformers can load here without a download:
+    flash_attention_2 (the ``flash_attn`` package), flash_attention_3 (``flash_attn_interface``)
+    or None."""
+    for module, name in (("flash_attn", "flash_attention_2"), ("flash_attn_interface", "flash_attention_3")):
+        if importlib.util.find_spec(module) is not None:
+            return name
+    return None
 
 
 def sanitizer_commands(dry_run: bool, out: Path) -> list[tuple[str, list[str]]]:
@@ -201,6 +215,16 @@ def stage_commands(stage: str, args: argparse.Namespace, out: Path) -> list[tupl
     if stage == "e2e":
         sizes = ["--smoke"] if dry else ["--visual", "16384"]
         return [("run.py --e2e", bench + ["--e2e"] + sizes + ["--json", str(out / "e2e.json")])]
+    if stage == "hf_flash":
+        hf = bench + ["--e2e", "--hf", "--smoke"]
+        flash = flash_implementation() or "flash_attention_2"
+        return [
+            ("run.py --e2e --hf (sdpa)", hf + ["--json", str(out / "hf-sdpa.json")]),
+            (
+                f"run.py --e2e --hf ({flash})",
+                hf + ["--attn-implementation", flash, "--json", str(out / "hf-flash.json")],
+            ),
+        ]
     raise ValueError(stage)
 
 
@@ -222,6 +246,13 @@ def run_stage(stage: Stage, args: argparse.Namespace, out: Path, deadline: float
         why = sanitizer_usable(min(60.0, box / 3))
         if why is not None:
             return StageResult(stage.name, "unavailable", detail=why)
+    if stage.name == "hf_flash" and flash_implementation() is None:
+        return StageResult(
+            stage.name,
+            "unavailable",
+            detail="no flash-attn package is importable here (flash_attn for FA2, flash_attn_interface for FA3): "
+            "the HF bench under FlashAttention did not run",
+        )
     result = StageResult(stage.name, "passed")
     start = time.monotonic()
     for step, (label, command) in enumerate(stage_commands(stage.name, args, out)):
@@ -362,6 +393,10 @@ def write_summary(out: Path, results: list[StageResult], ceilings: dict, args: a
         lines += ["", "## Soft-mask attention", *attention_lines(attention, ceilings.get("bf16_tflops"))]
     if e2e:
         lines += ["", "## End to end", *e2e_lines(e2e)]
+    for name, title in (("hf-sdpa", "HF Qwen2.5-VL, sdpa"), ("hf-flash", "HF Qwen2.5-VL, FlashAttention")):
+        data = _load(out / f"{name}.json")
+        if data:
+            lines += ["", f"## {title}", *e2e_lines(data)]
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
     return text

@@ -6,6 +6,7 @@
     python bench/run.py --e2e      # the reference LVLM end to end, with and without pruning (bench/e2e.py)
     python bench/run.py --e2e --hf # HF Qwen2.5-VL: stock vs our patch vs an eager patch (bench/e2e_hf.py)
     python bench/run.py --e2e --hf --model qwen3_vl   # the same on another family (bench/hf_families.py)
+    python bench/run.py --e2e --hf --attn-implementation flash_attention_2   # under FlashAttention
     python bench/run.py --vllm     # serving: stock vLLM vs the glimpse_ops.vllm plugin (bench/serving.py)
     python bench/run.py --vllm --serve   # the same through `vllm serve` and concurrent clients (bench/serving_http.py)
     python bench/run.py --vllm --memory  # peak memory of a 16k-token pruning step vs stock (bench/serving_memory.py)
@@ -463,12 +464,14 @@ def gate_exit_code(rows: list[dict]) -> int:
 def run_e2e_hf(args: argparse.Namespace, device: str, budget: float) -> int:
     from e2e_hf import hf_cases, print_hf_table, run_hf_case
 
-    cases = select(args, hf_cases(device, args.smoke, args.model))
+    cases = select(args, hf_cases(device, args.smoke, args.model, args.attn_implementation))
+    attention = args.attn_implementation
+    kind = "-e2e-hf" + ("" if attention == "sdpa" else "-" + attention.replace("/", "_"))
     machine = machine_info(device)
     print(
         f"glimpse-ops HF end-to-end bench on {machine['device']} (torch {machine['torch']}, "
         f"git {str(machine['git_sha'])[:10]}): "
-        f"{len(cases)} cases, 3 providers"
+        f"{len(cases)} cases, 3 providers, attn_implementation {attention}"
     )
     progress = Progress(3 * len(cases))
     rows = run_each(
@@ -477,10 +480,10 @@ def run_e2e_hf(args: argparse.Namespace, device: str, budget: float) -> int:
         device,
         budget,
         progress,
-        lambda done: write_results(args, machine, {"partial": True}, done, "-e2e-hf", quiet=True),
+        lambda done: write_results(args, machine, {"partial": True}, done, kind, quiet=True),
     )
     print_hf_table(rows)
-    write_results(args, machine, {}, rows, "-e2e-hf")
+    write_results(args, machine, {}, rows, kind)
     return gate_exit_code(rows)
 
 
@@ -582,6 +585,11 @@ def main(argv: list[str] | None = None) -> int:
         "bench/hf_families.py)",
     )
     parser.add_argument(
+        "--attn-implementation",
+        default="sdpa",
+        help="with --e2e --hf: the model's attention (sdpa; flash_attention_2 where flash-attn is installed, ...)",
+    )
+    parser.add_argument(
         "--vllm",
         action="store_true",
         help="serving: stock vLLM against the glimpse_ops.vllm plugin (bench/serving.py; needs vLLM)",
@@ -640,6 +648,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--hf goes with --e2e")
     if args.model != "qwen2_5_vl" and not args.hf:
         parser.error("--model goes with --e2e --hf")
+    if args.attn_implementation != "sdpa" and not args.hf:
+        parser.error("--attn-implementation goes with --e2e --hf")
     if (args.serve or args.memory) and not args.vllm:
         parser.error("--serve and --memory go with --vllm")
     if args.serve and args.memory:

@@ -127,3 +127,29 @@ def test_e2e_hf_gate_fails_when_the_patches_logits_differ(monkeypatch):
     monkeypatch.setattr(e2e_hf, "eager_selection", wrong_values)
     ok, note = e2e_hf._gate(model, inputs, layer, case.dtype)
     assert not ok and "differing between the patches: 0.00%" in note, note
+
+
+@pytest.mark.slow
+def test_e2e_hf_runs_under_flash_attention(tmp_path, monkeypatch):
+    """--attn-implementation flash_attention_2 with FlashAttention's interface in plain PyTorch
+    as the kernel transformers loads (tests/hf/plain_flash.py): the three providers run under
+    it, the patches agree, and the rows name the implementation."""
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(REPO_ROOT / "tests" / "hf"))
+    import plain_flash
+    import run
+
+    plain_flash.install(monkeypatch)
+    out = tmp_path / "e2e-hf-flash.json"
+    argv = ["--e2e", "--hf", "--smoke", "--device", "cpu", "--budget", "0.05", "--json", str(out)]
+    assert run.main([*argv, "--attn-implementation", "flash_attention_2"]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["provider"] for r in rows] == ["unpatched", "glimpse_ops", "eager_patch"]
+    assert all("error" not in r and r["case"]["attention"] == "flash_attention_2" for r in rows), rows
+    assert rows[0]["name"].endswith(" flash_attention_2")
+    for row in rows[1:]:
+        assert row["check"].startswith("kept positions differing between the patches: 0.00%; max |logit diff| 0.00e+00")
+    # B=1: the text model calls the padded-batch kernel (the ViT's windows go through varlen)
+    kept_lengths = {c[2][0] for c in plain_flash.CALLS if c[0] == "dense"}
+    seq = rows[0]["visual_tokens"] + 2 + rows[0]["case"]["text"]
+    assert seq in kept_lengths and min(kept_lengths) < seq, "layers K+1.. run the compacted prompt"

@@ -19,9 +19,11 @@ budget, whichever is less; a stage that would not get its minimum is skipped and
   kernels     bench/run.py: the kernel cases at 4k and 16k visual tokens, B = 1 and 8, 7.4% kept
   attention   bench/run.py: soft-mask attention fwd and fwd+bwd vs SDPA and FlexAttention, 4k/16k
   e2e         bench/run.py --e2e at 16k visual tokens
-  hf_flash    bench/run.py --e2e --hf at 4k: the HF Qwen2.5-VL bench under sdpa, then under
-              flash_attention_2 (flash_attention_3 where only FA3 is installed); reported as
-              unavailable, with the reason, where no flash-attn package is importable
+  hf_flash    bench/hf_flash_check.py (tiny models, a left-padded batch of 2 pruned under
+              FlashAttention against sdpa, bf16), then bench/run.py --e2e --hf at 4k: the HF
+              Qwen2.5-VL bench under sdpa and under flash_attention_2 (flash_attention_3 where only
+              FA3 is installed); unavailable, with the reason, where no flash-attn package is
+              importable; the dry run checks against tests/hf/plain_flash.py, the CPU stand-in
   summary     summary.md: per stage its status and time; per benchmark row the time, the ratio to
               each peer, % of the measured copy bandwidth and of the measured bf16 matrix rate
 
@@ -103,8 +105,15 @@ def flash_implementation() -> str | None:
     """The FlashAttention implementation transformers can load here without a download:
     flash_attention_2 (the ``flash_attn`` package), flash_attention_3 (``flash_attn_interface``)
     or None."""
+    # flash_attn.bert_padding: what transformers imports for FA2, absent from a flash-attn-4-only install
     for module, name in (("flash_attn", "flash_attention_2"), ("flash_attn_interface", "flash_attention_3")):
-        if importlib.util.find_spec(module) is not None:
+        try:
+            found = importlib.util.find_spec(module) is not None and (
+                module != "flash_attn" or importlib.util.find_spec("flash_attn.bert_padding") is not None
+            )
+        except (ImportError, ValueError):  # a package that fails to import
+            found = False
+        if found:
             return name
     return None
 
@@ -216,9 +225,13 @@ def stage_commands(stage: str, args: argparse.Namespace, out: Path) -> list[tupl
         sizes = ["--smoke"] if dry else ["--visual", "16384"]
         return [("run.py --e2e", bench + ["--e2e"] + sizes + ["--json", str(out / "e2e.json")])]
     if stage == "hf_flash":
+        check = [PY, "bench/hf_flash_check.py", "--json", str(out / "hf-flash-check.json")]
+        if dry:
+            return [("hf_flash_check.py (stand-in)", check + ["--stand-in", "--device", "cpu", "--dtype", "fp32"])]
         hf = bench + ["--e2e", "--hf", "--smoke"]
         flash = flash_implementation() or "flash_attention_2"
         return [
+            (f"hf_flash_check.py ({flash})", check + ["--implementation", flash]),
             ("run.py --e2e --hf (sdpa)", hf + ["--json", str(out / "hf-sdpa.json")]),
             (
                 f"run.py --e2e --hf ({flash})",
@@ -246,7 +259,7 @@ def run_stage(stage: Stage, args: argparse.Namespace, out: Path, deadline: float
         why = sanitizer_usable(min(60.0, box / 3))
         if why is not None:
             return StageResult(stage.name, "unavailable", detail=why)
-    if stage.name == "hf_flash" and flash_implementation() is None:
+    if stage.name == "hf_flash" and not args.dry_run and flash_implementation() is None:
         return StageResult(
             stage.name,
             "unavailable",
@@ -393,6 +406,9 @@ def write_summary(out: Path, results: list[StageResult], ceilings: dict, args: a
         lines += ["", "## Soft-mask attention", *attention_lines(attention, ceilings.get("bf16_tflops"))]
     if e2e:
         lines += ["", "## End to end", *e2e_lines(e2e)]
+    check = _load(out / "hf-flash-check.json")
+    if check:
+        lines += ["", "## Pruning under FlashAttention against sdpa (bench/hf_flash_check.py)", *e2e_lines(check)]
     for name, title in (("hf-sdpa", "HF Qwen2.5-VL, sdpa"), ("hf-flash", "HF Qwen2.5-VL, FlashAttention")):
         data = _load(out / f"{name}.json")
         if data:

@@ -59,7 +59,8 @@ def hf_report() -> str:
 
     low, high = SUPPORTED
     inside = "supported" if low <= _version_tuple(transformers.__version__) < high else "NOT supported"
-    offered = ["eager", *sorted(getattr(AttentionInterface, "_global_mapping", {}))]
+    registered = getattr(AttentionInterface, "_global_mapping", {})
+    offered = ["eager", *sorted(name for name in registered if not name.startswith("glimpse_"))]  # not ATP's own
     supported = [name for name in offered if attention_kind(name) is not None]
     refused = [name for name in offered if attention_kind(name) is None]
     return (f"transformers {transformers.__version__} ({inside}: glimpse_ops.hf supports {SUPPORTED_TEXT}); "

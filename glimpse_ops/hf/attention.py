@@ -46,8 +46,9 @@ def require_attention_kind(implementation: str | None, where: str) -> str:
     """The kind of ``implementation``; a ValueError naming it and the supported ones otherwise."""
     kind = attention_kind(implementation)
     if kind is None:
+        named = "is not set" if implementation is None else f"{implementation!r} is not supported"
         raise ValueError(
-            f"{where}: attention implementation {implementation!r} is not supported (supported: {SUPPORTED_TEXT}); "
+            f"{where}: attention implementation {named} (supported: {SUPPORTED_TEXT}); "
             "load the model with attn_implementation='sdpa' or 'flash_attention_2'"
         )
     return kind

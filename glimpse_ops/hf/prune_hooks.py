@@ -234,11 +234,17 @@ class GlimpsePruneHandle(PatchHandle):
             mask_before = model_kwargs.get("attention_mask")
             result = original(outputs, model_kwargs, *args, **kwargs)
             p = handle.prefill
-            if p is not None and p.index is not None and mask_before is not None and "attention_mask" in result:
+            if p is not None and p.index is not None:
                 # The prefill was compacted: from now on the mask indexes the compacted cache.
-                grown = result["attention_mask"]
-                extra = grown[:, mask_before.shape[1] :]
-                result["attention_mask"] = torch.cat([handle._compacted_valid.to(grown.dtype), extra], dim=1)
+                valid = handle._compacted_valid
+                if mask_before is not None and result.get("attention_mask") is not None:
+                    grown = result["attention_mask"]
+                    extra = grown[:, mask_before.shape[1] :]
+                    result["attention_mask"] = torch.cat([valid.to(grown.dtype), extra], dim=1)
+                elif mask_before is None and not bool(valid.all()):
+                    # generate() drops an all-ones prompt mask; rows that kept fewer tokens than
+                    # others still pad the compacted cache: a mask again, with the step's token
+                    result["attention_mask"] = torch.cat([valid.long(), valid.new_ones(valid.shape[0], 1).long()], 1)
                 handle.prefill = None
             return result
 

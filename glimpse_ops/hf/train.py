@@ -56,7 +56,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", help="a checkpoint written by an earlier run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.mode == "glimpse" and "flash" in args.attn_implementation:  # transformers' own test for FlashAttention
+        p.error(
+            f"--mode glimpse trains through a soft mask added to the attention logits, which FlashAttention cannot "
+            f"take: --attn-implementation {args.attn_implementation} works with --mode atp; use sdpa here (the "
+            "trained predictor then prunes under FlashAttention)"
+        )
+    return args
 
 
 def _micro_batches(

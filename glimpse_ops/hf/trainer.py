@@ -117,21 +117,21 @@ class Trainer:
         log: Callable[[str], None] | None = print,
     ) -> None:
         config.check()
+        adapter = adapter_for(model)
+        if config.mode == "glimpse":  # before any process group starts
+            require_additive_masks(adapter.attn_implementation, "glimpse_ops.hf.Trainer")
+        else:
+            require_attention_kind(adapter.attn_implementation, "glimpse_ops.hf.Trainer")
         self.config, self.model = config, model
         self.device = next(model.parameters()).device
         distributed.init_from_env(self.device)
         self.rank, self.world = distributed.world()
         self.log = log if self.rank == 0 else None
-        adapter = adapter_for(model)
         if config.mode == "glimpse" and adapter.model_type not in VIT_TAP_FAMILIES:
             raise TypeError(
                 "glimpse_ops.hf.Trainer: trained GlimpsePrune needs a Qwen2.5-VL, Qwen3-VL or InternVL model "
                 f"({', '.join(VIT_TAP_FAMILIES)}), got {adapter.model_type}"
             )
-        if config.mode == "glimpse":
-            require_additive_masks(adapter.attn_implementation, "glimpse_ops.hf.Trainer")
-        else:
-            require_attention_kind(adapter.attn_implementation, "glimpse_ops.hf.Trainer")
         if config.mode == "glimpse" and predictor is None:
             raise ValueError("glimpse_ops.hf.Trainer: mode='glimpse' needs predictor=")
         if config.mode == "atp" and not atp_layers and atp_stages is None:

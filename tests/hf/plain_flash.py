@@ -4,7 +4,9 @@ CPU: ``flash_attn_func`` (padded batch) and ``flash_attn_varlen_func`` (packed s
 heads. Every call is recorded in ``CALLS`` (the kind and the sequence lengths), so that a test
 can see which path transformers took.
 
-``install(monkeypatch)`` makes this module what transformers loads for ``flash_attention_2``
+It takes fp32 (the tests' tiny models are fp32; transformers keeps fp32 inputs fp32 when the
+model's weights are), where the real FlashAttention takes fp16/bf16 only, and refuses dropout
+and sliding windows. ``install(monkeypatch)`` makes this module what transformers loads for ``flash_attention_2``
 (through its fallback to the ``kernels`` hub kernel ``kernels-community/flash-attn2``, as on a
 machine without the ``flash_attn`` package), for ``flash_attention_3`` (the
 ``flash_attn_interface`` module) and for any hub kernel name a test asks for.
@@ -43,7 +45,13 @@ def flash_attn_varlen_func(
     if dropout_p or tuple(window_size) != (-1, -1):
         raise NotImplementedError("plain_flash: no dropout or sliding window")
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    CALLS.append(("varlen", [b - a for a, b in zip(cq, cq[1:])], [b - a for a, b in zip(ck, ck[1:])]))
+    q_lengths, k_lengths = [b - a for a, b in zip(cq, cq[1:])], [b - a for a, b in zip(ck, ck[1:])]
+    # the real kernel sizes its grid by these and trusts them: they must be the longest sequences
+    if max_seqlen_q is not None and int(max_seqlen_q) != max(q_lengths):
+        raise ValueError(f"plain_flash: max_seqlen_q {max_seqlen_q} but the longest query is {max(q_lengths)}")
+    if max_seqlen_k is not None and int(max_seqlen_k) != max(k_lengths):
+        raise ValueError(f"plain_flash: max_seqlen_k {max_seqlen_k} but the longest key run is {max(k_lengths)}")
+    CALLS.append(("varlen", q_lengths, k_lengths))
     out = torch.full_like(q, float("nan"))  # rows of no sequence stay NaN
     for i in range(len(cq) - 1):
         q_rows, k_rows = slice(cq[i], cq[i + 1]), slice(ck[i], ck[i + 1])

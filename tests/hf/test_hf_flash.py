@@ -47,9 +47,9 @@ def _assert_same(got, want):
     assert torch.equal(tokens, want[1])
 
 
-def _varlen_after_prune(calls, keys_before: list[int]) -> list[tuple[str, list[int], list[int]]]:
-    """The text-model varlen calls whose key lengths are shorter than the unpruned prompt's."""
-    return [c for c in calls if c[0] == "varlen" and len(c[2]) == len(keys_before) and c[2] != keys_before]
+def _kept_lengths(index, attention_mask) -> list[int]:
+    """The compacted prompt's length per row: kept positions that are not padding."""
+    return [int(attention_mask[b][row[row >= 0]].sum()) for b, row in enumerate(index)]
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -65,7 +65,7 @@ def test_flash_attention_2_prunes_as_sdpa_does(name, flash, seed):
     got = _run(model, x, **settings)
     _assert_same(got, want)
     lengths = x["attention_mask"].sum(dim=1).tolist()
-    kept = (got[2] >= 0).sum(dim=1).tolist()
+    kept = _kept_lengths(got[2], x["attention_mask"])
     varlen = [c for c in flash if c[0] == "varlen"]
     assert any(c[2] == lengths for c in varlen), "layers 0..K run on the padded prompt, unpadded"
     assert any(c[2] == kept and c[1] == kept for c in varlen), "layers K+1.. run on the compacted prompt"
@@ -82,8 +82,10 @@ def test_other_flash_implementations_prune_as_sdpa_does(implementation, flash, s
     want = _run(model, x, max_keep_ratio=0.3)
     model.set_attn_implementation(implementation)
     flash.clear()
-    _assert_same(_run(model, x, max_keep_ratio=0.3), want)
-    assert flash, "the flash kernel ran"
+    got = _run(model, x, max_keep_ratio=0.3)
+    _assert_same(got, want)
+    kept = _kept_lengths(got[2], x["attention_mask"])
+    assert any(c[0] == "varlen" and c[2] == kept for c in flash), "the text layers after the prune ran this kernel"
 
 
 def test_an_unpadded_batch_runs_the_dense_kernel_after_the_prune(flash, seed):
@@ -95,8 +97,43 @@ def test_an_unpadded_batch_runs_the_dense_kernel_after_the_prune(flash, seed):
     flash.clear()
     got = _run(model, x, threshold=None, max_keep_ratio=0.5)
     _assert_same(got, want)
-    kept = (got[2] >= 0).sum(dim=1).tolist()
+    kept = _kept_lengths(got[2], x["attention_mask"])
     assert kept[0] == kept[1] and ("dense", kept, kept) in flash
+
+
+def _threshold_with_unequal_keeps(model, x) -> float:
+    """A threshold on the glimpse probabilities, in a wide gap between scores (rounding cannot
+    flip a token), at which the two samples keep different numbers of visual tokens."""
+    with hf.pruned(model, threshold=None, max_keep_ratio=1.0) as handle:
+        with torch.no_grad():
+            model(**x)
+        scores, visual = handle.last_scores, handle.last_visual
+    ranked = scores[visual].sort().values
+    gaps = [(float(b - a), float(a + b) / 2) for a, b in zip(ranked[:-1], ranked[1:])]
+    return next(
+        t
+        for _, t in sorted(gaps, reverse=True)
+        if max(1, int((scores[0][visual[0]] > t).sum())) != max(1, int((scores[1][visual[1]] > t).sum()))
+    )  # (min_keep=1)
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "llava"])
+def test_an_unpadded_batch_with_unequal_keeps_decodes_with_the_compacted_mask(name, flash, seed):
+    # generate() drops an all-ones prompt mask; after the prune the row that kept fewer tokens pads
+    build, inputs, _ = FAMILIES[name]
+    model = build("sdpa", seed=seed % 1000)
+    x = inputs(batch=2, text_lengths=[4, 4], seed=seed)
+    threshold = _threshold_with_unequal_keeps(model, x)
+    settings = dict(threshold=threshold, max_keep_ratio=1.0, min_keep=1)
+    want = _run(model, x, **settings)
+    model.set_attn_implementation("flash_attention_2")
+    flash.clear()
+    got = _run(model, x, **settings)
+    _assert_same(got, want)
+    kept = _kept_lengths(got[2], x["attention_mask"])
+    assert kept[0] != kept[1]
+    decode = [c for c in flash if c[0] == "varlen" and c[1] == [1, 1]]
+    assert decode and all(c[2][0] - c[2][1] == kept[0] - kept[1] for c in decode), "decode unpads the compacted rows"
 
 
 @pytest.mark.parametrize("lengths", [[2, 5], [4]], ids=["padded", "B=1"])
@@ -109,10 +146,16 @@ def test_a_trained_predictor_prunes_under_flash_as_under_sdpa(name, lengths, fla
     want = _run(model, x, predictor=predictor, fixed_keep_ratio=0.3)
     model.set_attn_implementation("flash_attention_2")
     flash.clear()
-    _assert_same(_run(model, x, predictor=predictor, fixed_keep_ratio=0.3), want)
+    got = _run(model, x, predictor=predictor, fixed_keep_ratio=0.3)
+    _assert_same(got, want)
+    with_glimpse = (x["attention_mask"].sum(dim=1) + 1).tolist()
+    kept = _kept_lengths(got[2], x["attention_mask"])
+    key_lengths = [c[2] for c in flash]
+    assert with_glimpse in key_lengths, "layers 0..K ran the kernel on the prompt and the glimpse row"
+    assert kept in key_lengths, "layers K+1.. ran it on the kept tokens"
 
 
-ATP_FAMILIES = ["qwen2_5_vl", "qwen3_vl", "internvl", "llava"]
+ATP_FAMILIES = ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "internvl", "llava"]
 ATP_LAYERS = (2, 4)
 
 
@@ -175,7 +218,10 @@ def test_atp_training_under_flash_matches_sdpa(name, flash, seed):
 
     want = grads()
     model.set_attn_implementation("flash_attention_2")
+    flash.clear()
     got = grads(want[3])
+    lengths = x["attention_mask"].sum(dim=1).tolist()
+    assert sum(c[2] == lengths for c in flash) == ATP_LAYERS[0], "layers before the first stage ran flash"
     torch.testing.assert_close(got[0], want[0], **TOL)
     torch.testing.assert_close(got[1], want[1], **TOL)
     for n in want[2]:

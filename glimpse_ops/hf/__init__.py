@@ -13,14 +13,22 @@ patch is applied or a tiny test model is built.
 from ..glimpseprune import GlimpsePredictor, load_release
 from .adapters import SUPPORTED_MODEL_TYPES
 from .atp import ATPHandle, apply_atp
+from .grpo_step import GRPOConfig
+from .lora import apply_lora, read_adapter
 from .prune import apply_glimpse_prune, pruned
 from .prune_hooks import GlimpsePruneHandle, SelectionInputs, glimpse_prune_selection
+from .rewards import LLMJudge, exact_match
 from .trainer import TrainConfig, Trainer, train_glimpse
 
 __all__ = [
     "ATPHandle",
     "SUPPORTED_MODEL_TYPES",
     "apply_atp",
+    "apply_lora",
+    "exact_match",
+    "GRPOConfig",
+    "LLMJudge",
+    "read_adapter",
     "GlimpsePredictor",
     "GlimpsePruneHandle",
     "apply_glimpse_prune",

@@ -91,29 +91,34 @@ class GRPOTerms:
     """A micro-batch's share of the GRPO loss: ``objective_sum`` (with gradients) over
     ``count`` (rollouts for "grpo", counted tokens for "dapo", rollouts x max length for
     "dr_grpo"), and for the log the KL and policy-term sums over the same normalization,
-    the reward sum and the scored-rollout count."""
+    the reward sum, the scored-rollout count and the skipped (unscored) count."""
 
     objective_sum: Tensor
     count: Tensor
     kl_sum: Tensor
     reward_sum: Tensor
     scored: Tensor
+    skipped: Tensor
 
     def sums(self) -> Tensor:
-        """fp32 [4] without gradients: what ranks add up (``global_view``)."""
-        return torch.stack([self.objective_sum, self.count, self.kl_sum, self.reward_sum]).detach().float()
+        """fp32 [6] without gradients: what ranks add up (``global_view``)."""
+        parts = [self.objective_sum, self.count, self.kl_sum, self.reward_sum, self.scored, self.skipped]
+        return torch.stack([torch.as_tensor(p, device=self.objective_sum.device).float() for p in parts]).detach()
 
     def global_view(self, totals: Tensor) -> GRPOTerms:
         """These terms as one rank's share of the global batch (``totals``: ``sums()`` added
         over every rank): the objective carries the global value and this rank's gradients."""
         objective = self.objective_sum + (totals[0] - self.objective_sum).detach()
-        return GRPOTerms(objective, totals[1], totals[2], totals[3], self.scored)
+        return GRPOTerms(objective, *totals[1:])
 
     def loss(self) -> Tensor:
         return self.objective_sum / self.count.clamp_min(1)
 
     def kl(self) -> Tensor:
         return self.kl_sum / self.count.clamp_min(1)
+
+    def mean_reward(self) -> Tensor:
+        return self.reward_sum / torch.as_tensor(self.scored).clamp_min(1)
 
 
 def grpo_terms(
@@ -165,4 +170,4 @@ def grpo_terms(
         kl_sum = (kl.detach() * weight).sum()
         count = weight.sum() if loss_type == "dapo" else scored.float().sum() * max_completion_length
     reward_sum = (rewards.float().nan_to_num(0.0) * scored.float()).sum()
-    return GRPOTerms(objective, count, kl_sum, reward_sum, scored.float().sum())
+    return GRPOTerms(objective, count, kl_sum, reward_sum, scored.float().sum(), (~scored).float().sum())

@@ -146,7 +146,9 @@ def sample(
     """``group_size`` completions per prompt from the model pruned at ``layer`` (default the
     family's, as ``apply_glimpse_prune``) to ``keep``: one ``generate`` of the B prompts per
     rollout index, sampling at ``temperature`` with top-k and top-p off, in eval mode (no
-    dropout), without gradients. ``generator_seed`` seeds torch's global RNG first."""
+    dropout), without gradients. The visual placeholder ids are suppressed (a sampled image
+    token would be read as an image slot by the next forward). ``sampler_logps`` are of the
+    raw logits, as ``completion_logps``. ``generator_seed`` seeds torch's global RNG first."""
     from .prune import apply_glimpse_prune
 
     if generator_seed is not None:
@@ -163,6 +165,7 @@ def sample(
                 out = model.generate(
                     **prompt, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                     max_new_tokens=max_new_tokens, output_logits=True, return_dict_in_generate=True,
+                    suppress_tokens=list(adapter_for(model).visual_token_ids),
                 )  # fmt: skip
                 completion = out.sequences[:, prompt["input_ids"].shape[1] :]
                 logits = torch.stack(out.logits, dim=1).float() / temperature  # [B, T, V]

@@ -7,6 +7,9 @@
 * ``mode="atp"``: ATP stages (``apply_atp(mode="train")``), loss of ``atp_loss_terms``
   (answer cross entropy under the stages' soft masks, the same budget on the soft kept
   fraction).
+* ``mode="grpo"``: GlimpsePrune+'s stage 1, a LoRA on the LLM (``lora.apply_lora``) trained
+  with GRPO on pruned rollouts (``grpo_step.GRPOStep``: keep sets from the data's boxes or a
+  VIP, G rollouts per prompt, rewards, the loss of ``grpo.grpo_terms``); DDP or one process.
 
 Across ranks the loss is the one of the whole global batch: the cross entropy is summed over
 every rank's answer tokens and divided by their global count, and the kept fraction is the
@@ -32,21 +35,24 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..glimpseprune import GlimpsePredictor
+from ..glimpseprune import GlimpsePredictor, default_layer
 from . import distributed
 from ._compat import is_checkpointing, set_checkpointing
 from .adapters import adapter_for
 from .atp import ATPHandle, apply_atp
 from .attention import require_additive_masks, require_attention_kind
+from .grpo_step import GRPOConfig, GRPOStep
+from .lora import apply_lora
 from .losses import LossTerms, answer_ce_sum, glimpse_loss_terms, prompt_and_answer
 from .vit_taps import FAMILIES as VIT_TAP_FAMILIES
 
-MODES = ("glimpse", "atp")
+MODES = ("glimpse", "atp", "grpo")
+METRICS = {"glimpse": ("answer_ce", "kept_fraction"), "atp": ("answer_ce", "kept_fraction"), "grpo": ("reward", "kl")}
 
 
 @dataclass
 class TrainConfig:
-    mode: str = "glimpse"  # "glimpse" or "atp"
+    mode: str = "glimpse"  # "glimpse", "atp" or "grpo"
     strategy: str = "ddp"  # "ddp" or "fsdp" (ignored on one process)
     keep_ratio: float = 0.1
     budget_weight: float = 1.0
@@ -115,13 +121,36 @@ class Trainer:
         atp_layers: tuple[int, ...] | None = None,
         atp_stages: nn.ModuleDict | None = None,
         log: Callable[[str], None] | None = print,
+        grpo: GRPOConfig | None = None,
+        reward: Callable | None = None,
+        decode: Callable | None = None,
+        eos_token_id: int | list[int] | None = None,
+        keep_rule: dict | None = None,
     ) -> None:
+        """``mode="grpo"`` also takes ``grpo`` (a ``GRPOConfig``), ``reward`` (a
+        ``rewards.RewardFunction``), ``decode`` (token ids -> text, e.g. the tokenizer's decode),
+        ``eos_token_id`` (default the model's generation config's) and, with
+        ``keep_source="predictor"``, ``predictor`` and ``keep_rule`` (``apply_glimpse_prune``'s
+        keep-rule arguments)."""
         config.check()
         adapter = adapter_for(model)
-        if config.mode == "glimpse":  # before any process group starts
+        if config.mode in ("glimpse", "grpo"):  # before any process group starts
             require_additive_masks(adapter.attn_implementation, "glimpse_ops.hf.Trainer")
         else:
             require_attention_kind(adapter.attn_implementation, "glimpse_ops.hf.Trainer")
+        if config.mode == "grpo":
+            grpo = grpo or GRPOConfig()
+            grpo.check()
+            if reward is None or decode is None:
+                raise ValueError("glimpse_ops.hf.Trainer: mode='grpo' needs reward= and decode=")
+            if grpo.keep_source == "predictor" and predictor is None:
+                raise ValueError("glimpse_ops.hf.Trainer: mode='grpo' with keep_source='predictor' needs predictor=")
+            if config.strategy == "fsdp":
+                raise ValueError(
+                    "glimpse_ops.hf.Trainer: mode='grpo' runs under DDP or on one process (generate inside the step "
+                    "needs every weight on every rank); strategy='fsdp' is not supported"
+                )
+        self.grpo_args = (grpo, reward, decode, eos_token_id, keep_rule)
         self.config, self.model = config, model
         self.device = next(model.parameters()).device
         distributed.init_from_env(self.device)
@@ -132,7 +161,7 @@ class Trainer:
                 "glimpse_ops.hf.Trainer: trained GlimpsePrune needs a Qwen2.5-VL, Qwen3-VL or InternVL model "
                 f"({', '.join(VIT_TAP_FAMILIES)}), got {adapter.model_type}"
             )
-        if config.mode == "glimpse" and predictor is None:
+        if config.mode == "glimpse" and predictor is None:  # (mode="grpo" was checked above)
             raise ValueError("glimpse_ops.hf.Trainer: mode='glimpse' needs predictor=")
         if config.mode == "atp" and not atp_layers and atp_stages is None:
             raise ValueError("glimpse_ops.hf.Trainer: mode='atp' needs atp_layers= (or atp_stages=)")
@@ -140,6 +169,8 @@ class Trainer:
         self.was_training = model.training
         self.was_checkpointing = is_checkpointing(model)
         self.atp = None
+        self.lora = None
+        self.skipped, self._micro = 0, 0
         self.global_batch: int | None = None  # samples per optimizer step over all ranks (the CLI sets it)
         try:
             self._setup(model, config, adapter, predictor, atp_layers, atp_stages)
@@ -149,6 +180,9 @@ class Trainer:
 
     def _setup(self, model, config, adapter, predictor, atp_layers, atp_stages) -> None:
         model.requires_grad_(False)
+        if config.mode == "grpo":
+            self._setup_grpo(model, config, adapter, predictor)
+            return
         if config.mode == "glimpse":
             trainable = predictor.to(self.device)
         else:
@@ -169,6 +203,25 @@ class Trainer:
         self.wrapped = distributed.wrap(self.step_module, list(per_layer), config.strategy)
         # after wrapping: FSDP2 replaces the parameters with their shards
         self.optimizer = torch.optim.AdamW([p for p in trainable.parameters()], lr=config.lr, weight_decay=0.0)
+        self.step = 0
+
+    def _setup_grpo(self, model, config, adapter, predictor) -> None:
+        grpo, reward, decode, eos, keep_rule = self.grpo_args
+        layer = grpo.layer
+        if layer is None:
+            layer = predictor.config.score_layer if predictor is not None else default_layer(len(adapter.layers))
+        if eos is None:
+            eos = model.generation_config.eos_token_id
+        self.lora = apply_lora(model, grpo.lora_r, grpo.lora_alpha, grpo.lora_dropout, seed=grpo.seed)
+        if predictor is not None:
+            predictor.to(self.device).eval()
+        self.step_module = GRPOStep(model, self.lora, grpo, layer, reward, decode, eos, predictor, keep_rule)
+        self.trainable = self.step_module.trainable
+        if config.activation_checkpointing:
+            set_checkpointing(model, True)
+        model.train()  # LoRA dropout in the log-prob forward (rollouts sample in eval mode)
+        self.wrapped = distributed.wrap(self.step_module, list(adapter.layers), config.strategy)
+        self.optimizer = torch.optim.AdamW(self.lora.parameters(), lr=config.lr, weight_decay=0.0)
         self.step = 0
 
     # --- checkpoints --------------------------------------------------------------------------
@@ -203,6 +256,9 @@ class Trainer:
         if self.rank != 0:
             return
         Path(path).parent.mkdir(parents=True, exist_ok=True)
+        if self.config.mode == "grpo":  # the adapter in PEFT's format (a folder)
+            self.lora.save(path)
+            return
         if self.config.mode == "glimpse":
             predictor = GlimpsePredictor(self.trainable.config)
             predictor.load_state_dict(state)
@@ -228,13 +284,23 @@ class Trainer:
         c = self.config
         if self.world > 1 and c.strategy == "fsdp":
             self.wrapped.set_requires_gradient_sync(last)
-        batch = {k: v.to(self.device) for k, v in batch.items()}
+        batch = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
         with self._no_sync(last):
+            if c.mode == "grpo":
+                # each rank, step and micro-batch samples from its own seed
+                self.step_module.seed = self.grpo_args[0].seed + 1_000_003 * self.step + 7919 * self._micro + self.rank
+                self._micro += 1
             with self._autocast():
                 terms = self.wrapped(batch)
-            local = torch.stack([terms.answer_ce_sum, terms.answer_tokens, terms.kept_sum, terms.visual_tokens]).float()
-            totals = distributed.global_sum(local.detach())
-            loss, ce, kept = terms.global_view(totals).loss(c.keep_ratio, c.budget_weight)
+            if c.mode == "grpo":
+                totals = distributed.global_sum(terms.sums())
+                view = terms.global_view(totals)
+                loss, ce, kept = view.loss(), view.mean_reward(), view.kl()  # (reward, KL) under the old names
+                self.skipped += int(totals[5])
+            else:
+                local = torch.stack([terms.answer_ce_sum, terms.answer_tokens, terms.kept_sum, terms.visual_tokens])
+                totals = distributed.global_sum(local.float().detach())
+                loss, ce, kept = terms.global_view(totals).loss(c.keep_ratio, c.budget_weight)
             # the global loss with this rank's gradients; DDP / FSDP2 average over ranks, hence the world size
             (loss * self.world / c.grad_accum).backward()
             self.step_module.release()
@@ -273,21 +339,26 @@ class Trainer:
                         f"({c.grad_accum} micro-batches per step)"
                     )
                 self.optimizer.zero_grad(set_to_none=True)
+                self._micro = 0
                 totals = sum(self._micro_step(b, i == len(group) - 1) for i, b in enumerate(group)) / len(group)
                 self.optimizer.step()
                 self.step += 1
                 loss, ce, kept = (float(v) for v in totals)
-                record = {"step": self.step, "loss": loss, "answer_ce": ce, "kept_fraction": kept,
+                first, second = METRICS[c.mode]
+                record = {"step": self.step, "loss": loss, first: ce, second: kept,
                           "seconds": time.perf_counter() - start}  # fmt: skip
+                if c.mode == "grpo":
+                    record["skipped"] = self.skipped  # rollouts without a reward so far (a judge that failed)
                 history.append(record)
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"glimpse_ops.hf.Trainer.fit: the loss is {loss} at step {self.step}")
                 if on_step is not None:
                     on_step(record)
                 if self.log is not None:
+                    shown = (f"reward {ce:.4f} KL {kept:.4f} skipped {self.skipped}" if c.mode == "grpo"
+                             else f"answer CE {ce:.4f} kept {kept:.1%}")  # fmt: skip
                     self.log(
-                        f"[{self.step}{'' if steps is None else f'/{steps}'}] loss {loss:.4f} answer CE {ce:.4f} "
-                        f"kept {kept:.1%} "
+                        f"[{self.step}{'' if steps is None else f'/{steps}'}] loss {loss:.4f} {shown} "
                         f"{record['seconds']:.2f} s/step ({self.world} rank{'s' if self.world > 1 else ''})"
                     )
                 if checkpoint_dir is not None and (
@@ -307,6 +378,9 @@ class Trainer:
         if self.atp is not None:
             self.atp.remove()
             self.atp = None
+        if self.lora is not None:  # export() first to keep the adapter
+            self.lora.remove()
+            self.lora = None
         if self.config.activation_checkpointing and not self.was_checkpointing:
             set_checkpointing(self.model, False)
         self.model.train(self.was_training)

@@ -1,12 +1,16 @@
 """``python -m glimpse_ops.hf.train``: train the glimpse token + VIP or ATP stages of an HF
-model on a JSON-lines file, on one process or under ``torchrun`` (DDP or FSDP2).
+model on a JSON-lines file, on one process or under ``torchrun`` (DDP or FSDP2), or
+GlimpsePrune+'s GRPO stage 1 (``--mode grpo``: a LoRA on the LLM, DDP or one process).
 
     torchrun --nproc-per-node 8 -m glimpse_ops.hf.train --model Qwen/Qwen2.5-VL-7B-Instruct \\
         --data train.jsonl --mode glimpse --strategy fsdp --bf16 --steps 2000 --out runs/gp
+    torchrun --nproc-per-node 4 -m glimpse_ops.hf.train --model PATH --data viscot.jsonl --mode grpo \\
+        --reward judge --judge-url http://127.0.0.1:8000/v1 --judge-model Qwen2.5-32B --bf16 --out runs/gp_plus
 
 Writes under --out: ``checkpoints/step-NNNNNN.pt`` (resumable on any number of processes with
 --resume), ``history.jsonl`` (one line per step) and the trained modules (``predictor.safetensors``
-for ``pruned(model, predictor=...)``, or ``atp_stages.pt``).
+for ``pruned(model, predictor=...)``, ``atp_stages.pt``, or for grpo the LoRA adapter in
+``adapter/``, PEFT's format).
 
 The losses live in ``losses.py`` and the loop in ``trainer.py``; the names this module held
 before (``train_glimpse``, ``glimpse_training_loss``, ...) still resolve here for one release,
@@ -33,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m glimpse_ops.hf.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="a local folder (or hub id) with the model and its processor")
     p.add_argument("--data", required=True, help="JSON-lines file of {image, question, answer}")
-    p.add_argument("--mode", choices=("glimpse", "atp"), default="glimpse")
+    p.add_argument("--mode", choices=("glimpse", "atp", "grpo"), default="glimpse")
     p.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp", help="under torchrun")
     p.add_argument("--steps", type=int, default=100, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=1, help="samples per process per micro-batch")
@@ -52,16 +56,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--score-layer", type=int, help="glimpse: the layer K (default: about 2/3 of the depth)")
     p.add_argument("--vit-layers", type=_layers, help="glimpse: ViT blocks the VIP reads, e.g. 31,23,15,7")
     p.add_argument("--atp-layers", type=_layers, help="atp: the stage layers, e.g. 4,14")
+    g = p.add_argument_group("grpo (GlimpsePrune+ stage 1)")
+    g.add_argument("--reward", choices=("exact", "judge", "exact_or_judge"), default="exact")
+    g.add_argument("--judge-url", help="an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    g.add_argument("--judge-model", help="the judge's model name at that endpoint")
+    g.add_argument("--judge-timeout", type=float, default=30.0)
+    g.add_argument("--keep-source", choices=("boxes", "predictor"), default="boxes",
+                   help="boxes: the records' boxes; predictor: --predictor's VIP (adapter off)")  # fmt: skip
+    g.add_argument("--predictor", help="a predictor (.safetensors or a release folder) for --keep-source predictor")
+    g.add_argument("--num-generations", type=int, default=4)
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--beta", type=float, default=0.04, help="the k3 KL weight")
+    g.add_argument("--reference", choices=("official", "pruned_base"), default="official")
+    g.add_argument("--loss-type", choices=("grpo", "dapo", "dr_grpo"), default="grpo")
+    g.add_argument("--lora-r", type=int, default=32)
+    g.add_argument("--lora-alpha", type=int, default=64)
+    g.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: only the last)")
     p.add_argument("--resume", help="a checkpoint written by an earlier run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    if args.mode == "glimpse" and "flash" in args.attn_implementation:  # transformers' own test for FlashAttention
+    if args.mode == "grpo":
+        if args.reward != "exact" and not (args.judge_url and args.judge_model):
+            p.error(f"--reward {args.reward} needs --judge-url and --judge-model")
+        if args.keep_source == "predictor" and not args.predictor:
+            p.error("--keep-source predictor needs --predictor")
+        if args.num_generations < 2:
+            p.error(f"--num-generations must be >= 2 (a group needs a baseline), got {args.num_generations}")
+        if args.strategy == "fsdp":
+            p.error("--mode grpo runs under DDP or on one process (--strategy ddp)")
+    # "flash" in the name: transformers' own test for FlashAttention
+    if args.mode in ("glimpse", "grpo") and "flash" in args.attn_implementation:
         p.error(
-            f"--mode glimpse trains through a soft mask added to the attention logits, which FlashAttention cannot "
-            f"take: --attn-implementation {args.attn_implementation} works with --mode atp; use sdpa here (the "
-            "trained predictor then prunes under FlashAttention)"
+            f"--mode {args.mode} trains through a 4-D mask on the attention logits, which FlashAttention cannot "
+            f"take: --attn-implementation {args.attn_implementation} works with --mode atp; use sdpa here (what "
+            "it trains then prunes under FlashAttention)"
         )
     return args
 
@@ -117,6 +147,13 @@ def main(argv: list[str] | None = None) -> int:
         step = max(1, depth // 4)  # default: four blocks evenly spaced, ending at the last (7B: 31, 23, 15, 7)
         vit = args.vit_layers or tuple(sorted({max(0, depth - 1 - i * step) for i in range(4)}, reverse=True))
         predictor = GlimpsePredictor.for_model(model, K, vit)
+    extra = {}
+    if args.mode == "grpo":
+        extra = _grpo_arguments(args, processor, rank)
+        if args.keep_source == "predictor":
+            from ..glimpseprune import load_predictor
+
+            predictor = load_predictor(args.predictor)
     config = TrainConfig(
         mode=args.mode, strategy=args.strategy, keep_ratio=args.keep_ratio, budget_weight=args.budget_weight,
         lr=args.lr, grad_accum=args.grad_accum, precision="bf16" if args.bf16 else "fp32",
@@ -128,13 +165,14 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         how = f"{world_size} processes ({args.strategy})" if world_size > 1 else "1 process"
         print(f"glimpse_ops.hf.train: {args.mode} on {how}: {args.model}, {args.data}")
-    trainer = Trainer(model, config, predictor=predictor, atp_layers=args.atp_layers)
+    trainer = Trainer(model, config, predictor=predictor, atp_layers=args.atp_layers, **extra)
     trainer.global_batch = args.batch_size * world_size * args.grad_accum
     if args.resume:
         trainer.resume(args.resume)
-    dataset = JsonlDataset(args.data)
+    dataset = JsonlDataset(args.data, require_boxes=args.mode == "grpo" and args.keep_source == "boxes")
     done = trainer.step * args.grad_accum  # micro-batches per rank the resumed steps used
-    batches = _micro_batches(dataset, Collator(processor), args.batch_size, rank, world_size, args.seed, done)
+    collator = Collator(processor, grpo=args.mode == "grpo")
+    batches = _micro_batches(dataset, collator, args.batch_size, rank, world_size, args.seed, done)
 
     def record(step: dict) -> None:  # one line per step, so a run cut short keeps its history
         if rank == 0:
@@ -142,11 +180,34 @@ def main(argv: list[str] | None = None) -> int:
                 f.write(json.dumps(step) + "\n")
 
     trainer.fit(batches, args.steps, checkpoint_dir=out / "checkpoints", skip_done=False, on_step=record)
-    trainer.export(out / ("predictor.safetensors" if args.mode == "glimpse" else "atp_stages.pt"))
+    exported = {"glimpse": "predictor.safetensors", "atp": "atp_stages.pt", "grpo": "adapter"}[args.mode]
+    trainer.export(out / exported)
     if rank == 0:
         print(f"glimpse_ops.hf.train: wrote {out}")
     trainer.close()
     return 0
+
+
+def _grpo_arguments(args: argparse.Namespace, processor, rank: int) -> dict:
+    """The Trainer's grpo arguments from the command line; the judge is asked once first."""
+    from .grpo_step import GRPOConfig
+    from .rewards import LLMJudge, exact_match
+
+    tokenizer = processor.tokenizer
+    if args.reward == "exact":
+        reward = exact_match
+    else:
+        reward = LLMJudge(args.judge_url, args.judge_model, timeout=args.judge_timeout,
+                          exact_first=args.reward == "exact_or_judge")  # fmt: skip
+        reward.check()  # a judge that does not answer stops the run here, before any step
+    grpo = GRPOConfig(
+        num_generations=args.num_generations, max_new_tokens=args.max_new_tokens, beta=args.beta,
+        reference=args.reference, loss_type=args.loss_type, keep_source=args.keep_source,
+        layer=args.score_layer, lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        seed=args.seed,
+    )  # fmt: skip
+    return {"grpo": grpo, "reward": reward, "eos_token_id": tokenizer.eos_token_id,
+            "decode": lambda ids: tokenizer.decode(ids, skip_special_tokens=True)}  # fmt: skip
 
 
 # what ``glimpse_ops.hf.train`` held before the command took its name: name -> its module now

@@ -184,3 +184,54 @@ def test_grpo_refusals(seed):
     trainer.close()
     assert all(p.requires_grad for p in model.parameters())
     assert not any("lora" in n for n, _ in model.named_parameters()), "close() takes the adapter out"
+
+
+def _records(tmp_path, boxes: bool) -> None:
+    import json
+
+    from PIL import Image
+
+    with (tmp_path / "data.jsonl").open("w") as f:
+        for i in range(4):
+            Image.new("RGB", (16 + 4 * i, 16), (50 * i, 200 - 30 * i, 90)).save(tmp_path / f"image{i}.png")
+            record = {"image": f"image{i}.png", "question": f"what is in {i}?", "answer": "a square"}
+            if boxes:
+                record["boxes"] = [[0.1 * i, 0.0, 0.5 + 0.1 * i, 0.6]]
+            f.write(json.dumps(record) + "\n")
+
+
+def _train_cli(tmp_path, *args):
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "glimpse_ops.hf.train", "--model", str(tmp_path / "model"), "--data",
+               str(tmp_path / "data.jsonl"), "--mode", "grpo", "--out", str(tmp_path / "out"), *args]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_the_cli_trains_grpo_from_a_jsonl_with_boxes(tmp_path):
+    import json
+
+    testing.save_tiny_llava(tmp_path / "model")
+    _records(tmp_path, boxes=True)
+    done = _train_cli(tmp_path, "--steps", "2", "--batch-size", "2", "--num-generations", "2", "--max-new-tokens",
+                      "3", "--lora-r", "2", "--lora-alpha", "4", "--score-layer", "2")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "[2/2] loss" in done.stdout and "reward" in done.stdout
+    history = [json.loads(line) for line in (tmp_path / "out" / "history.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in history] == [1, 2] and all(0 <= r["reward"] <= 1 for r in history)
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "out" / "checkpoints" / "step-000002.pt").is_file()
+
+
+def test_the_cli_refuses_bad_grpo_input_before_training(tmp_path):
+    testing.save_tiny_llava(tmp_path / "model")
+    _records(tmp_path, boxes=False)
+    done = _train_cli(tmp_path, "--steps", "1")
+    assert done.returncode != 0 and 'data.jsonl:1 needs "boxes"' in done.stderr
+    assert not (tmp_path / "out" / "history.jsonl").exists(), "no step ran"
+    done = _train_cli(tmp_path, "--reward", "judge")
+    assert done.returncode == 2 and "--reward judge needs --judge-url and --judge-model" in done.stderr
+    done = _train_cli(tmp_path, "--num-generations", "1")
+    assert done.returncode == 2 and "--num-generations must be >= 2" in done.stderr

@@ -11,6 +11,7 @@ patch is applied or a tiny test model is built.
 """
 
 from ..glimpseprune import GlimpsePredictor, load_release
+from . import gp_plus
 from .adapters import SUPPORTED_MODEL_TYPES
 from .atp import ATPHandle, apply_atp
 from .grpo_step import GRPOConfig
@@ -25,6 +26,7 @@ __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "apply_atp",
     "apply_lora",
+    "gp_plus",
     "exact_match",
     "GRPOConfig",
     "LLMJudge",

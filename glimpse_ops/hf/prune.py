@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -36,6 +37,7 @@ def apply_glimpse_prune(
     caps_per: str | None = None,
     predictor_dtype: torch.dtype | str | None = None,
     selection: Selection | None = None,
+    adapter: str | None = None,
 ) -> GlimpsePruneHandle:
     """Patch one model instance of a supported family (``SUPPORTED_MODEL_TYPES``: Qwen2-VL,
     Qwen2.5-VL, Qwen3-VL, InternVL, LLaVA, LLaVA-NeXT, LLaVA-OneVision) to prune its visual
@@ -63,6 +65,13 @@ def apply_glimpse_prune(
     ``predictor_dtype``: the dtype the glimpse rows and the VIP run in, default fp32 (see the
     README); ``"model"`` runs them in the model's dtype, as the release does.
 
+    A GlimpsePrune+ release folder also holds a LoRA adapter (``adapter_config.json`` +
+    ``adapter_model.safetensors``) whose LLM the glimpse token and VIP were trained on: without
+    it they lose accuracy (the official issue #7). ``adapter="merge"`` merges it into the
+    model's weights in place (``remove()`` then takes the pruning out, not the merge);
+    ``adapter="merged"`` says the model already holds it (e.g. a checkpoint written by
+    ``python -m glimpse_ops.hf.gp_plus``); without either such a folder is refused.
+
     ``selection`` (training-free mode only) replaces how tokens are chosen and the caches
     compacted at layer K: a function of ``SelectionInputs`` returning (keys, values, index,
     scores); the default is ``glimpse_prune_selection`` (one ``glimpse_prune`` op).
@@ -70,7 +79,7 @@ def apply_glimpse_prune(
     where = "glimpse_ops.hf.apply_glimpse_prune"
     require_transformers()
     ensure_unpatched(model, "apply_glimpse_prune")
-    adapter = adapter_for(model)
+    release_adapter, adapter = adapter, adapter_for(model)  # (the argument names a LoRA; the local, the family's)
     attention = require_attention_kind(adapter.attn_implementation, where)
     config = None
     if predictor is not None:
@@ -82,10 +91,13 @@ def apply_glimpse_prune(
             )
         if caps_per not in (None, *CAPS_PER):  # before the predictor's files are read
             raise ValueError(f"{where}: caps_per must be 'sample' or 'image', got {caps_per!r}")
+        _release_adapter(model, predictor, release_adapter, where)
         predictor = load_predictor(predictor, model)
         config = predictor.config
     elif predictor_dtype is not None:
         raise ValueError(f"{where}: predictor_dtype applies with a predictor only")
+    elif release_adapter is not None:
+        raise ValueError(f"{where}: adapter= applies to a GlimpsePrune+ release given as predictor=")
     settings = PruneSettings.resolve(
         len(adapter.layers), config, where=where, layer=layer, threshold=threshold, max_keep_ratio=max_keep_ratio,
         max_remain_ratio=max_remain_ratio, min_keep=min_keep, fixed_keep_ratio=fixed_keep_ratio, caps_per=caps_per,
@@ -101,6 +113,36 @@ def apply_glimpse_prune(
     handle.claim("apply_glimpse_prune")
     handle.attach()
     return handle
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def _release_adapter(model: nn.Module, predictor, adapter: str | None, where: str) -> None:
+    """A GlimpsePrune+ release's LoRA adapter: merged (``adapter="merge"``), taken as already
+    merged (``"merged"``), or a refusal naming the trap."""
+    if adapter not in (None, "merge", "merged"):
+        raise ValueError(f"{where}: adapter must be None, 'merge' or 'merged', got {adapter!r}")
+    folder = Path(predictor) if isinstance(predictor, (str, Path)) else None
+    present = [name for name in ADAPTER_FILES if folder is not None and (folder / name).is_file()]
+    if not present:
+        if adapter == "merge":
+            raise ValueError(f"{where}: adapter='merge' but {predictor!r} holds no {' + '.join(ADAPTER_FILES)}")
+        return
+    if len(present) < len(ADAPTER_FILES):
+        missing = [name for name in ADAPTER_FILES if name not in present]
+        raise FileNotFoundError(f"{where}: the GlimpsePrune+ release {folder} has {present[0]} but no {missing[0]}")
+    if adapter is None:
+        raise ValueError(
+            f"{where}: {folder} is a GlimpsePrune+ release: its glimpse token and VIP were trained on the LLM with "
+            "the LoRA adapter in the same folder merged, and without it they lose accuracy (the official code's "
+            "issue #7: GQA 0.599 instead of 0.722). Pass adapter='merge' to merge it into this model's weights "
+            "(in place), or adapter='merged' for a model that already holds it"
+        )
+    if adapter == "merge":
+        from .lora import read_adapter
+
+        read_adapter(model, folder).merge()
 
 
 def _placed(predictor: GlimpsePredictor, device: torch.device, dtype: torch.dtype) -> GlimpsePredictor:

@@ -72,6 +72,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--lora-r", type=int, default=32)
     g.add_argument("--lora-alpha", type=int, default=64)
     g.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument(
+        "--merge-adapter",
+        help="a LoRA adapter folder (PEFT's format, e.g. a --mode grpo run's OUT/adapter) merged into the model "
+        "before training: GlimpsePrune+'s stage 2 is --mode glimpse with the stage-1 adapter merged",
+    )
     p.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: only the last)")
     p.add_argument("--resume", help="a checkpoint written by an earlier run")
     p.add_argument("--seed", type=int, default=0)
@@ -139,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         args.model, dtype=dtype, attn_implementation=args.attn_implementation
     ).to(device)
     processor = AutoProcessor.from_pretrained(args.model)
+    if args.merge_adapter:
+        from .lora import read_adapter
+
+        read_adapter(model, args.merge_adapter).merge()
     predictor = None
     if args.mode == "glimpse":
         n_layers = model.config.get_text_config().num_hidden_layers
@@ -153,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.keep_source == "predictor":
             from ..glimpseprune import load_predictor
 
-            predictor = load_predictor(args.predictor)
+            predictor = load_predictor(args.predictor, model, "python -m glimpse_ops.hf.train")
     config = TrainConfig(
         mode=args.mode, strategy=args.strategy, keep_ratio=args.keep_ratio, budget_weight=args.budget_weight,
         lr=args.lr, grad_accum=args.grad_accum, precision="bf16" if args.bf16 else "fp32",

@@ -235,3 +235,25 @@ def test_the_cli_refuses_bad_grpo_input_before_training(tmp_path):
     assert done.returncode == 2 and "--reward judge needs --judge-url and --judge-model" in done.stderr
     done = _train_cli(tmp_path, "--num-generations", "1")
     assert done.returncode == 2 and "--num-generations must be >= 2" in done.stderr
+
+
+def test_stage_2_trains_the_glimpse_modules_on_the_merged_llm(seed, tmp_path):
+    """GlimpsePrune+'s stage 2: the stage-1 adapter merged into the LLM, then the glimpse token
+    and VIP trained there with the glimpse trainer; the release then needs adapter='merged'."""
+    from glimpse_ops.glimpseprune import GlimpsePredictor
+    from glimpse_ops.hf import pruned, train_glimpse
+
+    model = testing.tiny_qwen2_5_vl(seed=seed % 1000)
+    trainer = _trainer(model, seed)
+    trainer.fit([_batch(seed)] * 2)
+    trainer.export(tmp_path / "adapter")
+    trainer.close()
+    read_adapter(model, tmp_path / "adapter").merge()
+    predictor = GlimpsePredictor.for_model(model, 3, (1, 0), width=32, cond=32, fuse_heads=2)
+    lines = []
+    train_glimpse(model, predictor, [testing.qwen_training_batch(seed=seed)] * 2, progress=lines.append)
+    assert len(lines) == 2
+    x = testing.qwen_inputs(batch=2, text_lengths=[2, 5], seed=seed)
+    with pruned(model, predictor=predictor) as handle, torch.no_grad():
+        model.generate(**x, max_new_tokens=2, do_sample=False)
+        assert handle.last_kept_visual is not None

@@ -37,6 +37,15 @@ def init_from_env(device: torch.device) -> bool:
     return True
 
 
+def shutdown() -> None:
+    """Every rank done, then the process group destroyed: a gloo group left to the interpreter's
+    exit can abort a rank there ("terminate called without an active exception", seen once in
+    CI after an FSDP2 run had finished)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def global_sum(values: Tensor) -> Tensor:
     """The sum over ranks of a detached tensor (a copy; the input is not modified)."""
     out = values.detach().clone()

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from . import rollout
+from . import distributed, rollout
 from .grpo import LOSS_TYPES, SCALE_REWARDS, GRPOTerms, completion_mask, group_advantages, grpo_terms
 from .lora import LoRAHandle
 from .rewards import RewardFunction
@@ -55,7 +55,10 @@ class GRPOConfig:
     lora_r: int = 32
     lora_alpha: int = 64
     lora_dropout: float = 0.05
-    seed: int = 0  # rollouts of step s, micro-batch m on rank r sample from seed + hash of (s, m, r)
+    seed: int = 0  # the rollouts' seeds derive from it, the step and micro-batch, and each prompt's ids
+    # "per_prompt": one generate per prompt, seeded by its ids (2 ranks x b = 1 process x 2b);
+    # "batched": one generate per rollout index over the batch (faster; seeded per rank)
+    sampling: str = "per_prompt"
 
     def check(self) -> None:
         where = "glimpse_ops.hf.GRPOConfig"
@@ -69,6 +72,7 @@ class GRPOConfig:
             ("reference", self.reference, REFERENCES),
             ("keep_source", self.keep_source, KEEP_SOURCES),
             ("old_logps", self.old_logps, ("policy", "sampler")),
+            ("sampling", self.sampling, ("per_prompt", "batched")),
         ):
             if value not in allowed:
                 raise ValueError(f"{where}: {name} must be one of {allowed}, got {value!r}")
@@ -123,7 +127,12 @@ class GRPOStep(nn.Module):
             raise ValueError(f"glimpse_ops.hf.Trainer(mode='grpo'): {B} prompts but {len(questions)} questions "
                              f"and {len(answers)} answers")  # fmt: skip
         keep = self.keep_set(prompt, batch)
-        rolled = rollout.sample(self.model, prompt, keep, G, c.max_new_tokens, self.layer, c.temperature, self.seed)
+        if c.sampling == "per_prompt":
+            rolled = rollout.sample_per_prompt(self.model, prompt, keep, G, c.max_new_tokens, self.layer,
+                                               c.temperature, self.seed)  # fmt: skip
+        else:
+            seed = self.seed + 104_729 * distributed.world()[0]  # each rank its own draws
+            rolled = rollout.sample(self.model, prompt, keep, G, c.max_new_tokens, self.layer, c.temperature, seed)
         ids = rolled.completion_ids  # [B * G, T], prompt-major
         texts = self.completions_text(ids)
         scores = self.reward([q for q in questions for _ in range(G)], texts, [a for a in answers for _ in range(G)])

@@ -21,6 +21,7 @@ layout ``grpo.group_advantages`` reads. The attention masks are 4-D: sdpa or eag
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -123,6 +124,45 @@ def predictor_keep(model: nn.Module, predictor, prompt: dict, **keep_rule) -> Te
     return keep & visual
 
 
+def split_prompt(model: nn.Module, prompt: dict) -> list[dict]:
+    """The B prompts of a batch as B batches of one, left padding dropped (Qwen families:
+    pixel rows and grids by image; LLaVA-1.5 and single-tile InternVL: one pixel row per image)."""
+    model_type = model.config.model_type
+    ids, mask = prompt["input_ids"], prompt["attention_mask"].bool()
+    image = adapter_for(model).image_token_id
+    out = []
+    if model_type in ("qwen2_5_vl", "qwen2_vl", "qwen3_vl"):
+        if "pixel_values_videos" in prompt:
+            raise TypeError("glimpse_ops.hf.rollout.split_prompt: video prompts are not split (use batched sampling)")
+        merge = model.config.vision_config.spatial_merge_size**2
+        grids = prompt["image_grid_thw"].tolist()
+        image_i, row = 0, 0
+        for b in range(ids.shape[0]):
+            tokens, first_image, first_row = int((ids[b] == image).sum()), image_i, row
+            while tokens > 0:
+                t, h, w = grids[image_i]
+                tokens -= t * h * w // merge
+                row += t * h * w
+                image_i += 1
+            one = {k: v[b : b + 1, mask[b]] for k, v in prompt.items() if k in ("input_ids", "attention_mask",
+                   "mm_token_type_ids")}  # fmt: skip
+            one["pixel_values"] = prompt["pixel_values"][first_row:row]
+            one["image_grid_thw"] = prompt["image_grid_thw"][first_image:image_i]
+            out.append(one)
+        return out
+    if model_type in ("llava", "internvl"):
+        per_image = model.config.image_seq_length
+        image_i = 0
+        for b in range(ids.shape[0]):
+            n = int((ids[b] == image).sum()) // per_image
+            one = {k: v[b : b + 1, mask[b]] for k, v in prompt.items() if k in ("input_ids", "attention_mask")}
+            one["pixel_values"] = prompt["pixel_values"][image_i : image_i + n]
+            image_i += n
+            out.append(one)
+        return out
+    raise TypeError(f"glimpse_ops.hf.rollout.split_prompt: {model_type} prompts are not split (use batched sampling)")
+
+
 @dataclass
 class Rollouts:
     """G sampled completions per prompt, prompt-major (rollout g of prompt b at b * G + g)."""
@@ -176,16 +216,48 @@ def sample(
         handle.remove()
         model.train(training)
     T = max(c.shape[1] for c in ids)
-    pad = model.generation_config.pad_token_id
-    pad = model.generation_config.eos_token_id if pad is None else pad
-    pad = pad[0] if isinstance(pad, (list, tuple)) else pad
-    ids = [F.pad(c, (0, T - c.shape[1]), value=int(pad)) for c in ids]
+    ids = [F.pad(c, (0, T - c.shape[1]), value=pad_id(model)) for c in ids]
     logps = [F.pad(lp, (0, T - lp.shape[1])) for lp in logps]
     # [G, B, ...] -> prompt-major [B * G, ...]
     return Rollouts(
         torch.stack(ids, dim=1).flatten(0, 1),
         torch.stack(logps, dim=1).flatten(0, 1),
         torch.stack(kept, dim=1).flatten(0, 1),
+        group_size,
+    )
+
+
+def pad_id(model: nn.Module) -> int:
+    """What generate pads a finished completion with: the pad id, else the (first) EOS id."""
+    pad = model.generation_config.pad_token_id
+    pad = model.generation_config.eos_token_id if pad is None else pad
+    return int(pad[0] if isinstance(pad, (list, tuple)) else pad)
+
+
+def sample_per_prompt(
+    model: nn.Module,
+    prompt: dict,
+    keep: Tensor,
+    group_size: int,
+    max_new_tokens: int,
+    layer: int | None,
+    temperature: float,
+    seed: int,
+) -> Rollouts:
+    """``sample`` one prompt at a time (``split_prompt``), each from a seed of ``seed`` and its
+    own token ids: a prompt's rollouts do not depend on the batch it came in, so 2 ranks x b
+    prompts sample what 1 process x 2b does."""
+    parts = []
+    mask = prompt["attention_mask"].bool()
+    for b, one in enumerate(split_prompt(model, prompt)):
+        ids = one["input_ids"].flatten().tolist()
+        own = (seed + zlib.crc32(bytes(str(ids), "ascii"))) % 2**63
+        parts.append(sample(model, one, keep[b : b + 1, mask[b]], group_size, max_new_tokens, layer, temperature, own))
+    T = max(p.completion_ids.shape[1] for p in parts)
+    return Rollouts(
+        torch.cat([F.pad(p.completion_ids, (0, T - p.completion_ids.shape[1]), value=pad_id(model)) for p in parts]),
+        torch.cat([F.pad(p.sampler_logps, (0, T - p.sampler_logps.shape[1])) for p in parts]),
+        torch.cat([p.kept_visual for p in parts]),
         group_size,
     )
 

@@ -194,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         print(f"glimpse_ops.hf.train: wrote {out}")
     trainer.close()
+    from .distributed import shutdown
+
+    shutdown()
     return 0
 
 

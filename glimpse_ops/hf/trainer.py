@@ -287,8 +287,8 @@ class Trainer:
         batch = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
         with self._no_sync(last):
             if c.mode == "grpo":
-                # each rank, step and micro-batch samples from its own seed
-                self.step_module.seed = self.grpo_args[0].seed + 1_000_003 * self.step + 7919 * self._micro + self.rank
+                # each step and micro-batch samples from its own seeds (grpo_step: per prompt, or per rank)
+                self.step_module.seed = self.grpo_args[0].seed + 1_000_003 * self.step + 7919 * self._micro
                 self._micro += 1
             with self._autocast():
                 terms = self.wrapped(batch)

@@ -13,7 +13,7 @@ import torch
 
 from glimpse_ops.glimpseprune import GlimpsePredictor
 from glimpse_ops.hf import testing
-from glimpse_ops.hf.distributed import _full, world
+from glimpse_ops.hf.distributed import _full, shutdown, world
 from glimpse_ops.hf.trainer import TrainConfig, Trainer
 
 # visual tokens per sample: 16, 16, 4, 4 (8x8 and 4x4 patch images): at step 1 rank 0 holds
@@ -29,6 +29,18 @@ def global_batch(step: int, accum: int, micro: int) -> dict:
     return {**x, "answer_ids": answers}
 
 
+def grpo_batch(step: int, accum: int, micro: int) -> dict:
+    """``global_batch`` as GRPO prompts: questions, answers and one box per image."""
+    x = {k: v for k, v in global_batch(step, accum, micro).items() if k != "answer_ids"}
+    B = x["input_ids"].shape[0]
+    boxes = [[[0.0, 0.0, 0.5 + 0.1 * b, 0.7]] for b in range(B)]
+    return {**x, "questions": [f"q{b}" for b in range(B)], "answers": ["a"] * B, "boxes": boxes}
+
+
+def low_token_share(questions, completions, answers) -> list[float]:
+    return [sum(int(t) < 128 for t in c.split()) / max(1, len(c.split())) for c in completions]
+
+
 def rank_slice(batch: dict, rank: int, world_size: int) -> dict:
     """Samples rank*b .. (rank+1)*b - 1 (one image per sample; pixel rows by each image's grid)."""
     B = batch["input_ids"].shape[0]
@@ -36,7 +48,7 @@ def rank_slice(batch: dict, rank: int, world_size: int) -> dict:
     rows = slice(rank * b, (rank + 1) * b)
     patches = batch["image_grid_thw"].prod(dim=1).tolist()
     start = sum(patches[: rank * b])
-    out = {k: v[rows] for k, v in batch.items() if k not in ("pixel_values",)}
+    out = {k: v[rows] for k, v in batch.items() if k not in ("pixel_values",)}  # (lists slice too)
     out["pixel_values"] = batch["pixel_values"][start : start + sum(patches[rows])]
     return out
 
@@ -65,15 +77,24 @@ def main() -> None:
                          grad_accum=args.accum, activation_checkpointing=args.checkpointing,
                          save_every=args.save_every, precision="bf16" if args.bf16 else "fp32")  # fmt: skip
     torch.manual_seed(5)  # the ATP stages' initial weights
+    grpo = {}
+    if args.mode == "grpo":
+        from glimpse_ops.hf.grpo_step import GRPOConfig
+
+        config_grpo = GRPOConfig(num_generations=2, max_new_tokens=3, layer=2, lora_r=2, lora_alpha=4,
+                                 lora_dropout=0.0, seed=7)  # fmt: skip
+        grpo = dict(grpo=config_grpo, reward=low_token_share, decode=lambda ids: " ".join(map(str, ids)),
+                    eos_token_id=testing.EOS)  # fmt: skip
     trainer = Trainer(model, config, predictor=predictor if args.mode == "glimpse" else None,
-                      atp_layers=(1, 3) if args.mode == "atp" else None)  # fmt: skip
+                      atp_layers=(1, 3) if args.mode == "atp" else None, **grpo)  # fmt: skip
     # the last decoder layer's attention calls: activation checkpointing adds one per backward
     # (a hook on the layer itself would not see it where transformers checkpoints forward, 5.2x)
     calls = []
     model.model.language_model.layers[-1].self_attn.register_forward_pre_hook(lambda *_: calls.append(1))
     rank, world_size = world()
+    make = grpo_batch if args.mode == "grpo" else global_batch
     batches = [
-        rank_slice(global_batch(step, args.accum, micro), rank, world_size)
+        rank_slice(make(step, args.accum, micro), rank, world_size)
         for step in range(args.steps)
         for micro in range(args.accum)
     ]
@@ -104,6 +125,7 @@ def main() -> None:
             args.out,
         )
     trainer.close()
+    shutdown()
 
 
 if __name__ == "__main__":

@@ -87,6 +87,21 @@ def test_two_ranks_step_as_one_process_with_the_whole_batch(runs, mode, strategy
 
 
 @pytest.mark.slow
+def test_grpo_on_two_ranks_steps_as_one_process_with_the_whole_batch(tmp_path):
+    """GlimpsePrune+'s stage 1 under DDP: each prompt's rollouts are seeded by its own ids, and
+    the loss, the reward and the KL are the global batch's."""
+    pytest.importorskip("peft")
+    one = _run(tmp_path, "grpo-1", 1, "--mode", "grpo", "--steps", "2")
+    two = _run(tmp_path, "grpo-2", 2, "--mode", "grpo", "--steps", "2")
+    assert any(float(g.abs().max()) > 0 for g in one["grads"].values())
+    _assert_same(two, one, "grads")
+    _assert_same(two, one, "params")
+    for a, b in zip(two["history"], one["history"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
+        assert a["reward"] == pytest.approx(b["reward"], rel=1e-6)
+
+
+@pytest.mark.slow
 def test_gradient_accumulation_on_two_ranks_equals_one_process(tmp_path):
     one = _run(tmp_path, "accum-1", 1, "--accum", "2", "--steps", "2")
     two = _run(tmp_path, "accum-2", 2, "--accum", "2", "--steps", "2", "--strategy", "fsdp")

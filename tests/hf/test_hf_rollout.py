@@ -133,3 +133,17 @@ def test_flash_attention_is_refused_for_the_masked_forward(monkeypatch, seed):
     model.set_attn_implementation("flash_attention_2")
     with pytest.raises(ValueError, match="completion_logps: the glimpse trainer adds a soft mask"):
         rollout.completion_logps(model, prompt, torch.ones(2, 2, dtype=torch.long), keep, K)
+
+
+def test_per_prompt_sampling_does_not_depend_on_the_batch(setup):
+    model, prompt, _, seed = setup
+    keep = rollout.box_keep(model, prompt, BOXES)
+    both = rollout.sample_per_prompt(model, prompt, keep, 2, 4, K, 1.0, seed)
+    parts = rollout.split_prompt(model, prompt)
+    mask = prompt["attention_mask"].bool()
+    assert [p["input_ids"].shape[1] for p in parts] == mask.sum(dim=1).tolist(), "left padding dropped"
+    alone = rollout.sample_per_prompt(model, parts[1], keep[1:, mask[1]], 2, 4, K, 1.0, seed)
+    T = alone.completion_ids.shape[1]
+    assert torch.equal(both.completion_ids[2:, :T], alone.completion_ids), "prompt 1 samples the same in any batch"
+    torch.testing.assert_close(both.sampler_logps[2:, :T], alone.sampler_logps, rtol=1e-5, atol=1e-5)
+    assert both.kept_visual.tolist() == [int(keep[0].sum())] * 2 + [int(keep[1].sum())] * 2

@@ -139,18 +139,23 @@ def test_the_official_loss_is_reinforce_plus_k3_per_rollout_mean(seed):
     assert bool((k3(x.detach(), ref.float()) >= 0).all())
 
 
-def test_ranks_combine_into_the_whole_batch_loss(seed):
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_ranks_combine_into_the_whole_batch_loss(loss_type, seed):
     ids, logp, old, ref, rewards = _rollouts(seed, n=4 * G)
     mask = completion_mask(ids, 2)
-    adv = group_advantages(rewards, G)  # each rank holds whole groups
-    kwargs = dict(old_logp=old.float(), ref_logp=ref.float(), clip=True, loss_type="dapo")
+    scored = torch.ones(4 * G, dtype=torch.bool)
+    scored[[1, 2 * G + 3]] = False  # a skipped rollout on each rank
+    adv = group_advantages(rewards, G, scored=scored)  # each rank holds whole groups
+    common = dict(clip=True, loss_type=loss_type, max_completion_length=7)
     whole = logp.float().requires_grad_()
-    grpo_terms(whole, mask, adv, rewards, **kwargs).loss().backward()
+    grpo_terms(
+        whole, mask, adv, rewards, scored, old_logp=old.float(), ref_logp=ref.float(), **common
+    ).loss().backward()
     parts = [logp[: 2 * G].float().requires_grad_(), logp[2 * G :].float().requires_grad_()]
     halves = [slice(0, 2 * G), slice(2 * G, 4 * G)]
     terms = [
-        grpo_terms(p, mask[h], adv[h], rewards[h], old_logp=old[h].float(), ref_logp=ref[h].float(), clip=True,
-                   loss_type="dapo")
+        grpo_terms(p, mask[h], adv[h], rewards[h], scored[h], old_logp=old[h].float(), ref_logp=ref[h].float(),
+                   **common)
         for p, h in zip(parts, halves)
     ]  # fmt: skip
     totals = sum(t.sums() for t in terms)

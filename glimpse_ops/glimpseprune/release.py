@@ -184,12 +184,23 @@ def _predictor_path(predictor, where: str) -> Path:
     )
 
 
-def load_predictor(predictor, model: nn.Module, where: str = "glimpse_ops.hf.apply_glimpse_prune") -> GlimpsePredictor:
+def load_predictor(
+    predictor, model: nn.Module, where: str = "glimpse_ops.hf.apply_glimpse_prune", adapter_checked: bool = False
+) -> GlimpsePredictor:
     """A GlimpsePredictor from itself, a .safetensors file (``GlimpsePredictor.save``) or a
-    folder of the GlimpsePrune release (``model``: anything with the model's ``config``)."""
+    folder of the GlimpsePrune release (``model``: anything with the model's ``config``). A
+    GlimpsePrune+ folder (with a LoRA adapter beside the modules) is refused unless the caller
+    has dealt with its adapter (``adapter_checked``): its modules need the adapter merged."""
     if isinstance(predictor, GlimpsePredictor):
         return predictor
     path = _predictor_path(predictor, where)
+    if path.is_dir() and (path / "adapter_config.json").is_file() and not adapter_checked:
+        raise ValueError(
+            f"{where}: {path} is a GlimpsePrune+ release: its glimpse modules were trained on the LLM with the "
+            "LoRA adapter beside them merged, and lose accuracy without it (the official code's issue #7); write "
+            "the merged checkpoint with `python -m glimpse_ops.hf.gp_plus --model BASE --release FOLDER --out OUT` "
+            "and use OUT/glimpse with it (or apply_glimpse_prune(..., adapter='merge'))"
+        )
     # built in fp32 whatever the default dtype (vLLM builds models under the model's dtype):
     # weights loaded into bf16 parameters would be rounded before any later cast
     previous = torch.get_default_dtype()

@@ -157,7 +157,8 @@ def grpo_terms(
         per_token = -torch.minimum(ratio * A, torch.clamp(ratio, 1 - epsilon, 1 + high) * A)
     else:
         per_token = -ratio * A
-    kl = torch.zeros_like(per_token) if ref_logp is None else k3(logp, ref_logp)
+    # k3 where counted only: a far-off log-prob at a masked position would overflow exp, and 0 * inf is NaN
+    kl = torch.zeros_like(per_token) if ref_logp is None else k3(logp, torch.where(counted, ref_logp, logp.detach()))
     if ref_logp is not None and beta:
         per_token = per_token + beta * kl
     if loss_type == "grpo":

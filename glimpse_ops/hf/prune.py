@@ -91,8 +91,8 @@ def apply_glimpse_prune(
             )
         if caps_per not in (None, *CAPS_PER):  # before the predictor's files are read
             raise ValueError(f"{where}: caps_per must be 'sample' or 'image', got {caps_per!r}")
-        _release_adapter(model, predictor, release_adapter, where)
-        predictor = load_predictor(predictor, model)
+        merge_from = _release_adapter(model, predictor, release_adapter, where)  # checked; merged below
+        predictor = load_predictor(predictor, model, where, adapter_checked=True)
         config = predictor.config
     elif predictor_dtype is not None:
         raise ValueError(f"{where}: predictor_dtype applies with a predictor only")
@@ -106,6 +106,11 @@ def apply_glimpse_prune(
         handle: GlimpsePruneHandle = GlimpsePruneHandle(model, adapter, settings)
     else:
         placed = _placed(predictor, next(model.parameters()).device, _predictor_dtype(predictor_dtype, model))
+        if merge_from is not None:  # everything else was checked: merge last
+            from .lora import read_adapter
+
+            read_adapter(model, merge_from).merge()
+            model.__dict__.setdefault(MERGED_ATTR, []).append(str(merge_from.resolve()))
         handle = PredictorPruneHandle(model, adapter, settings, predictor=placed)
     handle.attention = attention
     if selection is not None:
@@ -116,11 +121,13 @@ def apply_glimpse_prune(
 
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+MERGED_ATTR = "_glimpse_ops_merged_adapters"  # on the model: the release folders merged into it
 
 
-def _release_adapter(model: nn.Module, predictor, adapter: str | None, where: str) -> None:
-    """A GlimpsePrune+ release's LoRA adapter: merged (``adapter="merge"``), taken as already
-    merged (``"merged"``), or a refusal naming the trap."""
+def _release_adapter(model: nn.Module, predictor, adapter: str | None, where: str) -> Path | None:
+    """A GlimpsePrune+ release's LoRA adapter: the folder to merge (``adapter="merge"``), None
+    when taken as already merged (``"merged"``) or when there is none; a refusal naming the trap
+    otherwise, or when this model already had this folder's adapter merged."""
     if adapter not in (None, "merge", "merged"):
         raise ValueError(f"{where}: adapter must be None, 'merge' or 'merged', got {adapter!r}")
     folder = Path(predictor) if isinstance(predictor, (str, Path)) else None
@@ -128,7 +135,7 @@ def _release_adapter(model: nn.Module, predictor, adapter: str | None, where: st
     if not present:
         if adapter == "merge":
             raise ValueError(f"{where}: adapter='merge' but {predictor!r} holds no {' + '.join(ADAPTER_FILES)}")
-        return
+        return None
     if len(present) < len(ADAPTER_FILES):
         missing = [name for name in ADAPTER_FILES if name not in present]
         raise FileNotFoundError(f"{where}: the GlimpsePrune+ release {folder} has {present[0]} but no {missing[0]}")
@@ -139,10 +146,14 @@ def _release_adapter(model: nn.Module, predictor, adapter: str | None, where: st
             "issue #7: GQA 0.599 instead of 0.722). Pass adapter='merge' to merge it into this model's weights "
             "(in place), or adapter='merged' for a model that already holds it"
         )
-    if adapter == "merge":
-        from .lora import read_adapter
-
-        read_adapter(model, folder).merge()
+    if adapter == "merged":
+        return None
+    if str(folder.resolve()) in model.__dict__.get(MERGED_ATTR, []):
+        raise ValueError(
+            f"{where}: the adapter of {folder} was already merged into this model (by an earlier adapter='merge'; "
+            "remove() does not unmerge): pass adapter='merged', a second merge would add it twice"
+        )
+    return folder
 
 
 def _placed(predictor: GlimpsePredictor, device: torch.device, dtype: torch.dtype) -> GlimpsePredictor:

@@ -186,7 +186,8 @@ def sample(
     """``group_size`` completions per prompt from the model pruned at ``layer`` (default the
     family's, as ``apply_glimpse_prune``) to ``keep``: one ``generate`` of the B prompts per
     rollout index, sampling at ``temperature`` with top-k and top-p off, in eval mode (no
-    dropout), without gradients. The visual placeholder ids are suppressed (a sampled image
+    dropout), without gradients; the checkpoint's repetition penalty and n-gram ban are off, so
+    the sampler is the policy (at ``temperature``). The visual placeholder ids are suppressed (a sampled image
     token would be read as an image slot by the next forward). ``sampler_logps`` are of the
     raw logits, as ``completion_logps``. ``generator_seed`` seeds torch's global RNG first."""
     from .prune import apply_glimpse_prune
@@ -206,6 +207,7 @@ def sample(
                     **prompt, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                     max_new_tokens=max_new_tokens, output_logits=True, return_dict_in_generate=True,
                     suppress_tokens=list(adapter_for(model).visual_token_ids),
+                    repetition_penalty=1.0, no_repeat_ngram_size=0,  # a checkpoint's defaults would reshape it
                 )  # fmt: skip
                 completion = out.sequences[:, prompt["input_ids"].shape[1] :]
                 logits = torch.stack(out.logits, dim=1).float() / temperature  # [B, T, V]
@@ -245,13 +247,14 @@ def sample_per_prompt(
     seed: int,
 ) -> Rollouts:
     """``sample`` one prompt at a time (``split_prompt``), each from a seed of ``seed`` and its
-    own token ids: a prompt's rollouts do not depend on the batch it came in, so 2 ranks x b
+    own token ids and pixels: a prompt's rollouts do not depend on the batch it came in, so 2 ranks x b
     prompts sample what 1 process x 2b does."""
     parts = []
     mask = prompt["attention_mask"].bool()
     for b, one in enumerate(split_prompt(model, prompt)):
-        ids = one["input_ids"].flatten().tolist()
-        own = (seed + zlib.crc32(bytes(str(ids), "ascii"))) % 2**63
+        content = zlib.crc32(one["input_ids"].cpu().numpy().tobytes())
+        content = zlib.crc32(one["pixel_values"].detach().float().cpu().numpy().tobytes(), content)  # the image too
+        own = (seed + content) % 2**63
         parts.append(sample(model, one, keep[b : b + 1, mask[b]], group_size, max_new_tokens, layer, temperature, own))
     T = max(p.completion_ids.shape[1] for p in parts)
     return Rollouts(

@@ -69,6 +69,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--beta", type=float, default=0.04, help="the k3 KL weight")
     g.add_argument("--reference", choices=("official", "pruned_base"), default="official")
     g.add_argument("--loss-type", choices=("grpo", "dapo", "dr_grpo"), default="grpo")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--clip", action="store_true", help="PPO's clipped ratio (the official term is unclipped)")
+    g.add_argument("--epsilon", type=float, default=0.2)
+    g.add_argument("--old-logps", choices=("policy", "sampler"), default="policy")
+    g.add_argument("--scale-rewards", choices=("group", "batch", "none"), default="group")
+    g.add_argument("--sampling", choices=("per_prompt", "batched"), default="per_prompt")
     g.add_argument("--lora-r", type=int, default=32)
     g.add_argument("--lora-alpha", type=int, default=64)
     g.add_argument("--lora-dropout", type=float, default=0.05)
@@ -214,12 +220,15 @@ def _grpo_arguments(args: argparse.Namespace, processor, rank: int) -> dict:
         reward.check()  # a judge that does not answer stops the run here, before any step
     grpo = GRPOConfig(
         num_generations=args.num_generations, max_new_tokens=args.max_new_tokens, beta=args.beta,
+        temperature=args.temperature, clip=args.clip, epsilon=args.epsilon, old_logps=args.old_logps,
+        scale_rewards=args.scale_rewards, sampling=args.sampling,
         reference=args.reference, loss_type=args.loss_type, keep_source=args.keep_source,
         layer=args.score_layer, lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
         seed=args.seed,
     )  # fmt: skip
-    return {"grpo": grpo, "reward": reward, "eos_token_id": tokenizer.eos_token_id,
-            "decode": lambda ids: tokenizer.decode(ids, skip_special_tokens=True)}  # fmt: skip
+    # eos_token_id: the Trainer's default, the generation config's ids (generate stops on each;
+    # the tokenizer's single id can be the pad id of another, whose padding would then count)
+    return {"grpo": grpo, "reward": reward, "decode": lambda ids: tokenizer.decode(ids, skip_special_tokens=True)}
 
 
 # what ``glimpse_ops.hf.train`` held before the command took its name: name -> its module now

@@ -150,6 +150,10 @@ class Trainer:
                     "glimpse_ops.hf.Trainer: mode='grpo' runs under DDP or on one process (generate inside the step "
                     "needs every weight on every rank); strategy='fsdp' is not supported"
                 )
+            if config.activation_checkpointing:
+                # the log-prob forward sets its masks with layer hooks that are gone by backward, and
+                # transformers 5.17 recomputes the layers there with the hooks: a wrong mask, silently
+                raise ValueError("glimpse_ops.hf.Trainer: mode='grpo' does not support activation_checkpointing yet")
         self.grpo_args = (grpo, reward, decode, eos_token_id, keep_rule)
         self.config, self.model = config, model
         self.device = next(model.parameters()).device
@@ -213,8 +217,10 @@ class Trainer:
         if eos is None:
             eos = model.generation_config.eos_token_id
         self.lora = apply_lora(model, grpo.lora_r, grpo.lora_alpha, grpo.lora_dropout, seed=grpo.seed)
-        if predictor is not None:
-            predictor.to(self.device).eval()
+        if predictor is not None:  # only chooses keep sets: frozen (DDP must not wait for its gradients)
+            self.predictor_grad = [p.requires_grad for p in predictor.parameters()]
+            predictor.to(self.device).eval().requires_grad_(False)
+            self.predictor = predictor
         self.step_module = GRPOStep(model, self.lora, grpo, layer, reward, decode, eos, predictor, keep_rule)
         self.trainable = self.step_module.trainable
         if config.activation_checkpointing:
@@ -257,6 +263,8 @@ class Trainer:
             return
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         if self.config.mode == "grpo":  # the adapter in PEFT's format (a folder)
+            if self.lora is None:
+                raise RuntimeError("glimpse_ops.hf.Trainer.export: the trainer was closed (export before close())")
             self.lora.save(path)
             return
         if self.config.mode == "glimpse":
@@ -381,6 +389,10 @@ class Trainer:
         if self.lora is not None:  # export() first to keep the adapter
             self.lora.remove()
             self.lora = None
+        if getattr(self, "predictor", None) is not None:
+            for p, flag in zip(self.predictor.parameters(), self.predictor_grad):
+                p.requires_grad_(flag)
+            self.predictor = None
         if self.config.activation_checkpointing and not self.was_checkpointing:
             set_checkpointing(self.model, False)
         self.model.train(self.was_training)

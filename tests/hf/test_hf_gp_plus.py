@@ -64,6 +64,13 @@ def test_a_release_is_refused_without_its_adapter_and_prunes_with_it_merged(tmp_
     assert torch.equal(got[1], want[1])
     again = _pruned_logits(by_hand, x, predictor=str(folder), adapter="merged")  # already merged: no second merge
     torch.testing.assert_close(again[0], want[0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="already merged into this model.*adapter='merged'"):
+        hf.apply_glimpse_prune(model, predictor=str(folder), adapter="merge")  # remove() did not unmerge
+    torch.testing.assert_close(_pruned_logits(model, x, predictor=str(folder), adapter="merged")[0], got[0])
+    from glimpse_ops.glimpseprune import load_predictor
+
+    with pytest.raises(ValueError, match="GlimpsePrune\\+ release.*python -m glimpse_ops.hf.gp_plus"):
+        load_predictor(str(folder), model)  # what the vLLM plugin and the train command call
     unmerged = _pruned_logits(testing.tiny_qwen2_5_vl(seed=seed % 1000), x, predictor=str(modules_only))
     assert (unmerged[0] - want[0]).abs().max() > 1e-4, "the adapter matters"
 

@@ -175,6 +175,9 @@ def test_grpo_refusals(seed):
     with pytest.raises(ValueError, match="keep_source='predictor' needs predictor="):
         Trainer(model, TrainConfig(mode="grpo"), grpo=GRPOConfig(keep_source="predictor"), reward=low_token_share,
                 decode=decode, log=None)  # fmt: skip
+    with pytest.raises(ValueError, match="does not support activation_checkpointing"):
+        Trainer(model, TrainConfig(mode="grpo", activation_checkpointing=True), reward=low_token_share, decode=decode,
+                log=None)  # fmt: skip
     with pytest.raises(ValueError, match="strategy='fsdp' is not supported"):
         Trainer(model, TrainConfig(mode="grpo", strategy="fsdp"), reward=low_token_share, decode=decode, log=None)
     trainer = _trainer(model, seed)
@@ -257,3 +260,20 @@ def test_stage_2_trains_the_glimpse_modules_on_the_merged_llm(seed, tmp_path):
     with pruned(model, predictor=predictor) as handle, torch.no_grad():
         model.generate(**x, max_new_tokens=2, do_sample=False)
         assert handle.last_kept_visual is not None
+
+
+def test_a_vip_keep_source_prunes_the_rollouts_and_stays_frozen(seed):
+    from glimpse_ops.glimpseprune import GlimpsePredictor
+
+    model = testing.tiny_qwen2_5_vl(seed=seed % 1000)
+    predictor = GlimpsePredictor.for_model(model, 3, (1, 0), width=32, cond=32, fuse_heads=2)
+    config = GRPOConfig(num_generations=2, max_new_tokens=3, lora_r=2, lora_alpha=4, keep_source="predictor", seed=seed)
+    trainer = Trainer(model, TrainConfig(mode="grpo"), grpo=config, predictor=predictor, reward=low_token_share,
+                      decode=decode, keep_rule={"fixed_keep_ratio": 0.25}, log=None)  # fmt: skip
+    assert not any(p.requires_grad for p in predictor.parameters()), "the VIP only chooses: DDP must not wait for it"
+    assert trainer.step_module.layer == 3, "the layer K is the predictor's"
+    no_boxes = {k: v for k, v in _batch(seed).items() if k != "boxes"}
+    trainer.fit([no_boxes])
+    assert trainer.step_module.last["kept_visual"].tolist() == [4] * 4, "25% of each prompt's 16 visual tokens"
+    trainer.close()
+    assert all(p.requires_grad for p in predictor.parameters()), "close() gives the predictor back"

@@ -64,6 +64,7 @@ def assert_close(
     tolerance: Tolerance,
     *,
     scale: torch.Tensor | float | None = None,
+    floor: float = 0.0,
 ) -> None:
     """|actual - expected| <= atol * scale + rtol * |expected| elementwise (same-signed
     infinities and NaNs in the same places count as equal), with a diff that says where.
@@ -71,7 +72,8 @@ def assert_close(
     magnitude of the terms each entry sums (``soft_mask_term_scales``): an entry that is small
     by cancellation still carries the rounding error of its terms. A result in a floating
     dtype is also allowed the spacing of that dtype's subnormals (fp16: 6e-8): rounding a tiny
-    entry into it is an absolute error no relative bound covers."""
+    entry into it is an absolute error no relative bound covers. ``floor``: a further absolute
+    allowance the caller derives (e.g. for sums of terms rounded into subnormals)."""
     atol, rtol = tolerance
     subnormal_spacing = (
         torch.finfo(actual.dtype).smallest_normal * torch.finfo(actual.dtype).eps if actual.is_floating_point() else 0.0
@@ -84,7 +86,7 @@ def assert_close(
     both_inf = torch.isinf(actual) & torch.isinf(expected) & (torch.sign(actual) == torch.sign(expected))
     nan_mismatch = torch.isnan(actual) != torch.isnan(expected)
     diff = torch.where(both_inf | (torch.isnan(actual) & torch.isnan(expected)), 0.0, (actual - expected).abs())
-    bound = atol + rtol * expected.abs().nan_to_num(0, 0, 0) + subnormal_spacing
+    bound = atol + rtol * expected.abs().nan_to_num(0, 0, 0) + subnormal_spacing + floor
     bad = nan_mismatch | (diff > bound) | diff.isnan()
     if bad.any():
         where = bad.nonzero()[:5].tolist()

@@ -159,8 +159,23 @@ def test_soft_mask_backends_match_reference(bd, seed, seq, heads, kv_heads, caus
             *soft_mask_attention_backward_reference(grad.double(), *exact, key_mask, causal, None),
         )
         scales = soft_mask_term_scales(grad, q, k, v, w, key_mask, causal)
+        floor = subnormal_sum_floor(dtype, seq, grad, v)
         for name, a, b, terms in zip(QUANTITIES, got, want, scales):
-            assert_close(f"{name} {dtype}", a, b, tolerance[name], scale=terms)
+            assert_close(
+                f"{name} {dtype}", a, b, tolerance[name], scale=terms, floor=floor if name in ("out", "dv") else 0
+            )
+
+
+def subnormal_sum_floor(dtype: torch.dtype, n_terms: int, *factors: torch.Tensor) -> float:
+    """The absolute error of a sum of ``n_terms`` products whose P factor was rounded to
+    ``dtype`` (the Triton kernels round P for the dot): a key with a tiny weight has P entries
+    below fp16's smallest normal, rounded with an absolute spacing that no bound relative to the
+    terms covers, and the roundings add like a random walk: 2 sqrt(n) x spacing x the largest
+    other factor. CI failed twice without it (dv of such keys, fp16: 8e-7 off at 1e-5)."""
+    if dtype != FP16:
+        return 0.0
+    spacing = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+    return 2.0 * n_terms**0.5 * spacing * max(float(f.detach().abs().max()) for f in factors)
 
 
 @pytest.mark.parametrize("bd", SOFT)

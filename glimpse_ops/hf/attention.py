@@ -79,4 +79,9 @@ def layer_mask(valid: Tensor, dtype: torch.dtype, kind: str) -> Tensor | None:
     allowed = attention_mask(valid, valid.shape[1])
     if kind == "sdpa":
         return allowed
-    return torch.zeros(allowed.shape, dtype=dtype, device=valid.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return additive_mask(allowed, dtype)
+
+
+def additive_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """A bool mask as eager attention takes it: 0 where allowed, the dtype's minimum elsewhere."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from ..layers import attention_mask
 from ..ops import prune_kv
 from .adapters import adapter_for
-from .attention import require_additive_masks
+from .attention import additive_mask, require_additive_masks
 from .prune_hooks import SelectionInputs
 
 
@@ -315,11 +315,10 @@ def completion_logps(
     early, late = pruned_masks(valid, hidden, S)
     if mode == "input_pruned":
         early = late
-    dtype = next(model.parameters()).dtype
-    masks = [early if i <= layer else late for i in range(len(adapter.layers))]
     if kind == "eager":
-        lowest = torch.finfo(dtype).min
-        masks = [torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, lowest) for m in masks]
+        dtype = next(model.parameters()).dtype
+        early, late = additive_mask(early, dtype), additive_mask(late, dtype)
+    masks = [early if i <= layer else late for i in range(len(adapter.layers))]
 
     def set_mask(i: int):
         def hook(module, args, kwargs):
